@@ -1,0 +1,42 @@
+"""Printing helpers shared by the command groups: JSON for scripts, rich for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+from rich.console import Console
+
+
+@dataclass
+class State:
+    """Global options, stored on the Typer context."""
+
+    debug: bool = False
+    tracking_uri: str | None = None
+
+
+def state(ctx: typer.Context) -> State:
+    """The global options of the current invocation."""
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State()
+    return root.obj
+
+
+def console() -> Console:
+    """A console on stdout (rebuilt each time so CliRunner's captured stdout is used)."""
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def err_console() -> Console:
+    """A console on stderr."""
+    return Console(file=sys.stderr, soft_wrap=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Writes JSON to stdout (no colour, no wrapping: for scripts)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

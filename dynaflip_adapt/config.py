@@ -1,0 +1,401 @@
+"""Recipes: YAML files validated by pydantic models (``extra="forbid"``), with dotted overrides.
+
+Every problem in a recipe is reported at once, each as ``FILE: KEY: found ..., expected ...``.
+A recipe's ``kind`` (``pretrain`` or ``finetune``) selects its model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dynaflip_adapt.errors import InputError, format_problem
+from dynaflip_adapt.resources import shipped_dir
+
+Orientation = Literal["none", "flip_vertical", "flip_horizontal", "rotate180"]
+Layout = Literal["native", "robomimic", "libero", "aloha", "aloha_jpeg"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSection(_Section):
+    """How site logs are read (per-source settings) and paired."""
+
+    layout: Layout | None = Field(None, description="force a layout; default: auto-detect")
+    camera: str | None = Field(None, description="camera to read; default: layout's preferred")
+    orientation: Orientation | None = Field(None, description="default: the layout's")
+    depth_scale: float | None = Field(None, gt=0, description="stored depth -> metres")
+    language: str | None = Field(None, description="instruction for logs that carry none")
+    proprio_keys: list[str] | None = Field(None, description="low-dim keys forming proprio")
+    flow_source: str | None = Field(None, description="flow/<source> group to use")
+    gap: int = Field(4, ge=1, description="frames between the two images of a transition")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
+
+
+class ModelSection(_Section):
+    """Backbone architecture (ViT image encoder, language projection, flow encoder)."""
+
+    image_size: int = Field(64, ge=16, description="square input size (pixels)")
+    patch_size: int = Field(8, ge=2)
+    width: int = Field(128, ge=16, description="ViT token width")
+    depth: int = Field(4, ge=1, description="ViT blocks")
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    embed_dim: int = Field(128, ge=8, description="dimension of the shared hypersphere")
+    text_encoder: Literal["minilm", "hashed"] = Field(
+        "minilm", description="frozen all-MiniLM-L6-v2, or a tiny hashed encoder for tests"
+    )
+    flow_points: int = Field(256, ge=8, description="points sampled per flow field")
+    flow_width: int = Field(128, ge=16)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_divides(cls, v: int, info: Any) -> int:
+        size = info.data.get("image_size")
+        if size is not None and size % v:
+            raise ValueError(f"patch_size {v} must divide image_size {size}")
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_divide(cls, v: int, info: Any) -> int:
+        width = info.data.get("width")
+        if width is not None and width % v:
+            raise ValueError(f"heads {v} must divide width {width}")
+        return v
+
+
+class OptimSection(_Section):
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(50, ge=0)
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=2, description=">= 2: in-batch negatives")
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class LossSection(_Section):
+    """Loss weights; zero disables a term."""
+
+    area: float = Field(1.0, ge=0, description="simplex (triangle) area of the three embeddings")
+    cosine: float = Field(0.5, ge=0, description="cosine regularizer, language <-> flow")
+    contrastive: float = Field(1.0, ge=0, description="InfoNCE with the area as energy")
+    temperature_init: float = Field(0.07, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    temporal: float = Field(0.0, ge=0, description="temporal contrastive (nearby frames)")
+    flow_prediction: float = Field(0.0, ge=0, description="one-step 3D-flow prediction head")
+    single_frame: float = Field(0.0, ge=0, description="anchor on single-frame embeddings")
+    distill_replay: float = Field(0.0, ge=0, description="teacher distillation, source replay")
+    distill_site: float = Field(0.0, ge=0, description="teacher distillation, new-site frames")
+
+
+class LoraSection(_Section):
+    """PEFT LoRA adapter on the image encoder."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    use_dora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one target module")
+        return v
+
+
+class AugmentSection(_Section):
+    """kornia photometric/geometric augmentation applied to site frames."""
+
+    enabled: bool = True
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.02, ge=0, le=0.5)
+    planckian_p: float = Field(0.3, ge=0, le=1)
+    shadow_p: float = Field(0.2, ge=0, le=1)
+    gamma_p: float = Field(0.3, ge=0, le=1)
+    noise_std: float = Field(0.02, ge=0)
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+
+
+class EmaSection(_Section):
+    """Exponential moving average of the adapter weights (torch-ema)."""
+
+    enabled: bool = True
+    decay: float = Field(0.995, gt=0, lt=1)
+
+
+class ReplaySection(_Section):
+    """Source-site replay frames carried by a backbone (retention and audit probe)."""
+
+    frames: int = Field(256, ge=0, description="frames stored with the backbone")
+    fraction: float = Field(
+        0.25, ge=0, le=1, description="share of each finetune batch drawn from the replay"
+    )
+
+
+class RunSection(_Section):
+    """Seeds, checkpoints and device."""
+
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PretrainRecipe(_Section):
+    """``dynaflip-adapt pretrain``: the base backbone from triplets."""
+
+    kind: Literal["pretrain"]
+    description: str = ""
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    loss: LossSection = LossSection()
+    replay: ReplaySection = ReplaySection()
+    run: RunSection = RunSection()
+
+
+class FinetuneRecipe(_Section):
+    """``dynaflip-adapt finetune``: a LoRA adapter for a site, anchored to the base geometry."""
+
+    kind: Literal["finetune"]
+    description: str = ""
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection(lr=1e-3, warmup_steps=20, max_steps=400)
+    loss: LossSection = LossSection(distill_replay=1.0)
+    lora: LoraSection = LoraSection()
+    augment: AugmentSection = AugmentSection()
+    ema: EmaSection = EmaSection()
+    replay: ReplaySection = ReplaySection()
+    run: RunSection = RunSection()
+    require: list[Literal["language", "depth", "flow"]] = Field(
+        default_factory=list, description="anchors whose absence aborts the run"
+    )
+
+
+Recipe = Annotated[PretrainRecipe | FinetuneRecipe, Field(discriminator="kind")]
+RECIPE_KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}
+
+
+class RecipeError(InputError):
+    """A recipe with one or more problems; `problems` lists them all."""
+
+    def __init__(self, file: str | Path | None, problems: list[tuple[str, str, str]]) -> None:
+        self.problems = problems
+        key, found, expected = problems[0]
+        super().__init__(file, key, found, expected)
+        if len(problems) > 1:
+            rest = "; ".join(format_problem(None, k, f, e) for k, f, e in problems[1:])
+            self.args = (f"{self.args[0]}; {rest}",)
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped recipes
+
+
+def recipes_dir() -> Path:
+    """The folder of shipped recipes."""
+    return shipped_dir("recipes")
+
+
+def list_recipes() -> dict[str, Path]:
+    """Shipped recipes by name (``finetune/conservative``)."""
+    root = recipes_dir()
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """Resolves a shipped recipe name (full or unique basename) or a file path.
+
+    Raises:
+        InputError: Neither an existing file nor a known name; lists the valid names.
+    """
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    shipped = list_recipes()
+    key = str(name_or_path).removesuffix(".yaml")
+    if key in shipped:
+        return shipped[key]
+    by_base = [v for k, v in shipped.items() if k.rsplit("/", 1)[-1] == key]
+    if len(by_base) == 1:
+        return by_base[0]
+    raise InputError(
+        name_or_path,
+        None,
+        "no such recipe file or name" + (" (ambiguous)" if by_base else ""),
+        "a YAML path or one of " + ", ".join(shipped),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``a.b.c=value`` (value as YAML) into a key path and a value.
+
+    Raises:
+        InputError: Not of the form KEY=VALUE.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
+        raise InputError(
+            None, "--set", repr(text), "KEY=VALUE with a dotted KEY, e.g. optim.lr=3e-4"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Returns a copy of `data` with dotted overrides applied.
+
+    Raises:
+        InputError: An override descends into a non-mapping value.
+    """
+    out = json.loads(json.dumps(data))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise InputError(
+                    None,
+                    "--set " + ".".join(keys[: i + 1]),
+                    f"a {type(nxt).__name__} value",
+                    "a section (mapping) to descend into",
+                )
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def _loc(loc: Sequence[Any], kind: str | None) -> str:
+    parts = [str(p) for p in loc]
+    if parts and kind and parts[0] in RECIPE_KINDS and parts[0] == kind:
+        parts = parts[1:]
+    return ".".join(parts) or "(root)"
+
+
+def _problems(
+    err: ValidationError, kind: str | None, model: type[BaseModel]
+) -> list[tuple[str, str, str]]:
+    out = []
+    for e in err.errors():
+        key = _loc(e["loc"], kind)
+        if e["type"] == "extra_forbidden":
+            section: Any = model
+            for part in [p for p in e["loc"][:-1] if p != kind]:
+                f = getattr(section, "model_fields", {}).get(part)
+                section = f.annotation if f is not None else None
+            valid = sorted(getattr(section, "model_fields", {}) or [])
+            out.append((key, "an unknown key", "one of " + ", ".join(valid)))
+            continue
+        found = repr(e.get("input")) if e["type"] != "missing" else "nothing"
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        out.append((key, found, msg[0].lower() + msg[1:] if msg else "a valid value"))
+    return out
+
+
+def load_recipe_data(path: str | Path) -> dict[str, Any]:
+    """Reads a recipe file as a mapping.
+
+    Raises:
+        InputError: Unreadable file, invalid YAML, or not a mapping.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(p, None, exc.strerror or str(exc), "a readable YAML recipe") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise InputError(p, where, f"invalid YAML ({problem})", "a YAML mapping") from None
+    if not isinstance(data, dict):
+        raise InputError(p, None, f"a {type(data).__name__}", "a YAML mapping with a 'kind' key")
+    return data
+
+
+def validate_recipe_data(data: dict[str, Any], file: str | Path | None = None) -> BaseModel:
+    """Validates a recipe mapping, collecting every problem.
+
+    Raises:
+        RecipeError: One or more problems.
+    """
+    kind = data.get("kind")
+    if kind not in RECIPE_KINDS:
+        raise RecipeError(
+            file,
+            [
+                (
+                    "kind",
+                    repr(kind) if kind is not None else "nothing",
+                    "one of " + ", ".join(RECIPE_KINDS),
+                )
+            ],
+        )
+    model = RECIPE_KINDS[kind]
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(file, _problems(err, None, model)) from None
+
+
+def load_recipe(
+    name_or_path: str | Path, overrides: Sequence[str] = (), kind: str | None = None
+) -> tuple[BaseModel, Path]:
+    """Loads, overrides and validates a recipe.
+
+    Args:
+        name_or_path: A shipped name (``finetune/conservative``) or a YAML path.
+        overrides: Dotted ``KEY=VALUE`` overrides.
+        kind: When given, the recipe must be of this kind.
+
+    Returns:
+        The validated recipe model and the file it came from.
+
+    Raises:
+        InputError / RecipeError: Any problem; recipe problems are all reported together.
+    """
+    path = find_recipe(name_or_path)
+    data = apply_overrides(load_recipe_data(path), overrides)
+    recipe = validate_recipe_data(data, path)
+    if kind is not None and data.get("kind") != kind:
+        raise InputError(path, "kind", repr(data.get("kind")), repr(kind))
+    return recipe, path
+
+
+def recipe_to_dict(recipe: BaseModel) -> dict[str, Any]:
+    """A JSON-ready, fully resolved view of a recipe (every default filled in)."""
+    return recipe.model_dump(mode="json")
+
+
+def recipe_hash(recipe: BaseModel) -> str:
+    """sha256 of the resolved recipe's canonical JSON (``sha256:...``)."""
+    blob = json.dumps(recipe_to_dict(recipe), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,1 @@
+"""Site logs: HDF5 layouts -> canonical episodes, validation, streaming datasets, fingerprints."""

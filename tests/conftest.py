@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep every test away from the user's ~/.dynaflip and any ambient tracking server.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DYNAFLIP_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

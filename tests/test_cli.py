@@ -1,0 +1,69 @@
+"""CLI plumbing: fast help without heavy imports, entry points, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from dynaflip_adapt import __version__
+from dynaflip_adapt.cli.app import app
+from tests.builders import write_native
+
+HEAVY = ("torch", "peft", "mlflow", "h5py", "transformers", "kornia", "mujoco", "numpy")
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from dynaflip_adapt.cli.app import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_every_group_has_help():
+    runner = CliRunner()
+    for args in (
+        ["--help"],
+        ["data", "--help"],
+        ["recipes", "--help"],
+        ["store", "--help"],
+        ["data", "inspect", "--help"],
+        ["data", "validate", "--help"],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0 and "Usage" in r.stdout, args
+
+
+def test_python_dash_m_and_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "dynaflip_adapt", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"dynaflip-adapt {__version__}"
+
+
+def test_usage_error_is_exit_2():
+    r = CliRunner().invoke(app, ["data", "inspect"])
+    assert r.exit_code == 2
+
+
+def test_inspect_json(tmp_path):
+    p, _ = write_native(tmp_path / "s.h5", n=2)
+    r = CliRunner().invoke(app, ["data", "inspect", str(p), "--json"])
+    assert r.exit_code == 0, r.output
+    f = json.loads(r.stdout)["files"][0]
+    assert f["layout"] == "native" and f["episodes"] == 2 and f["frames"] == 12
+    assert f["dtypes"]["rgb"] == "uint8"
+
+
+def test_inspect_warns_when_flow_anchors_cannot_exist(tmp_path):
+    from tests.builders import write_robomimic_file
+
+    p, _ = write_robomimic_file(tmp_path / "r.h5")
+    r = CliRunner().invoke(app, ["data", "inspect", str(p)])
+    assert r.exit_code == 0 and "flow anchors" in r.stdout

@@ -1,0 +1,128 @@
+"""Recipes: every shipped one validates and says how to run it; errors are all reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dynaflip_adapt.cli.app import app
+from dynaflip_adapt.config import (
+    FinetuneRecipe,
+    RecipeError,
+    apply_overrides,
+    list_recipes,
+    load_recipe,
+    recipe_hash,
+)
+from dynaflip_adapt.errors import InputError
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_shipped_recipe_validates_and_opens_with_its_command(name):
+    path = list_recipes()[name]
+    recipe, _ = load_recipe(name)
+    first = path.read_text().splitlines()[0]
+    kind = recipe.kind  # type: ignore[attr-defined]
+    assert first.startswith(f"# dynaflip-adapt {kind} "), first
+    assert f"--recipe {name}" in first
+    assert name.split("/")[0] == kind
+
+
+def test_there_are_pretrain_and_conservative_and_aggressive_finetune_recipes():
+    names = set(list_recipes())
+    assert {"finetune/conservative", "finetune/aggressive", "pretrain/small"} <= names
+
+
+def test_overrides_apply_with_yaml_types():
+    recipe, _ = load_recipe(
+        "finetune/default", ["optim.lr=3e-4", "lora.target_modules=[qkv]", "ema.enabled=false"]
+    )
+    assert isinstance(recipe, FinetuneRecipe)
+    assert recipe.optim.lr == 3e-4 and recipe.lora.target_modules == ["qkv"]
+    assert recipe.ema.enabled is False
+    assert recipe_hash(recipe) != recipe_hash(load_recipe("finetune/default")[0])
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "finetune",
+                "optim": {"lr": -1, "batch_size": 1},
+                "lora": {"r": 0, "targets": ["qkv"]},
+                "augment": {"hue": 0.9},
+            }
+        )
+    )
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    keys = [k for k, _, _ in e.value.problems]
+    assert set(keys) == {"optim.lr", "optim.batch_size", "lora.r", "lora.targets", "augment.hue"}
+    unknown = dict((k, x) for k, _, x in e.value.problems)["lora.targets"]
+    assert "target_modules" in unknown and "alpha" in unknown
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cross_field_checks():
+    with pytest.raises(RecipeError, match="patch_size 7 must divide image_size 64"):
+        load_recipe("pretrain/small", ["model.patch_size=7"])
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("kind: finetune\noptim:\n  lr: [1, 2\n")
+    with pytest.raises(InputError, match=r"bad.yaml: line \d+: found invalid YAML"):
+        load_recipe(p)
+
+
+def test_unknown_kind_and_unknown_name(tmp_path):
+    p = tmp_path / "k.yaml"
+    p.write_text("kind: distill\n")
+    with pytest.raises(
+        RecipeError, match="kind: found 'distill', expected one of pretrain, finetune"
+    ):
+        load_recipe(p)
+    with pytest.raises(InputError, match="finetune/default"):
+        load_recipe("finetune/nope")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(InputError, match="--set kind"):
+        apply_overrides({"kind": "finetune"}, ["kind.x=1"])
+
+
+def test_cli_list_show_copy_validate(tmp_path):
+    r = runner.invoke(app, ["recipes", "list", "--json"])
+    assert r.exit_code == 0
+    rows = json.loads(r.stdout)
+    assert {row["name"] for row in rows} == set(list_recipes())
+    r = runner.invoke(app, ["recipes", "show", "conservative", "--set", "lora.r=2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["lora"]["r"] == 2
+    r = runner.invoke(app, ["recipes", "copy", "finetune/aggressive", str(tmp_path)])
+    assert r.exit_code == 0 and (tmp_path / "aggressive.yaml").exists()
+    r = runner.invoke(app, ["recipes", "copy", "finetune/aggressive", str(tmp_path)])
+    assert r.exit_code == 2 and "--force" in r.stderr
+    r = runner.invoke(app, ["recipes", "validate", str(tmp_path / "aggressive.yaml")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        app,
+        [
+            "recipes",
+            "validate",
+            str(tmp_path / "aggressive.yaml"),
+            "--set",
+            "optim.lr=x",
+            "--set",
+            "lora.r=-2",
+        ],
+    )
+    assert r.exit_code == 2
+    assert "optim.lr" in r.stderr and "lora.r" in r.stderr

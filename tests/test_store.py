@@ -1,0 +1,66 @@
+"""One place resolves the store, always to absolute URIs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dynaflip_adapt.cli.app import app
+from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.store import absolutize_uri, resolve_store
+
+
+def test_embedded_default_under_home(tmp_path):
+    s = resolve_store(env={"DYNAFLIP_HOME": str(tmp_path / "h")})
+    assert s.source == "embedded"
+    assert s.tracking_uri == f"sqlite:///{tmp_path}/h/mlflow.db"
+    assert s.artifact_root == (tmp_path / "h" / "artifacts").as_uri()
+
+
+def test_default_home_is_user_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s = resolve_store(env={})
+    assert s.home == tmp_path / ".dynaflip"
+
+
+def test_option_beats_env_beats_embedded(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "DYNAFLIP_HOME": str(tmp_path)}
+    assert resolve_store(env=env).tracking_uri == "http://127.0.0.1:5000"
+    assert resolve_store(env=env).source == "env"
+    s = resolve_store("sqlite:///rel/db.sqlite", env=env, cwd=tmp_path)
+    assert s.source == "option" and s.tracking_uri == f"sqlite:///{tmp_path}/rel/db.sqlite"
+
+
+@pytest.mark.parametrize(
+    "uri,expected",
+    [
+        ("sqlite:////abs/x.db", "sqlite:////abs/x.db"),
+        ("sqlite:///x.db", "sqlite:///{cwd}/x.db"),
+        ("mlruns", "file://{cwd}/mlruns"),
+        ("file:/abs/mlruns", "file:///abs/mlruns"),
+        ("file:///abs/mlruns", "file:///abs/mlruns"),
+        ("https://mlflow.example/", "https://mlflow.example/"),
+    ],
+)
+def test_absolutize(uri, expected, tmp_path):
+    assert absolutize_uri(uri, cwd=tmp_path) == expected.format(cwd=tmp_path)
+    assert "://" in absolutize_uri(uri, cwd=tmp_path)
+
+
+def test_empty_uri_is_an_input_error():
+    with pytest.raises(InputError):
+        absolutize_uri("  ")
+
+
+def test_cli_store_info(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAFLIP_HOME", str(tmp_path))
+    r = CliRunner().invoke(app, ["store", "info", "--json"])
+    assert r.exit_code == 0
+    info = json.loads(r.stdout)
+    assert info["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert not Path(tmp_path, "mlflow.db").exists()  # resolving creates nothing
+    r = CliRunner().invoke(app, ["--tracking-uri", "sqlite:///x.db", "store", "info", "--json"])
+    assert json.loads(r.stdout)["tracking_uri"] == f"sqlite:///{Path.cwd()}/x.db"
