@@ -57,6 +57,8 @@ case "$cmd" in
     setup
     python benchmarks/bench_cli_startup.py
     python benchmarks/bench_data.py
+    python benchmarks/bench_sim.py
+    python benchmarks/bench_flow.py
     ;;
   *)
     echo "usage: ./run.sh {demo|test|bench} [args...]" >&2

@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+# MuJoCo picks its GL backend at first import: offscreen EGL, before anything imports it.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
 # Keep every test away from the user's ~/.dynaflip and any ambient tracking server.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

@@ -11,7 +11,9 @@ from typer.core import TyperGroup
 
 from dynaflip_adapt import __version__
 from dynaflip_adapt.cli import data as data_cmd
+from dynaflip_adapt.cli import flow as flow_cmd
 from dynaflip_adapt.cli import recipes as recipes_cmd
+from dynaflip_adapt.cli import sim as sim_cmd
 from dynaflip_adapt.cli import store as store_cmd
 from dynaflip_adapt.cli.output import State, err_console
 from dynaflip_adapt.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DynaflipError
@@ -75,6 +77,8 @@ app = typer.Typer(
 )
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(recipes_cmd.app, name="recipes")
+app.add_typer(sim_cmd.app, name="sim")
+app.add_typer(flow_cmd.app, name="flow")
 app.add_typer(store_cmd.app, name="store")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -55,7 +57,7 @@ def inspect(
         sup = s["supervision"]
         hw = s["image_hw"]
         table.add_row(
-            s["file"],
+            Path(s["file"]).name,
             s["layout"],
             str(s["episodes"]),
             str(s["frames"]),

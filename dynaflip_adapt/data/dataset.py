@@ -87,8 +87,7 @@ class FramePairDataset(Dataset[dict[str, Any]]):
 
     def _has(self, ep: Episode, f: str) -> bool:
         if f == "flow":
-            ref = ep.flow(self.flow_source)
-            return ref is not None and ref.stride == self.gap
+            return ep.flow(self.flow_source, self.gap) is not None
         return ep.has(f)
 
     def __len__(self) -> int:
@@ -121,7 +120,7 @@ class FramePairDataset(Dataset[dict[str, Any]]):
             item["cam_to_world0"] = torch.from_numpy(r.extrinsics(ep, t))
             item["cam_to_world1"] = torch.from_numpy(r.extrinsics(ep, t1))
         if "flow" in self.fields:
-            pts, delta, valid = r.flow(ep, t, self.flow_source)
+            pts, delta, valid = r.flow(ep, t, self.flow_source, self.gap)
             item["flow_points"] = torch.from_numpy(pts)
             item["flow_delta"] = torch.from_numpy(delta)
             item["flow_valid"] = torch.from_numpy(valid)

@@ -14,7 +14,7 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +160,11 @@ class Episode:
             return self.proprio_dim > 0
         return role in self.paths
 
-    def flow(self, source: str | None = None) -> FlowRef | None:
-        """The flow group to use: `source` if given, else the first (ground truth first)."""
-        if not self.flows:
-            return None
-        if source is None:
-            return self.flows[0]
+    def flow(self, source: str | None = None, stride: int | None = None) -> FlowRef | None:
+        """The flow group to use: matching `source` (name) and `stride` when given; ground
+        truth first, then extracted groups in name order."""
         for f in self.flows:
-            if f.source == source:
+            if (source is None or f.source == source) and (stride is None or f.stride == stride):
                 return f
         return None
 
@@ -657,7 +654,9 @@ def _index_flows(
         chk.add(root.name, f"a {type(root).__name__}", "a group of flow/<source> groups")
         return ()
     out: list[FlowRef] = []
-    for source in sorted(root.keys(), key=lambda s: (s != "ground_truth", s)):
+    # Names starting with "." are partial writes of an interrupted `flow extract`.
+    sources = [k for k in root if not k.startswith(".")]
+    for source in sorted(sources, key=lambda s: (not s.startswith("ground_truth"), s)):
         g = root[source]
         if not isinstance(g, h5py.Group):
             chk.add(g.name, "a dataset", "a group with points, delta, valid")
@@ -670,8 +669,7 @@ def _index_flows(
         b = {"T": T, "stride": stride}
         n_before = len(chk.problems)
         for fname, fspec in schema.flow_fields.items():
-            req = replace(fspec, required=True)
-            _, b = chk.dataset(g, fname, req, b)
+            _, b = chk.dataset(g, fname, fspec, b)
         if len(chk.problems) == n_before:
             out.append(
                 FlowRef(
@@ -964,10 +962,10 @@ class EpisodeReader:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def flow(
-        self, ep: Episode, t: int, source: str | None = None
+        self, ep: Episode, t: int, source: str | None = None, stride: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """3D flow of pair t: points (P, 3), delta (P, 3) float32 and valid (P,) bool."""
-        ref = ep.flow(source)
+        ref = ep.flow(source, stride)
         if ref is None:
             raise InputError(ep.file, f"{ep.group}/flow", "no flow", "a flow/<source> group")
         return (

@@ -84,6 +84,8 @@ def write_flow_group(
     for key in ("points", "delta"):
         _frames(g, key, np.asarray(flow[key], dtype=np.float32), comp)
     g.create_dataset("valid", data=np.asarray(flow["valid"], dtype=bool), **comp)
+    if "pixels" in flow:
+        g.create_dataset("pixels", data=np.asarray(flow["pixels"], dtype=np.float32))
     g.attrs["stride"] = int(flow.get("stride", 1))
     g.attrs["frame"] = str(flow.get("frame", "world"))
     for k, v in flow.get("attrs", {}).items():
