@@ -90,6 +90,13 @@ class LossSection(_Section):
 
     area: float = Field(1.0, ge=0, description="simplex (triangle) area of the three embeddings")
     cosine: float = Field(0.5, ge=0, description="cosine regularizer, language <-> flow")
+    cosine_margin: float | None = Field(
+        0.5,
+        ge=-1,
+        le=1,
+        description="keep cos(language, flow) below this (anti-degeneracy); "
+        "null pulls them together",
+    )
     contrastive: float = Field(1.0, ge=0, description="InfoNCE with the area as energy")
     temperature_init: float = Field(0.07, gt=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
@@ -98,6 +105,12 @@ class LossSection(_Section):
     single_frame: float = Field(0.0, ge=0, description="anchor on single-frame embeddings")
     distill_replay: float = Field(0.0, ge=0, description="teacher distillation, source replay")
     distill_site: float = Field(0.0, ge=0, description="teacher distillation, new-site frames")
+    anchor_ramp_steps: int = Field(
+        0,
+        ge=0,
+        description="ramp the area and cosine weights from 0 over these steps: minimised first, "
+        "they collapse every embedding to one point, where the contrastive term has no gradient",
+    )
 
 
 class LoraSection(_Section):

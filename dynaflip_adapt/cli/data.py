@@ -39,8 +39,11 @@ def inspect(
     proprio_key: ProprioOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Summarize logs: layout, episodes, frames, cameras, shapes, dtypes and the supervision
-    present (language, depth, intrinsics, extrinsics, 3D flow). Reads metadata only."""
+    """Summarize logs: layout, episodes, frames, cameras, shapes, supervision present.
+
+    Shows dtypes and whether language, depth, intrinsics, extrinsics and 3D flow are present.
+    Reads metadata and small arrays only.
+    """
     from dynaflip_adapt.data.logs import open_logs, summarize
 
     settings = source_settings(layout, camera, orientation, depth_scale, language, proprio_key)
@@ -98,7 +101,9 @@ def validate(
     as_json: JsonOpt = False,
 ) -> None:
     """Check every file fully (structure and every value) and list every problem.
-    Exit code 2 when any file has a problem."""
+
+    Exit code 2 when any file has a problem.
+    """
     from dynaflip_adapt.data.validate import validate_logs
 
     settings = source_settings(layout, camera, orientation, depth_scale, language, proprio_key)
@@ -124,8 +129,10 @@ def validate(
 
 @app.command("fingerprint")
 def fingerprint(logs: LogsArg, as_json: JsonOpt = False) -> None:
-    """Content fingerprint of a log set (stable across renames, file order, chunking and
-    compression), as recorded in adapter lineage."""
+    """Content fingerprint of a log set, as recorded in lineage.
+
+    Stable across renames, file order, chunking and compression.
+    """
     from dynaflip_adapt.data.fingerprint import file_fingerprint, logs_fingerprint
     from dynaflip_adapt.data.logs import expand_paths
 

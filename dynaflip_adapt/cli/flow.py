@@ -50,9 +50,11 @@ def extract(
     depth_scale: DepthScaleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Extract world-frame 3D flow (OpenCV DIS + depth + K + extrinsics) into each episode's
-    flow/<source> group, with provenance attributes. Logs without depth or K are reported and
-    skipped (their flow anchors will be unavailable)."""
+    """Extract world-frame 3D flow from RGB-D logs into flow/<source> groups.
+
+    OpenCV DIS optical flow + depth + K + extrinsics, with provenance attributes. Logs without
+    depth or K are reported and skipped (their flow anchors will be unavailable).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from dynaflip_adapt.data.logs import open_logs
@@ -106,8 +108,11 @@ def eval_(
     ] = 0.002,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare extracted flow with the simulator's ground truth: end-point error (median, p90,
-    mm) on moving points and the fraction of moving points recovered."""
+    """Compare extracted flow with the simulator's ground truth.
+
+    End-point error (median, p90, mm) on moving points and the fraction of moving points
+    recovered.
+    """
     from dynaflip_adapt.flow.evaluate import evaluate_flow
 
     ev = evaluate_flow(logs, source=source, reference=reference, moving_threshold=moving_threshold)

@@ -12,7 +12,8 @@ from dynaflip_adapt.cli.common import JsonOpt
 from dynaflip_adapt.cli.output import console, err_console, print_json
 
 app = typer.Typer(
-    help="Generate site logs in a MuJoCo tabletop (extra 'sim': pip install dynaflip-adapt[sim]).",
+    help="Generate site logs in a MuJoCo tabletop "
+    "(extra 'sim': pip install dynaflip-adapt\\[sim]).",
     no_args_is_help=True,
 )
 
@@ -62,8 +63,10 @@ def generate(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run scripted experts (pick-and-place, push, reach) and write RGB, depth, K, camera
-    extrinsics, proprio, actions, language and ground-truth 3D flow."""
+    """Generate site logs with scripted experts (pick-and-place, push, reach).
+
+    Writes RGB, depth, K, camera extrinsics, proprio, actions, language and ground-truth 3D flow.
+    """
     _require_mujoco()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 

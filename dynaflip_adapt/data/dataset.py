@@ -67,7 +67,7 @@ class FramePairDataset(Dataset[dict[str, Any]]):
                     f"no {f}"
                     + (f" of stride {gap}" if f == "flow" else "")
                     + f" in {len(missing)} of {len(self.episodes)} episodes",
-                    f"{f} in every episode (run `flow extract` for flow)"
+                    f"{f} in every episode (run `flow extract --stride {gap}`)"
                     if f == "flow"
                     else f"{f} in every episode",
                 )

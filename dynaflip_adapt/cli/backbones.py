@@ -1,0 +1,133 @@
+"""``dynaflip-adapt backbones``: list, show and evaluate registered backbones."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from dynaflip_adapt.cli.common import JsonOpt, LogsArg
+from dynaflip_adapt.cli.output import console, print_json, state
+
+app = typer.Typer(help="Registered backbones: list, show, eval.", no_args_is_help=True)
+
+BackboneOpt = Annotated[
+    str | None,
+    typer.Option("--backbone", "-b", help="Version, alias or bundle folder (default: base)."),
+]
+
+
+def _registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    return Registry(resolve_store(state(ctx).tracking_uri))
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Registered backbone versions (the shipped one is bootstrapped on an empty registry)."""
+    from dynaflip_adapt.backbones import ensure_base
+    from dynaflip_adapt.registry import BACKBONE_MODEL
+
+    reg = _registry(ctx)
+    ensure_base(reg)
+    versions = reg.versions(BACKBONE_MODEL)
+    if as_json:
+        print_json([v.to_dict() for v in versions])
+        return
+    table = Table(title=BACKBONE_MODEL)
+    for col in ("version", "aliases", "fingerprint", "embed", "features", "objective", "source"):
+        table.add_column(col)
+    for v in versions:
+        t = v.tags
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases),
+            t.get("fingerprint", "")[:19] + "...",
+            t.get("embed_dim", ""),
+            t.get("feature_dim", ""),
+            t.get("objective", ""),
+            t.get("source", "pretrain"),
+        )
+    console().print(table)
+
+
+@app.command("show")
+def show(ctx: typer.Context, backbone: BackboneOpt = None, as_json: JsonOpt = False) -> None:
+    """A backbone's manifest: architecture, preprocessing, fingerprint, provenance."""
+    from dynaflip_adapt.backbones import load_backbone
+
+    bundle, info = load_backbone(_registry(ctx), backbone)
+    data = {
+        "version": info.to_dict() if info else None,
+        "path": str(bundle.path),
+        "manifest": bundle.manifest,
+    }
+    if as_json:
+        print_json(data)
+        return
+    m = bundle.manifest
+    c = console()
+    c.print(
+        f"backbone {info.version if info else bundle.path}  {m['fingerprint']}", highlight=False
+    )
+    c.print(f"architecture : {m['architecture']}", highlight=False)
+    c.print(f"preprocessing: {m['preprocessing']}", highlight=False)
+    c.print(f"replay set   : {len(bundle.instructions)} triplets", highlight=False)
+
+
+@app.command("eval")
+def eval_(
+    ctx: typer.Context,
+    logs: LogsArg,
+    backbone: BackboneOpt = None,
+    samples: Annotated[int, typer.Option("--samples", help="Held-out triplets.")] = 300,
+    gap: Annotated[
+        int | None, typer.Option("--gap", help="Frame gap (default: the backbone's).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tri-modal retrieval on held-out logs.
+
+    Image transition -> its 3D flow among all test flows, and -> its instruction among the
+    distinct ones (top-1/top-5); mean simplex area.
+    """
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.train.evaluation import heldout_retrieval
+
+    bundle, info = load_backbone(_registry(ctx), backbone)
+    rep = heldout_retrieval(
+        bundle,
+        logs,
+        samples=samples,
+        gap=gap,
+        name=f"backbone {info.version if info else bundle.path}",
+    )
+    if as_json:
+        print_json(rep.to_dict())
+        return
+    print_retrieval_table([rep])
+
+
+def print_retrieval_table(reports: list[Any]) -> None:
+    table = Table(title="held-out tri-modal retrieval")
+    for col in ("encoder", "n", "img->flow top1", "top5", "img->lang top1", "top5", "mean area"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        table.add_row(
+            r.name,
+            str(r.triplets),
+            f"{r.img_to_flow_top1:.3f}",
+            f"{r.img_to_flow_top5:.3f}",
+            f"{r.img_to_lang_top1:.3f}",
+            f"{r.img_to_lang_top5:.3f}",
+            f"{r.mean_area:.3f}",
+        )
+    console().print(table)
+    if reports:
+        r = reports[0]
+        console().print(
+            f"chance: flow top1 {r.chance_flow_top1:.3f}, language top1 {r.chance_lang_top1:.3f}"
+        )

@@ -1,0 +1,148 @@
+"""``dynaflip-adapt pretrain``: train a base backbone on triplets and register it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dynaflip_adapt.cli.common import JsonOpt, LogsArg
+from dynaflip_adapt.cli.output import console, print_json, state
+
+
+def pretrain(
+    ctx: typer.Context,
+    logs: LogsArg,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Recipe name or YAML path.")
+    ] = "pretrain/small",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Dotted override KEY=VALUE (repeatable).")
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Checkpoints and bundle (default: a temp folder)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from --workdir's checkpoint.")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Override optim.max_steps.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override run.seed.")] = None,
+    init_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-image", help="Start the ViT from a timm-named .safetensors checkpoint."
+        ),
+    ] = None,
+    set_base: Annotated[
+        bool, typer.Option("--set-base", help="Make the new version the registry's base backbone.")
+    ] = False,
+    export_bundle: Annotated[
+        Path | None, typer.Option("--export-bundle", help="Also copy the bundle folder here.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pretrain a DynaFLIP backbone and register it.
+
+    Trains on (transition, language, 3D flow) triplets from site logs that carry flow, logs the
+    run to MLflow and registers the bundle as a new backbone version.
+    """
+    import shutil
+
+    from dynaflip_adapt.backbones import register_backbone
+    from dynaflip_adapt.cli.progress import training_progress
+    from dynaflip_adapt.config import PretrainRecipe, load_recipe, recipe_hash, recipe_to_dict
+    from dynaflip_adapt.data.fingerprint import logs_fingerprint
+    from dynaflip_adapt.data.logs import SourceSettings, open_logs
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.registry import PRETRAIN_EXPERIMENT, Registry
+    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.train.pretrain import pretrain as run_pretrain
+
+    overrides = list(set_ or [])
+    if seed is not None:
+        overrides.append(f"run.seed={seed}")
+    rec, rec_path = load_recipe(recipe, overrides, kind="pretrain")
+    assert isinstance(rec, PretrainRecipe)
+    if resume and workdir is None:
+        raise InputError(None, "--resume", "no --workdir", "the work folder of the run to resume")
+    d = rec.data
+    settings = SourceSettings(
+        layout=d.layout,
+        camera=d.camera,
+        orientation=d.orientation,
+        depth_scale=d.depth_scale,
+        language=d.language,
+        proprio_keys=tuple(d.proprio_keys) if d.proprio_keys else None,
+        flow_source=d.flow_source,
+    )
+    logset = open_logs(logs, settings)
+    fingerprint = logs_fingerprint(logs)
+    registry = Registry(resolve_store(state(ctx).tracking_uri))
+    work = workdir or Path(tempfile.mkdtemp(prefix="dynaflip-pretrain-"))
+    total = max_steps or rec.optim.max_steps
+    tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint}
+    with registry.run(PRETRAIN_EXPERIMENT, f"pretrain-{rec_path.stem}", tags) as run:
+        run.log_params(
+            {"recipe_hash": recipe_hash(rec), "max_steps": total, **_flat(recipe_to_dict(rec))}
+        )
+        run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
+
+        with training_progress(
+            "pretrain", total, enabled=not as_json, keys=("loss", "area", "contrastive")
+        ) as bar:
+
+            def on_step(step: int, metrics: dict[str, float]) -> None:
+                bar(step, metrics)
+                if step % rec.run.log_every == 0 or step == total:
+                    run.log_metrics(step, metrics)
+
+            result = run_pretrain(
+                logset,
+                rec,
+                work,
+                resume=resume,
+                max_steps=total,
+                init_image=init_image,
+                provenance={"data_fingerprint": fingerprint, "logs": [str(p) for p in logs]},
+                on_step=on_step,
+            )
+        info = register_backbone(registry, run, result.bundle, make_base=set_base)
+        run.set_tags({"backbone_version": info.version})
+    if export_bundle is not None:
+        if export_bundle.exists():
+            shutil.rmtree(export_bundle)
+        shutil.copytree(result.bundle, export_bundle)
+    out = {
+        "backbone": info.to_dict(),
+        "bundle": str(result.bundle),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "triplets_per_second": round(result.triplets_per_second, 1),
+        "final": result.final,
+    }
+    if as_json:
+        print_json(out)
+        return
+    console().print(
+        f"registered {info.name} version {info.version} "
+        f"({info.tags['fingerprint'][:19]}...){' as base' if set_base else ''}; "
+        f"{result.steps} steps in {result.seconds:.0f} s "
+        f"({result.triplets_per_second:.0f} triplets/s)",
+        highlight=False,
+    )
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flat(v, key + ".")
+        else:
+            out[key] = v
+    return out

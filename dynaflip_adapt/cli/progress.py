@@ -1,0 +1,50 @@
+"""A rich progress bar with live losses and throughput for training loops."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from dynaflip_adapt.cli.output import err_console
+
+
+@contextlib.contextmanager
+def training_progress(
+    title: str,
+    total: int,
+    start: int = 0,
+    *,
+    enabled: bool = True,
+    keys: tuple[str, ...] = ("loss",),
+) -> Iterator[Callable[[int, dict[str, float]], None]]:
+    """Yields ``update(step, metrics)``; shows step, live losses and items/s on stderr."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console(),
+        disable=not enabled,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(title, total=total, completed=start, info="")
+
+        def update(step: int, metrics: dict[str, float]) -> None:
+            shown = [f"{k} {metrics[k]:.3f}" for k in keys if k in metrics]
+            rate = next((v for k, v in metrics.items() if k.endswith("_per_s")), None)
+            if rate is not None:
+                shown.append(f"{rate:.0f}/s")
+            progress.update(bar, completed=step, info="  ".join(shown))
+
+        yield update

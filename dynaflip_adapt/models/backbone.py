@@ -1,0 +1,290 @@
+"""The DynaFLIP backbone: the deployable image encoder plus what adaptation needs as anchors.
+
+A bundle is a folder of safetensors files and a ``manifest.json`` with the architecture, the
+preprocessing (image size, normalization, channel order) and the sha256 of every file; loading
+verifies every hash. The backbone's identity (its *fingerprint*) is the sha256 of the image
+encoder's weights file, not a name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.models.flow_encoder import FlowEncoder
+from dynaflip_adapt.models.text import TEXT_DIM
+from dynaflip_adapt.models.vit import VisionTransformer
+
+BUNDLE_VERSION = 1
+IMAGE_FILE = "image_encoder.safetensors"
+HEADS_FILE = "heads.safetensors"
+REPLAY_FILE = "replay.safetensors"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Architecture and preprocessing."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    embed_dim: int = 128
+    text_encoder: str = "minilm"
+    flow_points: int = 256
+    flow_width: int = 128
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    channel_order: str = "RGB"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BackboneConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in ("mean", "std"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a consumer must do to raw frames (recorded in manifests and exports)."""
+        return {
+            "image_size": self.image_size,
+            "resize": "bilinear, antialias",
+            "input": "uint8 RGB, (B, 3, H, W)",
+            "scale": 1 / 255,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": self.channel_order,
+        }
+
+
+def _mlp(i: int, h: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, h), nn.GELU(), nn.Linear(h, o))
+
+
+class Backbone(nn.Module):
+    """Image encoder ``image`` (deployable) and the heads used for training and as anchors.
+
+    Attributes:
+        image: ViT f: frames -> CLS features (B, width).
+        transition: g: f(I_t+k) - f(I_t) -> transition embedding (before normalization).
+        frame: h: f(I) -> single-frame embedding.
+        text_proj: frozen sentence embedding (384) -> shared space.
+        flow: 3D-flow encoder -> shared space.
+        flow_pred: one-step flow prediction from f(I_t) and a point position.
+    """
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w, d = cfg.width, cfg.embed_dim
+        self.image = VisionTransformer(
+            cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio
+        )
+        # f(I_t+k) - f(I_t) is small next to the biases at init, so without the LayerNorm every
+        # transition embeds to the same direction and the contrastive term starts with no signal.
+        self.transition = nn.Sequential(nn.LayerNorm(w), _mlp(w, w, d))
+        self.frame = _mlp(w, w, d)
+        self.text_proj = _mlp(TEXT_DIM, 2 * d, d)
+        self.flow = FlowEncoder(cfg.flow_width, d)
+        self.flow_pred = _mlp(w + 3, w, 3)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.temporal_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, rgb: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> normalized float (B, 3, S, S)."""
+        x = rgb.float() / 255.0
+        s = self.cfg.image_size
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        return (x - mean) / std
+
+    def features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The deployable encoder: uint8 frames -> (B, width)."""
+        return self.image(self.preprocess(rgb))
+
+    def embed_transition(self, f0: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.transition(f1 - f0).float(), dim=-1)
+
+    def embed_frame(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.frame(f).float(), dim=-1)
+
+    def embed_text(self, text_emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text_emb).float(), dim=-1)
+
+    def embed_flow(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.flow(feats, mask).float(), dim=-1)
+
+    def predict_flow(self, f0: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Displacements (B, P, 3) of centred points (B, P, 3) predicted from f(I_t)."""
+        ctx = f0.unsqueeze(1).expand(-1, points.shape[1], -1)
+        return self.flow_pred(torch.cat([ctx, points], dim=-1))
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("image.")}
+
+
+# ------------------------------------------------------------------------------------------
+# Bundles
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
+    )
+    os.replace(tmp, path)
+
+
+@dataclass
+class Bundle:
+    """A loaded backbone bundle."""
+
+    path: Path
+    model: Backbone
+    manifest: dict[str, Any]
+    replay: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["fingerprint"])
+
+    @property
+    def instructions(self) -> list[str]:
+        return list(self.manifest.get("replay_instructions", []))
+
+
+def save_bundle(
+    model: Backbone,
+    out: str | Path,
+    *,
+    replay: dict[str, torch.Tensor] | None = None,
+    replay_instructions: list[str] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Writes a bundle folder: image encoder, heads, replay set and manifest (sha256 of each)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    image_state = {
+        k[len("image.") :]: v for k, v in model.state_dict().items() if k.startswith("image.")
+    }
+    _atomic_save(image_state, out / IMAGE_FILE, {"format": "pt", "naming": "timm-vit"})
+    _atomic_save(model.head_state(), out / HEADS_FILE)
+    files = [IMAGE_FILE, HEADS_FILE]
+    if replay:
+        _atomic_save(replay, out / REPLAY_FILE)
+        files.append(REPLAY_FILE)
+    hashes = {name: sha256_file(out / name) for name in files}
+    manifest = {
+        "kind": "dynaflip-backbone",
+        "bundle_version": BUNDLE_VERSION,
+        "architecture": asdict(model.cfg),
+        "embed_dim": model.cfg.embed_dim,
+        "feature_dim": model.cfg.width,
+        "preprocessing": model.cfg.preprocessing(),
+        "fingerprint": "sha256:" + hashes[IMAGE_FILE],
+        "files": {k: "sha256:" + v for k, v in hashes.items()},
+        "replay_instructions": replay_instructions or [],
+        "provenance": provenance or {},
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Reads and checks a bundle manifest.
+
+    Raises:
+        InputError: Missing/unreadable manifest or wrong kind/version.
+    """
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(
+            p, None, "no manifest", "a backbone bundle folder with manifest.json"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(p, None, f"an unreadable manifest ({exc})", "JSON") from None
+    if manifest.get("kind") != "dynaflip-backbone":
+        raise InputError(p, "kind", repr(manifest.get("kind")), "'dynaflip-backbone'")
+    if manifest.get("bundle_version") != BUNDLE_VERSION:
+        raise InputError(
+            p, "bundle_version", repr(manifest.get("bundle_version")), str(BUNDLE_VERSION)
+        )
+    return manifest
+
+
+def verify_files(folder: Path, files: dict[str, str]) -> None:
+    """Checks each file's sha256 against the manifest.
+
+    Raises:
+        InputError: A missing, tampered or truncated file.
+    """
+    for name, want in files.items():
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise InputError(folder, name, "a path outside the bundle", "a plain file name")
+        f = folder / name
+        if not f.is_file() or f.is_symlink():
+            raise InputError(f, None, "missing (or a symlink)", f"a file with {want}")
+        got = "sha256:" + sha256_file(f)
+        if got != want:
+            raise InputError(f, None, f"{got[:19]}... (tampered or truncated)", f"{want[:19]}...")
+
+
+def load_bundle(path: str | Path, *, with_replay: bool = True, map_location: str = "cpu") -> Bundle:
+    """Loads a bundle after verifying every file's sha256 (safetensors and JSON only).
+
+    Raises:
+        InputError: Anything missing, tampered or inconsistent.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest["files"])
+    cfg = BackboneConfig.from_dict(manifest["architecture"])
+    model = Backbone(cfg)
+    image = load_file(str(folder / IMAGE_FILE), device=map_location)
+    heads = load_file(str(folder / HEADS_FILE), device=map_location)
+    state = {f"image.{k}": v for k, v in image.items()} | heads
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(
+            folder, (missing or unexpected)[0], "a weight mismatch", "the manifest's architecture"
+        )
+    replay = {}
+    if with_replay and REPLAY_FILE in manifest["files"]:
+        replay = load_file(str(folder / REPLAY_FILE), device=map_location)
+    model.eval()
+    return Bundle(folder, model, manifest, replay)

@@ -1,0 +1,187 @@
+"""A plain-PyTorch Vision Transformer named like timm's `VisionTransformer`.
+
+Parameter names (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.norm1``,
+``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.norm2``, ``blocks.N.mlp.fc1/fc2``,
+``norm``) match timm, so a local timm / DINOv2 / CLIP-style ViT checkpoint (safetensors) loads
+without timm, and PEFT can target the Linear layers by name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynaflip_adapt.errors import InputError
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, 3, H, W) -> patch tokens (B, N, width)."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int) -> None:
+        super().__init__()
+        self.grid = image_size // patch_size
+        self.num_patches = self.grid * self.grid
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` Linear and an output ``proj`` Linear."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, C / heads)
+        if return_attention:
+            attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+            return attn.softmax(dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT image encoder: normalized image (B, 3, S, S) -> CLS features (B, width).
+
+    Args:
+        image_size: Input size S (square).
+        patch_size: Patch size; divides S.
+        width: Token width.
+        depth: Number of blocks.
+        heads: Attention heads; divide width.
+        mlp_ratio: MLP hidden size / width.
+    """
+
+    def __init__(
+        self, image_size: int, patch_size: int, width: int, depth: int, heads: int, mlp_ratio: float
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.patch_embed = PatchEmbed(image_size, patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, width))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """All output tokens (B, 1 + N, width), CLS first."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS features (B, width): what downstream policies consume."""
+        return self.tokens(x)[:, 0]
+
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens as a spatial map (B, width, grid, grid)."""
+        t = self.tokens(x)[:, 1:]
+        g = self.patch_embed.grid
+        return t.transpose(1, 2).reshape(t.shape[0], self.width, g, g)
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-block attention probabilities (B, heads, 1 + N, 1 + N), for rollout."""
+        maps = []
+        h = self.patch_embed(x)
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            assert isinstance(blk, Block)
+            maps.append(blk.attn(blk.norm1(h), return_attention=True))
+            h = blk(h)
+        return maps
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> list[str]:
+    """Initialises from a local timm-named ViT checkpoint (safetensors), without timm.
+
+    ``pos_embed`` is resized bicubically when the patch grid differs; heads and keys this model
+    lacks (``head.*``, ``fc_norm``, register tokens...) are ignored and returned.
+
+    Raises:
+        InputError: Not safetensors, or shapes that cannot be mapped (other width or depth).
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise InputError(
+            p, None, f"a {p.suffix or 'suffix-less'} file", "a .safetensors checkpoint"
+        )
+    state = load_file(str(p))
+    own = model.state_dict()
+    loaded, ignored = {}, []
+    for k, v in state.items():
+        if k not in own:
+            ignored.append(k)
+            continue
+        if k == "pos_embed" and v.shape != own[k].shape:
+            v = _resize_pos_embed(v, own[k].shape[1] - 1)
+        if v.shape != own[k].shape:
+            raise InputError(p, k, f"shape {tuple(v.shape)}", f"shape {tuple(own[k].shape)}")
+        loaded[k] = v
+    missing = [k for k in own if k not in loaded]
+    if missing:
+        raise InputError(p, missing[0], "missing", f"all ViT weights ({len(missing)} missing)")
+    model.load_state_dict(loaded)
+    return ignored
+
+
+def _resize_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
+    cls, grid = pos[:, :1], pos[:, 1:]
+    old = math.isqrt(grid.shape[1])
+    new = math.isqrt(num_patches)
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)

@@ -1,0 +1,257 @@
+"""The only module that talks to MLflow.
+
+Backbones and adapters are registered models; a version's source is the run artifact folder that
+holds its bundle. Versions carry lineage as tags. Registry writes are serialised by a file lock
+under the tool's home (sqlite answers "database is locked" otherwise, and alias moves must not
+interleave).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dynaflip_adapt.errors import InputError, RuntimeFailure
+from dynaflip_adapt.store import Store
+
+BACKBONE_MODEL = "dynaflip-backbone"
+BASE_ALIAS = "base"
+PRETRAIN_EXPERIMENT = "dynaflip-pretrain"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A registered version, JSON-ready."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+    aliases: list[str]
+    created: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "source": self.source,
+            "run_id": self.run_id,
+            "tags": self.tags,
+            "aliases": self.aliases,
+            "created": self.created,
+        }
+
+
+class RunHandle:
+    """An active MLflow run: metrics are buffered and logged in batches."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._buffer: list[Any] = []
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self._buffer) >= 500:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self.client.log_batch(self.run_id, metrics=self._buffer)
+            self._buffer = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> str:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        return f"runs:/{self.run_id}/{artifact_path}"
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        run = self.client.get_run(self.run_id)
+        return f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+
+class Registry:
+    """MLflow tracking + model registry at a resolved `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        from filelock import FileLock
+        from mlflow import MlflowClient
+
+        # After the import: mlflow configures its logger when imported.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        self.store = store
+        store.home.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(store.lock_path), timeout=120)
+        try:
+            with self.lock:
+                self.client = MlflowClient(
+                    tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri
+                )
+                self.client.search_experiments(max_results=1)
+        except Exception as exc:
+            raise RuntimeFailure(
+                f"registry {store.tracking_uri} unreachable: {type(exc).__name__}: {exc}"
+            ) from None
+
+    # ------------------------------------------------------------------------------- runs
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return str(exp.experiment_id)
+        location = f"{self.store.artifact_root}/{name}" if self.store.artifact_root else None
+        with self.lock:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return str(exp.experiment_id)
+            return str(self.client.create_experiment(name, artifact_location=location))
+
+    @contextlib.contextmanager
+    def run(
+        self, experiment: str, run_name: str, tags: dict[str, str] | None = None
+    ) -> Iterator[RunHandle]:
+        """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C / SIGTERM)."""
+        run = self.client.create_run(
+            self.experiment_id(experiment), run_name=run_name, tags=tags or {}
+        )
+        handle = RunHandle(self.client, run.info.run_id)
+        try:
+            yield handle
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                handle.flush()
+                self.client.set_terminated(run.info.run_id, "KILLED")
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.flush()
+                self.client.set_terminated(run.info.run_id, "FAILED")
+            raise
+        handle.flush()
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+
+    # ---------------------------------------------------------------------------- versions
+
+    def _info(self, mv: Any, aliases: dict[str, list[str]] | None = None) -> VersionInfo:
+        return VersionInfo(
+            name=mv.name,
+            version=str(mv.version),
+            source=mv.source,
+            run_id=mv.run_id,
+            tags=dict(mv.tags or {}),
+            aliases=(aliases or {}).get(str(mv.version), []),
+            created=int(mv.creation_timestamp or 0),
+        )
+
+    def _aliases(self, name: str) -> dict[str, list[str]]:
+        # search_model_versions returns empty aliases (open bug): read the registered model's.
+        out: dict[str, list[str]] = {}
+        try:
+            rm = self.client.get_registered_model(name)
+        except Exception:
+            return out
+        for alias, version in (rm.aliases or {}).items():
+            out.setdefault(str(version), []).append(alias)
+        return out
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of a registered model, newest first (empty when not registered)."""
+        try:
+            mvs = self.client.search_model_versions(f"name='{name}'")
+        except Exception:
+            return []
+        aliases = self._aliases(name)
+        return sorted((self._info(m, aliases) for m in mvs), key=lambda v: -int(v.version))
+
+    def resolve(self, name: str, ref: str) -> VersionInfo:
+        """A version by number or alias.
+
+        Raises:
+            InputError: Unknown version or alias (lists what exists).
+        """
+        versions = self.versions(name)
+        if ref.isdigit():
+            for v in versions:
+                if v.version == ref:
+                    return v
+        else:
+            for v in versions:
+                if ref in v.aliases:
+                    return v
+        known = [v.version for v in versions] + sorted({a for v in versions for a in v.aliases})
+        raise InputError(
+            name,
+            None,
+            f"no version or alias {ref!r}",
+            "one of " + (", ".join(known) or "(none registered)"),
+        )
+
+    def register(
+        self,
+        name: str,
+        run: RunHandle,
+        folder: str | Path,
+        artifact_path: str,
+        tags: dict[str, str],
+    ) -> VersionInfo:
+        """Uploads a bundle folder to the run and registers it as a new version."""
+        run.log_artifacts(folder, artifact_path)
+        source = run.artifact_uri(artifact_path)
+        with self.lock:
+            try:
+                self.client.get_registered_model(name)
+            except Exception:
+                self.client.create_registered_model(name)
+            mv = self.client.create_model_version(name, source, run_id=run.run_id, tags=tags)
+        return self._info(mv, self._aliases(name))
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        with self.lock:
+            self.client.set_registered_model_alias(name, alias, version)
+
+    def download(self, version: VersionInfo, kind: str) -> Path:
+        """A local copy of a version's bundle folder (cached by version, verified by caller)."""
+        import mlflow.artifacts
+
+        cache = self.store.home / "cache" / kind / f"{version.name}-v{version.version}"
+        if (cache / "manifest.json").exists():
+            return cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".dl-"))
+        try:
+            got = mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.store.tracking_uri
+            )
+            os.replace(got, cache)
+        except OSError as exc:
+            raise RuntimeFailure(f"{version.source}: download failed ({exc})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cache

@@ -1,0 +1,1 @@
+"""Training loops (pretrain, finetune). No CLI and no MLflow here: callers pass callbacks."""

@@ -1,0 +1,124 @@
+"""Pieces shared by the training loops: devices, seeds, schedules, resumable sampling and
+crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from dynaflip_adapt.errors import InputError, RuntimeFailure
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU.
+
+    Raises:
+        InputError: ``cuda`` asked for on a machine without it.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "run.device", "'cuda' on a machine without CUDA", "auto or cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (losses cast back to fp32), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.05) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `floor`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ResumableSampler(Sampler[int]):
+    """An endless stream of indices: a fresh seeded permutation per epoch.
+
+    ``start`` skips the samples already consumed, so a resumed run sees exactly the batches an
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, seed: int, start: int = 0) -> None:
+        self.n, self.seed, self.start = n, seed, start
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.n)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            yield from perm[offset:]
+            offset = 0
+            epoch += 1
+
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
+    """Writes a checkpoint atomically (temp file + rename), keeping the previous one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT
+    tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.replace(path, folder / PREVIOUS)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeFailure(
+            f"{path}: could not write checkpoint ({exc.strerror or exc})"
+        ) from None
+    return path
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint (falls back to the previous one if the newest is
+    truncated or corrupt); ``None`` when there is none."""
+    for name in (CHECKPOINT, PREVIOUS):
+        p = folder / name
+        if not p.exists():
+            continue
+        try:
+            return dict(torch.load(p, map_location="cpu", weights_only=True))
+        except Exception:
+            continue
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG state (the loops draw randomness from torch only; per-item sampling is
+    seeded by index)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,82 @@
+"""Backbone evaluation on held-out logs, and the probe protocol that compares encoders fairly.
+
+Probe: freeze an image encoder, train fresh heads (transition, language projection, flow encoder)
+with the tri-modal objective on training logs, then measure retrieval on held-out logs. Only
+the image encoder differs between candidates, so the comparison isolates what it learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynaflip_adapt.config import PretrainRecipe
+from dynaflip_adapt.data.dataset import FramePairDataset
+from dynaflip_adapt.data.logs import open_logs
+from dynaflip_adapt.models.backbone import Backbone, Bundle
+from dynaflip_adapt.models.text import embed_instructions
+from dynaflip_adapt.train.retrieval import RetrievalReport, retrieval
+from dynaflip_adapt.train.triplets import TripletDataset
+
+
+def _gap(bundle_or_recipe: Any, gap: int | None) -> int:
+    if gap is not None:
+        return gap
+    if isinstance(bundle_or_recipe, Bundle):
+        return int(
+            bundle_or_recipe.manifest.get("provenance", {})
+            .get("recipe", {})
+            .get("data", {})
+            .get("gap", 4)
+        )
+    return int(bundle_or_recipe.data.gap)
+
+
+def test_triplets(
+    model: Backbone, logs: Sequence[str | Path], gap: int, seed: int = 1234
+) -> tuple[TripletDataset, torch.Tensor]:
+    """Held-out triplets sized for `model`, and their instruction table."""
+    pairs = FramePairDataset(
+        open_logs(logs), gap=gap, require=["language", "flow"], fields=["flow"]
+    )
+    instructions = sorted({e.language or "" for e in pairs.episodes})
+    table = embed_instructions(model.cfg.text_encoder, instructions)
+    text = torch.from_numpy(np.stack([table[s] for s in instructions]))
+    return TripletDataset(
+        pairs, model.cfg.image_size, model.cfg.flow_points, instructions, seed
+    ), text
+
+
+def heldout_retrieval(
+    bundle: Bundle,
+    logs: Sequence[str | Path],
+    *,
+    samples: int = 300,
+    gap: int | None = None,
+    name: str = "backbone",
+) -> RetrievalReport:
+    """Retrieval of a backbone with its own heads."""
+    ds, text = test_triplets(bundle.model, logs, _gap(bundle, gap))
+    return retrieval(name, bundle.model, ds, text, samples)
+
+
+def probe(
+    image: Backbone,
+    train_logs: Sequence[str | Path],
+    recipe: PretrainRecipe,
+    workdir: Path,
+    steps: int,
+) -> Backbone:
+    """Fresh heads trained on a frozen copy of `image`'s encoder (see module doc)."""
+    from dynaflip_adapt.train.pretrain import pretrain
+
+    res = pretrain(
+        open_logs(train_logs), recipe, workdir, max_steps=steps, init_image=image, freeze_image=True
+    )
+    from dynaflip_adapt.models.backbone import load_bundle
+
+    return load_bundle(res.bundle).model

@@ -1,0 +1,413 @@
+"""Site adaptation: a LoRA adapter on the image encoder, anchored to the pretrained geometry.
+
+Per step, on a batch of the site's triplets (augmented with kornia, the same draw for both
+frames of a transition) and a batch of the backbone's source-replay frames:
+
+- anchors (frozen language and flow encoders): simplex area, area-InfoNCE, image-anchor cosine,
+  and a single-frame anchor (the frozen one-step flow head must predict the site's flow from
+  f(I_t) alone, since policies read single frames);
+- teacher distillation (adapter disabled = base encoder) on the source replay (retention), and
+  optionally on the site's frames.
+
+Only the LoRA parameters train; the saved adapter is their EMA (torch-ema).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dynaflip_adapt.config import AugmentSection, FinetuneRecipe, recipe_hash, recipe_to_dict
+from dynaflip_adapt.data.dataset import FramePairDataset
+from dynaflip_adapt.data.logs import LogSet
+from dynaflip_adapt.errors import InputError, RuntimeFailure
+from dynaflip_adapt.losses import area_infonce, masked_mse, triangle_area
+from dynaflip_adapt.metrics import linear_cka, mean_cosine, relative_mse
+from dynaflip_adapt.models.adapter import PROBE_FILE, lora_state, wrap_lora, write_manifest
+from dynaflip_adapt.models.backbone import Bundle
+from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
+from dynaflip_adapt.models.text import embed_instructions
+from dynaflip_adapt.train.common import (
+    ResumableSampler,
+    autocast,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    warmup_cosine,
+)
+from dynaflip_adapt.train.triplets import TripletDataset
+
+StepCallback = Callable[[int, dict[str, float]], None]
+PROBE_FRAMES = 64
+
+
+@dataclass
+class FinetuneResult:
+    """What a finetune produced."""
+
+    adapter: Path | None
+    steps: int
+    final: dict[str, float]
+    seconds: float
+    frames_per_second: float
+    anchors: dict[str, bool]
+    warnings: list[str] = field(default_factory=list)
+    geometry: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_augment(cfg: AugmentSection, size: int) -> Any:
+    """The kornia pipeline for site frames (float in [0, 1], B x 3 x S x S), or None.
+
+    Photometric shifts (colour, white balance, shadows, gamma, noise) stand for lighting and
+    texture changes; a mild resized crop for small camera moves.
+    """
+    import kornia.augmentation as K
+
+    if not cfg.enabled:
+        return None
+    return K.AugmentationSequential(
+        K.RandomResizedCrop((size, size), scale=cfg.crop_scale, ratio=(0.95, 1.05), p=1.0),
+        K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=0.8),
+        K.RandomPlanckianJitter(mode="blackbody", p=cfg.planckian_p),
+        K.RandomPlasmaShadow(roughness=(0.1, 0.7), shade_intensity=(-0.5, 0.0), p=cfg.shadow_p),
+        K.RandomGamma(gamma=(0.7, 1.4), p=cfg.gamma_p),
+        K.RandomGaussianNoise(std=max(cfg.noise_std, 1e-6), p=0.5 if cfg.noise_std > 0 else 0.0),
+    )
+
+
+def augment_pair(aug: Any, rgb0: torch.Tensor, rgb1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same augmentation draw for both frames of each transition; uint8 in, uint8 out
+    (kornia can leave [0, 1]: clamp)."""
+    if aug is None:
+        return rgb0, rgb1
+    x0 = aug(rgb0.float() / 255.0)
+    x1 = aug(rgb1.float() / 255.0, params=aug._params)
+    to8 = lambda x: (x.clamp(0, 1) * 255.0).round().to(torch.uint8)  # noqa: E731
+    return to8(x0), to8(x1)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def site_triplets(
+    bundle: Bundle, logs: LogSet, recipe: FinetuneRecipe
+) -> tuple[TripletDataset, torch.Tensor, dict[str, bool], list[str]]:
+    """The site's triplets, which anchors they support, and warnings for the missing ones.
+
+    Raises:
+        InputError: A supervision listed in ``recipe.require`` is missing.
+    """
+    d = recipe.data
+    pairs = FramePairDataset(logs, gap=d.gap, require=list(recipe.require), flow_source=d.flow_source, fields=["flow"])
+    anchors = {
+        "language": all(e.has("language") for e in pairs.episodes),
+        "flow": "flow" in pairs.fields,
+        "depth": all(e.has("depth") for e in pairs.episodes),
+    }
+    warnings = []
+    if not anchors["flow"]:
+        why = "no depth/K to extract it" if not anchors["depth"] else f"run `flow extract --stride {d.gap}`"
+        warnings.append(
+            f"no 3D flow of stride {d.gap} in the logs ({why}): the area, contrastive and "
+            "single-frame anchors are off; teacher distillation only"
+        )
+    if not anchors["language"]:
+        warnings.append("no language instruction in the logs: the tri-modal anchors are off (use --language)")
+    instructions = sorted({e.language or "" for e in pairs.episodes})
+    cfg = bundle.model.cfg
+    table = embed_instructions(cfg.text_encoder, instructions)
+    text = torch.from_numpy(np.stack([table[s] for s in instructions]))
+    ds = TripletDataset(pairs, cfg.image_size, cfg.flow_points, instructions, recipe.run.seed)
+    return ds, text, anchors, warnings
+
+
+def _probe_set(bundle: Bundle, ds: TripletDataset, text: torch.Tensor, trimodal: bool) -> dict[str, torch.Tensor]:
+    """Frames that travel with the adapter: source replay and site pairs (with their anchors)."""
+    probe: dict[str, torch.Tensor] = {}
+    rp = bundle.replay
+    if rp:
+        n = min(PROBE_FRAMES, rp["rgb0"].shape[0])
+        sel = torch.linspace(0, rp["rgb0"].shape[0] - 1, n).round().long()
+        for k in ("rgb0", "rgb1", "text", "flow_points", "flow_delta", "flow_mask"):
+            if k in rp:
+                probe[f"replay_{k}"] = rp[k][sel].contiguous()
+    idx = np.unique(np.linspace(0, len(ds) - 1, min(PROBE_FRAMES, len(ds))).round().astype(int))
+    items = [ds[int(i)] for i in idx]
+    probe["site_rgb0"] = torch.stack([it["rgb0"] for it in items])
+    probe["site_rgb1"] = torch.stack([it["rgb1"] for it in items])
+    if trimodal:
+        probe["site_text"] = text[torch.tensor([it["text"] for it in items])]
+        for k in ("flow_points", "flow_delta", "flow_mask"):
+            probe[f"site_{k}"] = torch.stack([it[k] for it in items])
+    return probe
+
+
+@torch.no_grad()
+def geometry_fingerprint(bundle: Bundle, student: Any, probe: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Statistics of the adapted features on the probe set, against the base encoder."""
+    heads = bundle.model
+    out: dict[str, float] = {}
+    for part in ("replay", "site"):
+        key = f"{part}_rgb0"
+        if key not in probe:
+            continue
+        x = heads.preprocess(probe[key])
+        new = student(x)
+        with student.disable_adapter():
+            old = student(x)
+        out[f"{part}_cka"] = linear_cka(old, new)
+        out[f"{part}_cosine"] = mean_cosine(old, new)
+        out[f"{part}_relative_mse"] = float(relative_mse(new, old))
+        out[f"{part}_feature_norm"] = float(new.norm(dim=-1).mean())
+        if f"{part}_flow_mask" in probe:
+            x1 = heads.preprocess(probe[f"{part}_rgb1"])
+            a = heads.embed_transition(new, student(x1))
+            b = heads.embed_text(probe[f"{part}_text"])
+            m = probe[f"{part}_flow_mask"]
+            c = heads.embed_flow(flow_features(probe[f"{part}_flow_points"], probe[f"{part}_flow_delta"], m), m)
+            out[f"{part}_mean_area"] = float(triangle_area(a, b, c).mean())
+    return out
+
+
+def finetune(
+    bundle: Bundle,
+    logs: LogSet,
+    recipe: FinetuneRecipe,
+    workdir: str | Path,
+    *,
+    site: str,
+    parent: Path | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+    dry_run: bool = False,
+    lineage: dict[str, Any] | None = None,
+    on_step: StepCallback | None = None,
+) -> FinetuneResult:
+    """Trains a LoRA adapter for a site; writes it to ``workdir/adapter``.
+
+    Args:
+        bundle: The base backbone (frozen; its replay set drives retention).
+        logs: The site's logs.
+        recipe: A validated finetune recipe.
+        workdir: Checkpoints and the adapter folder.
+        site: Site name recorded in lineage.
+        parent: An existing adapter folder to continue from (continual adaptation).
+        resume: Continue from ``workdir``'s checkpoint.
+        max_steps: Overrides ``optim.max_steps``.
+        dry_run: Build and check everything, run one forward pass, train and write nothing.
+        lineage: Extra lineage recorded in the manifest (versions, fingerprints).
+        on_step: Called after every step.
+
+    Raises:
+        InputError: Missing required supervision, nothing to train, no checkpoint to resume.
+        RuntimeFailure: The loss became NaN/inf.
+    """
+    from peft import PeftModel
+    from torch_ema import ExponentialMovingAverage
+
+    workdir = Path(workdir)
+    total = max_steps or recipe.optim.max_steps
+    seed_everything(recipe.run.seed)
+    device = resolve_device(recipe.run.device)
+    ds, text, anchors, warnings = site_triplets(bundle, logs, recipe)
+    trimodal = anchors["flow"] and anchors["language"]
+    w = recipe.loss
+    active = {
+        "area": w.area if trimodal else 0.0,
+        "contrastive": w.contrastive if trimodal else 0.0,
+        "cosine": w.cosine if trimodal else 0.0,
+        "single_frame": w.single_frame if anchors["flow"] else 0.0,
+        "distill_replay": w.distill_replay if bundle.replay else 0.0,
+        "distill_site": w.distill_site,
+    }
+    if w.distill_replay > 0 and not bundle.replay:
+        warnings.append("the backbone has no replay set: source-replay distillation is off")
+    if not any(v > 0 for v in active.values()):
+        raise InputError(
+            None, "recipe.loss", "no active loss term for these logs", "anchors (flow + language) or distillation weights > 0"
+        )
+    heads = bundle.model.to(device).eval().requires_grad_(False)
+    if parent is not None:
+        student = PeftModel.from_pretrained(
+            __import__("copy").deepcopy(heads.image), str(parent), is_trainable=True
+        )
+    else:
+        lo = recipe.lora
+        student = wrap_lora(heads.image, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.use_dora)
+    student.to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    o = recipe.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, o.warmup_steps, total))
+    ema = ExponentialMovingAverage(params, decay=recipe.ema.decay) if recipe.ema.enabled else None
+    aug = build_augment(recipe.augment, heads.cfg.image_size)
+    text = text.to(device)
+    replay = {k: v.to(device) for k, v in bundle.replay.items()}
+    n_replay = int(round(recipe.replay.fraction * o.batch_size)) if active["distill_replay"] > 0 else 0
+    start = 0
+    if resume:
+        ckpt = load_checkpoint(workdir)
+        if ckpt is None:
+            raise InputError(workdir, None, "no checkpoint to resume from", "a finetune work folder")
+        student.load_state_dict(ckpt["student"], strict=False)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["step"])
+    loader = DataLoader(
+        ds,
+        batch_size=o.batch_size,
+        sampler=ResumableSampler(len(ds), recipe.run.seed, start * o.batch_size),
+        num_workers=recipe.data.num_workers,
+        persistent_workers=recipe.data.num_workers > 0,
+        drop_last=len(ds) >= o.batch_size,
+    )
+    it = iter(loader)
+
+    def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        r0, r1 = augment_pair(aug, batch["rgb0"], batch["rgb1"])
+        f = student(heads.preprocess(torch.cat([r0, r1])))
+        f0, f1 = f.chunk(2)
+        parts: dict[str, torch.Tensor] = {}
+        if trimodal:
+            a = heads.embed_transition(f0, f1)
+            b = heads.embed_text(text[batch["text"]])
+            m = batch["flow_mask"]
+            c = heads.embed_flow(flow_features(batch["flow_points"], batch["flow_delta"], m), m)
+            parts["area"] = triangle_area(a, b, c).mean()
+            parts["contrastive"] = area_infonce(a, b, c, heads.logit_scale, w.label_smoothing)
+            # Language and flow encoders are frozen here, so the language-flow cosine is a
+            # constant; the cosine anchor pulls the image toward the midpoint of its anchors.
+            parts["cosine"] = (1 - F.cosine_similarity(a, F.normalize(b + c, dim=-1), dim=-1)).mean()
+        if active["single_frame"] > 0:
+            feats = flow_features(batch["flow_points"], batch["flow_delta"], batch["flow_mask"])
+            pred = heads.predict_flow(f0, feats[..., :3])
+            parts["single_frame"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, batch["flow_mask"])
+        if n_replay > 0:
+            sel = torch.randint(0, replay["rgb0"].shape[0], (n_replay,), device=device)
+            x = heads.preprocess(replay["rgb0"][sel])
+            with torch.no_grad(), student.disable_adapter():
+                teacher = student(x)
+            parts["distill_replay"] = relative_mse(student(x), teacher)
+        if active["distill_site"] > 0:
+            x = heads.preprocess(batch["rgb0"])
+            with torch.no_grad(), student.disable_adapter():
+                teacher = student(x)
+            parts["distill_site"] = relative_mse(student(x), teacher)
+        total_loss = sum(active[k] * v for k, v in parts.items())
+        assert isinstance(total_loss, torch.Tensor)
+        return total_loss, {k: float(v.detach()) for k, v in parts.items()}
+
+    if dry_run:
+        with torch.no_grad(), autocast(device):
+            loss, parts = step_loss(_to(next(it), device))
+        if not torch.isfinite(loss):
+            raise RuntimeFailure(f"dry run: the initial loss is {float(loss)}")
+        return FinetuneResult(None, 0, {"loss": float(loss), **parts}, 0.0, 0.0, anchors, warnings)
+
+    history: list[dict[str, float]] = []
+    images = 2 * o.batch_size + n_replay + (o.batch_size if active["distill_site"] > 0 else 0)
+    t0 = time.perf_counter()
+    seen = 0
+    student.train()
+    for step in range(start, total):
+        batch = _to(next(it), device)
+        with autocast(device):
+            loss, parts = step_loss(batch)
+        if not torch.isfinite(loss):
+            raise RuntimeFailure(f"step {step}: loss is {float(loss.detach())}; lower optim.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update()
+        seen += images
+        metrics: dict[str, float] = {"loss": float(loss.detach()), **parts}
+        metrics["lr"] = float(sched.get_last_lr()[0])
+        metrics["frames_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step + 1, metrics)
+        if (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(
+                workdir,
+                {
+                    "student": lora_state(student),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "rng": rng_state(),
+                    "step": step + 1,
+                },
+            )
+    seconds = time.perf_counter() - t0
+    student.eval()
+    out = workdir / "adapter"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    heads.cpu()
+    student.cpu()
+    ctx = ema.average_parameters() if ema is not None else _nullcontext()
+    with ctx:
+        student.save_pretrained(str(out))
+        probe = _probe_set(bundle, ds, text.cpu(), trimodal)
+        geometry = geometry_fingerprint(bundle, student, probe)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in probe.items()}, str(out / PROBE_FILE))
+    import peft
+
+    write_manifest(
+        out,
+        {
+            "site": site,
+            "lineage": {
+                "base_fingerprint": bundle.fingerprint,
+                "recipe_hash": recipe_hash(recipe),
+                "parent": str(parent) if parent else None,
+                "peft": peft.__version__,
+                "torch": torch.__version__,
+                "seed": recipe.run.seed,
+                "steps": total,
+                **(lineage or {}),
+            },
+            "recipe": recipe_to_dict(recipe),
+            "anchors": anchors,
+            "active_losses": active,
+            "geometry": geometry,
+            "preprocessing": heads.cfg.preprocessing(),
+            "feature_dim": heads.cfg.width,
+        },
+    )
+    return FinetuneResult(
+        out, total, history[-1] if history else {}, seconds, seen / max(seconds, 1e-9), anchors, warnings, geometry, history
+    )
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None

@@ -1,0 +1,307 @@
+"""Pretraining the base backbone on (transition, language, 3D flow) triplets.
+
+Deterministic under a seed; ``resume`` continues from the last checkpoint exactly where an
+uninterrupted run would be (same batches, same optimizer state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dynaflip_adapt.config import PretrainRecipe, recipe_hash, recipe_to_dict
+from dynaflip_adapt.data.dataset import FramePairDataset
+from dynaflip_adapt.data.logs import LogSet
+from dynaflip_adapt.errors import InputError, RuntimeFailure
+from dynaflip_adapt.losses import (
+    area_infonce,
+    cosine_infonce,
+    cosine_regularizer,
+    masked_mse,
+    triangle_area,
+)
+from dynaflip_adapt.models.backbone import Backbone, BackboneConfig, save_bundle
+from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
+from dynaflip_adapt.models.text import embed_instructions
+from dynaflip_adapt.models.vit import load_timm_checkpoint
+from dynaflip_adapt.train.common import (
+    ResumableSampler,
+    autocast,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    warmup_cosine,
+)
+from dynaflip_adapt.train.triplets import TripletDataset
+
+Objective = Literal["trimodal", "image_only"]
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class PretrainResult:
+    """Where the bundle is and how training went."""
+
+    bundle: Path
+    steps: int
+    final: dict[str, float]
+    seconds: float
+    triplets_per_second: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def backbone_config(recipe: PretrainRecipe) -> BackboneConfig:
+    m = recipe.model
+    return BackboneConfig(
+        image_size=m.image_size,
+        patch_size=m.patch_size,
+        width=m.width,
+        depth=m.depth,
+        heads=m.heads,
+        mlp_ratio=m.mlp_ratio,
+        embed_dim=m.embed_dim,
+        text_encoder=m.text_encoder,
+        flow_points=m.flow_points,
+        flow_width=m.flow_width,
+    )
+
+
+def build_triplets(
+    logs: LogSet, recipe: PretrainRecipe, *, require_flow: bool = True
+) -> tuple[TripletDataset, torch.Tensor, list[str]]:
+    """The triplet dataset and the instruction embedding table (one row per instruction)."""
+    d = recipe.data
+    require = ["language", "flow"] if require_flow else ["language"]
+    pairs = FramePairDataset(
+        logs, gap=d.gap, require=require, flow_source=d.flow_source, fields=["flow"]
+    )
+    instructions = sorted({e.language or "" for e in pairs.episodes})
+    table = embed_instructions(recipe.model.text_encoder, instructions)
+    text = torch.from_numpy(np.stack([table[s] for s in instructions]))
+    ds = TripletDataset(
+        pairs, recipe.model.image_size, recipe.model.flow_points, instructions, recipe.run.seed
+    )
+    return ds, text, instructions
+
+
+def trimodal_losses(
+    model: Backbone,
+    batch: dict[str, Any],
+    text_table: torch.Tensor,
+    weights: Any,
+    *,
+    image_grad: bool = True,
+    step: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pretraining objective on one batch; returns the total and its parts.
+
+    The area and cosine weights ramp up over ``weights.anchor_ramp_steps`` (see LossSection).
+    """
+    rgb = torch.cat([batch["rgb0"], batch["rgb1"]])
+    with torch.set_grad_enabled(image_grad and torch.is_grad_enabled()):
+        f = model.features(rgb)
+    f0, f1 = f.chunk(2)
+    a = model.embed_transition(f0, f1)
+    b = model.embed_text(text_table[batch["text"]])
+    mask = batch["flow_mask"]
+    feats = flow_features(batch["flow_points"], batch["flow_delta"], mask)
+    c = model.embed_flow(feats, mask)
+    parts: dict[str, torch.Tensor] = {}
+    parts["area"] = triangle_area(a, b, c).mean()
+    parts["cosine"] = cosine_regularizer(b, c, weights.cosine_margin)
+    parts["contrastive"] = area_infonce(a, b, c, model.logit_scale, weights.label_smoothing)
+    if weights.temporal > 0:
+        parts["temporal"] = cosine_infonce(
+            model.embed_frame(f0), model.embed_frame(f1), model.temporal_scale
+        )
+    if weights.flow_prediction > 0:
+        pred = model.predict_flow(f0, feats[..., :3])
+        parts["flow_prediction"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, mask)
+    ramp = 1.0
+    if step is not None and weights.anchor_ramp_steps > 0:
+        ramp = min(1.0, step / weights.anchor_ramp_steps)
+    scale = {"area": ramp, "cosine": ramp}
+    total = sum(getattr(weights, k) * scale.get(k, 1.0) * v for k, v in parts.items())
+    assert isinstance(total, torch.Tensor)
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def image_only_losses(
+    model: Backbone, batch: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Baseline objective: time-contrastive on frames only (no language, no flow)."""
+    f = model.features(torch.cat([batch["rgb0"], batch["rgb1"]]))
+    f0, f1 = f.chunk(2)
+    loss = cosine_infonce(model.embed_frame(f0), model.embed_frame(f1), model.temporal_scale)
+    return loss, {"temporal": float(loss.detach())}
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def build_replay(
+    ds: TripletDataset, text: torch.Tensor, n: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`n` triplets spread evenly over the training set, at input size (the replay / probe set)."""
+    if n <= 0:
+        return {}, []
+    idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int))
+    items = [ds[int(i)] for i in idx]
+    names = {v: k for k, v in ds.index.items()}
+    rows = [int(it["text"]) for it in items]
+    replay = {
+        "rgb0": torch.stack([it["rgb0"] for it in items]),
+        "rgb1": torch.stack([it["rgb1"] for it in items]),
+        "text": text[torch.tensor(rows)],
+        "flow_points": torch.stack([it["flow_points"] for it in items]),
+        "flow_delta": torch.stack([it["flow_delta"] for it in items]),
+        "flow_mask": torch.stack([it["flow_mask"] for it in items]),
+    }
+    return replay, [names[r] for r in rows]
+
+
+def pretrain(
+    logs: LogSet,
+    recipe: PretrainRecipe,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    init_image: str | Path | Backbone | None = None,
+    freeze_image: bool = False,
+    objective: Objective = "trimodal",
+    provenance: dict[str, Any] | None = None,
+    on_step: StepCallback | None = None,
+) -> PretrainResult:
+    """Trains a backbone and writes its bundle to ``workdir/backbone``.
+
+    Args:
+        logs: Site logs with language and (for ``trimodal``) 3D flow.
+        recipe: A validated pretrain recipe.
+        workdir: Checkpoints and the bundle go here.
+        resume: Continue from ``workdir``'s checkpoint (error when there is none).
+        max_steps: Overrides ``optim.max_steps``.
+        init_image: Image encoder to start from: a timm-named safetensors file or a backbone.
+        freeze_image: Train only the heads (the probe protocol of `backbone eval`).
+        objective: ``trimodal`` (DynaFLIP) or ``image_only`` (time-contrastive baseline).
+        provenance: Extra facts recorded in the manifest (data fingerprint...).
+        on_step: Called after every step with the step number and its metrics.
+
+    Raises:
+        InputError: Logs without the supervision the objective needs; ``resume`` without a
+            checkpoint.
+        RuntimeFailure: The loss became NaN/inf.
+    """
+    workdir = Path(workdir)
+    total = max_steps or recipe.optim.max_steps
+    seed_everything(recipe.run.seed)
+    device = resolve_device(recipe.run.device)
+    ds, text, instructions = build_triplets(logs, recipe, require_flow=objective == "trimodal")
+    model = Backbone(backbone_config(recipe))
+    if isinstance(init_image, Backbone):
+        model.image.load_state_dict(init_image.image.state_dict())
+    elif init_image is not None:
+        load_timm_checkpoint(model.image, init_image)
+    if freeze_image:
+        model.image.requires_grad_(False)
+    model.to(device)
+    text = text.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = recipe.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, o.warmup_steps, total)
+    )
+    start = 0
+    if resume:
+        ckpt = load_checkpoint(workdir)
+        if ckpt is None:
+            raise InputError(workdir, None, "no checkpoint to resume from", "a run's work folder")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["step"])
+    sampler = ResumableSampler(len(ds), recipe.run.seed, start * o.batch_size)
+    loader = DataLoader(
+        ds,
+        batch_size=o.batch_size,
+        sampler=sampler,
+        num_workers=recipe.data.num_workers,
+        persistent_workers=recipe.data.num_workers > 0,
+        drop_last=True,
+    )
+    it = iter(loader)
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    seen = 0
+    model.train()
+    for step in range(start, total):
+        batch = _to(next(it), device)
+        with autocast(device):
+            if objective == "trimodal":
+                loss, parts = trimodal_losses(
+                    model, batch, text, recipe.loss, image_grad=not freeze_image, step=step
+                )
+            else:
+                loss, parts = image_only_losses(model, batch)
+        if not torch.isfinite(loss):
+            raise RuntimeFailure(
+                f"step {step}: loss is {float(loss.detach())}; lower optim.lr or check the logs"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        opt.step()
+        sched.step()
+        seen += o.batch_size
+        metrics: dict[str, float] = {"loss": float(loss.detach()), **parts}
+        metrics["lr"] = float(sched.get_last_lr()[0])
+        metrics["triplets_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step + 1, metrics)
+        if (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(
+                workdir,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": rng_state(),
+                    "step": step + 1,
+                },
+            )
+    seconds = time.perf_counter() - t0
+    model.eval().cpu()
+    replay, replay_text = build_replay(ds, text.cpu(), recipe.replay.frames)
+    prov = {
+        "recipe": recipe_to_dict(recipe),
+        "recipe_hash": recipe_hash(recipe),
+        "objective": objective,
+        "steps": total,
+        "seed": recipe.run.seed,
+        "instructions": instructions,
+        "torch": torch.__version__,
+        **(provenance or {}),
+    }
+    bundle = save_bundle(
+        model, workdir / "backbone", replay=replay, replay_instructions=replay_text, provenance=prov
+    )
+    return PretrainResult(
+        bundle, total, history[-1] if history else {}, seconds, seen / max(seconds, 1e-9), history
+    )

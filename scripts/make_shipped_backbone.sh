@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Reproduces the backbone shipped in dynaflip_adapt/assets/backbone:
+#   generated simulator logs from the base site and 32 random sites (appearance and camera-pose
+#   diversity: DESIGN.md §7 found 8 sites too few), then `pretrain --recipe pretrain/small`.
+# About 25 minutes on 2 CPU cores. Usage: scripts/make_shipped_backbone.sh [WORKDIR [PRETRAIN OPTIONS]]
+set -euo pipefail
+WORK=${1:-$PWD/shipped_backbone_work}
+shift || true
+SITES=${SITES:-32}
+EPISODES=${EPISODES:-12}
+mkdir -p "$WORK/logs"
+export DYNAFLIP_HOME=${DYNAFLIP_HOME:-$WORK/home}
+dynaflip-adapt sim generate "$WORK/logs/base.h5" --site base -n "$EPISODES" --seed 1000 --workers 2
+for s in $(seq 1 "$SITES"); do
+  [ -f "$WORK/logs/site_$s.h5" ] || \
+    dynaflip-adapt sim generate "$WORK/logs/site_$s.h5" --site random --site-seed "$s" -n "$EPISODES" --seed "$s" --workers 2
+done
+dynaflip-adapt pretrain "$WORK/logs" --recipe pretrain/small --seed 0 --workdir "$WORK/run" \
+  --export-bundle dynaflip_adapt/assets/backbone "$@"
