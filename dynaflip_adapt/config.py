@@ -117,7 +117,7 @@ class LoraSection(_Section):
     """PEFT LoRA adapter on the image encoder."""
 
     r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
     use_dora: bool = False

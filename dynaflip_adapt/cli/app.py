@@ -10,8 +10,10 @@ import typer
 from typer.core import TyperGroup
 
 from dynaflip_adapt import __version__
+from dynaflip_adapt.cli import adapters as adapters_cmd
 from dynaflip_adapt.cli import backbones as backbones_cmd
 from dynaflip_adapt.cli import data as data_cmd
+from dynaflip_adapt.cli import finetune as finetune_cmd
 from dynaflip_adapt.cli import flow as flow_cmd
 from dynaflip_adapt.cli import pretrain as pretrain_cmd
 from dynaflip_adapt.cli import recipes as recipes_cmd
@@ -81,8 +83,10 @@ app.add_typer(data_cmd.app, name="data")
 app.add_typer(recipes_cmd.app, name="recipes")
 app.add_typer(sim_cmd.app, name="sim")
 app.add_typer(flow_cmd.app, name="flow")
-app.add_typer(backbones_cmd.app, name="backbones")
+app.command("finetune")(finetune_cmd.finetune)
 app.command("pretrain")(pretrain_cmd.pretrain)
+app.add_typer(backbones_cmd.app, name="backbones")
+app.add_typer(adapters_cmd.app, name="adapters")
 app.add_typer(store_cmd.app, name="store")
 
 

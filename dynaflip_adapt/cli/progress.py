@@ -27,6 +27,9 @@ def training_progress(
     keys: tuple[str, ...] = ("loss",),
 ) -> Iterator[Callable[[int, dict[str, float]], None]]:
     """Yields ``update(step, metrics)``; shows step, live losses and items/s on stderr."""
+    console = err_console()
+    # Without a terminal (logs, CI) a live bar never redraws: print a line every ~5% instead.
+    plain_every = max(1, total // 20) if enabled and not console.is_terminal else 0
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -34,8 +37,8 @@ def training_progress(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err_console(),
-        disable=not enabled,
+        console=console,
+        disable=not enabled or plain_every > 0,
         transient=False,
     ) as progress:
         bar = progress.add_task(title, total=total, completed=start, info="")
@@ -46,5 +49,7 @@ def training_progress(
             if rate is not None:
                 shown.append(f"{rate:.0f}/s")
             progress.update(bar, completed=step, info="  ".join(shown))
+            if plain_every and (step % plain_every == 0 or step == total):
+                console.print(f"{title} step {step}/{total}  " + "  ".join(shown), highlight=False)
 
         yield update

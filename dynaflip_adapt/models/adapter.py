@@ -42,13 +42,20 @@ def target_regex(targets: list[str]) -> str:
     for t in targets:
         hits = [layer for layer in BLOCK_LAYERS if layer == t or layer.endswith("." + t)]
         if not hits:
-            raise InputError(None, "lora.target_modules", repr(t), "one of qkv, proj, fc1, fc2 (or attn.qkv, ...)")
+            raise InputError(
+                None,
+                "lora.target_modules",
+                repr(t),
+                "one of qkv, proj, fc1, fc2 (or attn.qkv, ...)",
+            )
         chosen += hits
     alt = "|".join(re.escape(x) for x in dict.fromkeys(chosen))
     return rf".*blocks\.\d+\.({alt})"
 
 
-def wrap_lora(image: nn.Module, r: int, alpha: float, dropout: float, targets: list[str], use_dora: bool) -> Any:
+def wrap_lora(
+    image: nn.Module, r: int, alpha: int, dropout: float, targets: list[str], use_dora: bool
+) -> Any:
     """A PEFT model around a *copy* of the image encoder (the bundle's stays untouched)."""
     from peft import LoraConfig, get_peft_model
 
@@ -89,7 +96,12 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
-    manifest = {"kind": "dynaflip-adapter", "adapter_version": ADAPTER_VERSION, **data, "files": files}
+    manifest = {
+        "kind": "dynaflip-adapter",
+        "adapter_version": ADAPTER_VERSION,
+        **data,
+        "files": files,
+    }
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, folder / MANIFEST)
@@ -113,10 +125,14 @@ def read_adapter_manifest(folder: str | Path) -> dict[str, Any]:
     if manifest.get("kind") != "dynaflip-adapter":
         raise InputError(p, "kind", repr(manifest.get("kind")), "'dynaflip-adapter'")
     if manifest.get("adapter_version") != ADAPTER_VERSION:
-        raise InputError(p, "adapter_version", repr(manifest.get("adapter_version")), str(ADAPTER_VERSION))
+        raise InputError(
+            p, "adapter_version", repr(manifest.get("adapter_version")), str(ADAPTER_VERSION)
+        )
     for name in PEFT_FILES:
         if name not in manifest.get("files", {}):
-            raise InputError(p, "files", f"no {name}", "a PEFT adapter (adapter_config.json + safetensors)")
+            raise InputError(
+                p, "files", f"no {name}", "a PEFT adapter (adapter_config.json + safetensors)"
+            )
     for f in folder.iterdir():
         if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle") or f.is_symlink():
             raise InputError(f, None, "a pickle file or a symlink", "safetensors and JSON only")

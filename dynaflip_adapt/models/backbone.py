@@ -278,7 +278,13 @@ def load_bundle(path: str | Path, *, with_replay: bool = True, map_location: str
     image = load_file(str(folder / IMAGE_FILE), device=map_location)
     heads = load_file(str(folder / HEADS_FILE), device=map_location)
     state = {f"image.{k}": v for k, v in image.items()} | heads
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[-1].strip()
+        raise InputError(
+            folder, None, f"weights that do not fit ({msg})", "the manifest's architecture"
+        ) from None
     if missing or unexpected:
         raise InputError(
             folder, (missing or unexpected)[0], "a weight mismatch", "the manifest's architecture"

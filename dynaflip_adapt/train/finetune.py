@@ -87,7 +87,9 @@ def build_augment(cfg: AugmentSection, size: int) -> Any:
     )
 
 
-def augment_pair(aug: Any, rgb0: torch.Tensor, rgb1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_pair(
+    aug: Any, rgb0: torch.Tensor, rgb1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same augmentation draw for both frames of each transition; uint8 in, uint8 out
     (kornia can leave [0, 1]: clamp)."""
     if aug is None:
@@ -111,7 +113,9 @@ def site_triplets(
         InputError: A supervision listed in ``recipe.require`` is missing.
     """
     d = recipe.data
-    pairs = FramePairDataset(logs, gap=d.gap, require=list(recipe.require), flow_source=d.flow_source, fields=["flow"])
+    pairs = FramePairDataset(
+        logs, gap=d.gap, require=list(recipe.require), flow_source=d.flow_source, fields=["flow"]
+    )
     anchors = {
         "language": all(e.has("language") for e in pairs.episodes),
         "flow": "flow" in pairs.fields,
@@ -119,13 +123,19 @@ def site_triplets(
     }
     warnings = []
     if not anchors["flow"]:
-        why = "no depth/K to extract it" if not anchors["depth"] else f"run `flow extract --stride {d.gap}`"
+        why = (
+            "no depth/K to extract it"
+            if not anchors["depth"]
+            else f"run `flow extract --stride {d.gap}`"
+        )
         warnings.append(
             f"no 3D flow of stride {d.gap} in the logs ({why}): the area, contrastive and "
             "single-frame anchors are off; teacher distillation only"
         )
     if not anchors["language"]:
-        warnings.append("no language instruction in the logs: the tri-modal anchors are off (use --language)")
+        warnings.append(
+            "no language instruction in the logs: the tri-modal anchors are off (use --language)"
+        )
     instructions = sorted({e.language or "" for e in pairs.episodes})
     cfg = bundle.model.cfg
     table = embed_instructions(cfg.text_encoder, instructions)
@@ -134,7 +144,9 @@ def site_triplets(
     return ds, text, anchors, warnings
 
 
-def _probe_set(bundle: Bundle, ds: TripletDataset, text: torch.Tensor, trimodal: bool) -> dict[str, torch.Tensor]:
+def _probe_set(
+    bundle: Bundle, ds: TripletDataset, text: torch.Tensor, trimodal: bool
+) -> dict[str, torch.Tensor]:
     """Frames that travel with the adapter: source replay and site pairs (with their anchors)."""
     probe: dict[str, torch.Tensor] = {}
     rp = bundle.replay
@@ -156,7 +168,9 @@ def _probe_set(bundle: Bundle, ds: TripletDataset, text: torch.Tensor, trimodal:
 
 
 @torch.no_grad()
-def geometry_fingerprint(bundle: Bundle, student: Any, probe: dict[str, torch.Tensor]) -> dict[str, float]:
+def geometry_fingerprint(
+    bundle: Bundle, student: Any, probe: dict[str, torch.Tensor]
+) -> dict[str, float]:
     """Statistics of the adapted features on the probe set, against the base encoder."""
     heads = bundle.model
     out: dict[str, float] = {}
@@ -177,7 +191,9 @@ def geometry_fingerprint(bundle: Bundle, student: Any, probe: dict[str, torch.Te
             a = heads.embed_transition(new, student(x1))
             b = heads.embed_text(probe[f"{part}_text"])
             m = probe[f"{part}_flow_mask"]
-            c = heads.embed_flow(flow_features(probe[f"{part}_flow_points"], probe[f"{part}_flow_delta"], m), m)
+            c = heads.embed_flow(
+                flow_features(probe[f"{part}_flow_points"], probe[f"{part}_flow_delta"], m), m
+            )
             out[f"{part}_mean_area"] = float(triangle_area(a, b, c).mean())
     return out
 
@@ -237,7 +253,10 @@ def finetune(
         warnings.append("the backbone has no replay set: source-replay distillation is off")
     if not any(v > 0 for v in active.values()):
         raise InputError(
-            None, "recipe.loss", "no active loss term for these logs", "anchors (flow + language) or distillation weights > 0"
+            None,
+            "recipe.loss",
+            "no active loss term for these logs",
+            "anchors (flow + language) or distillation weights > 0",
         )
     heads = bundle.model.to(device).eval().requires_grad_(False)
     if parent is not None:
@@ -251,23 +270,28 @@ def finetune(
     params = [p for p in student.parameters() if p.requires_grad]
     o = recipe.optim
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, o.warmup_steps, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, o.warmup_steps, total)
+    )
     ema = ExponentialMovingAverage(params, decay=recipe.ema.decay) if recipe.ema.enabled else None
     aug = build_augment(recipe.augment, heads.cfg.image_size)
     text = text.to(device)
     replay = {k: v.to(device) for k, v in bundle.replay.items()}
-    n_replay = int(round(recipe.replay.fraction * o.batch_size)) if active["distill_replay"] > 0 else 0
+    n_replay = round(recipe.replay.fraction * o.batch_size) if active["distill_replay"] > 0 else 0
     start = 0
+    ckpt: dict[str, Any] = {}
     if resume:
-        ckpt = load_checkpoint(workdir)
-        if ckpt is None:
-            raise InputError(workdir, None, "no checkpoint to resume from", "a finetune work folder")
+        found = load_checkpoint(workdir)
+        if found is None:
+            raise InputError(
+                workdir, None, "no checkpoint to resume from", "a finetune work folder"
+            )
+        ckpt = found
         student.load_state_dict(ckpt["student"], strict=False)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
     loader = DataLoader(
         ds,
@@ -278,6 +302,9 @@ def finetune(
         drop_last=len(ds) >= o.batch_size,
     )
     it = iter(loader)
+    if resume:
+        # After creating the iterator: DataLoader draws a base seed from the global RNG then.
+        set_rng_state(ckpt["rng"])
 
     def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         r0, r1 = augment_pair(aug, batch["rgb0"], batch["rgb1"])
@@ -293,11 +320,15 @@ def finetune(
             parts["contrastive"] = area_infonce(a, b, c, heads.logit_scale, w.label_smoothing)
             # Language and flow encoders are frozen here, so the language-flow cosine is a
             # constant; the cosine anchor pulls the image toward the midpoint of its anchors.
-            parts["cosine"] = (1 - F.cosine_similarity(a, F.normalize(b + c, dim=-1), dim=-1)).mean()
+            parts["cosine"] = (
+                1 - F.cosine_similarity(a, F.normalize(b + c, dim=-1), dim=-1)
+            ).mean()
         if active["single_frame"] > 0:
             feats = flow_features(batch["flow_points"], batch["flow_delta"], batch["flow_mask"])
             pred = heads.predict_flow(f0, feats[..., :3])
-            parts["single_frame"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, batch["flow_mask"])
+            parts["single_frame"] = masked_mse(
+                pred, batch["flow_delta"] * DELTA_SCALE, batch["flow_mask"]
+            )
         if n_replay > 0:
             sel = torch.randint(0, replay["rgb0"].shape[0], (n_replay,), device=device)
             x = heads.preprocess(replay["rgb0"][sel])
@@ -401,7 +432,15 @@ def finetune(
         },
     )
     return FinetuneResult(
-        out, total, history[-1] if history else {}, seconds, seen / max(seconds, 1e-9), anchors, warnings, geometry, history
+        out,
+        total,
+        history[-1] if history else {},
+        seconds,
+        seen / max(seconds, 1e-9),
+        anchors,
+        warnings,
+        geometry,
+        history,
     )
 
 

@@ -227,14 +227,15 @@ def pretrain(
         opt, lambda s: warmup_cosine(s, o.warmup_steps, total)
     )
     start = 0
+    ckpt: dict[str, Any] = {}
     if resume:
-        ckpt = load_checkpoint(workdir)
-        if ckpt is None:
+        found = load_checkpoint(workdir)
+        if found is None:
             raise InputError(workdir, None, "no checkpoint to resume from", "a run's work folder")
+        ckpt = found
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
     sampler = ResumableSampler(len(ds), recipe.run.seed, start * o.batch_size)
     loader = DataLoader(
@@ -246,6 +247,9 @@ def pretrain(
         drop_last=True,
     )
     it = iter(loader)
+    if resume:
+        # After creating the iterator: DataLoader draws a base seed from the global RNG then.
+        set_rng_state(ckpt["rng"])
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     seen = 0

@@ -1,0 +1,212 @@
+"""``dynaflip-adapt finetune``: adapt the backbone to a site with a LoRA adapter."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dynaflip_adapt.cli.common import (
+    CameraOpt,
+    DepthScaleOpt,
+    JsonOpt,
+    LanguageOpt,
+    LayoutOpt,
+    LogsArg,
+    OrientationOpt,
+)
+from dynaflip_adapt.cli.output import console, err_console, print_json, state
+
+
+def _site_of(logs: list[Path]) -> str:
+    import h5py
+
+    from dynaflip_adapt.data.logs import expand_paths
+
+    first = expand_paths(logs)[0]
+    with h5py.File(first, "r") as f:
+        site = f.attrs.get("site")
+    if isinstance(site, bytes):
+        site = site.decode()
+    return str(site) if site else first.stem
+
+
+def finetune(
+    ctx: typer.Context,
+    logs: LogsArg,
+    site: Annotated[
+        str | None,
+        typer.Option("--site", help="Site name (default: the logs' site attribute or file name)."),
+    ] = None,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Recipe name or YAML path.")
+    ] = "finetune/default",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Dotted override KEY=VALUE.")
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option("--backbone", "-b", help="Backbone version, alias or folder (default: base)."),
+    ] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="Continue from this adapter (version, alias or folder)."),
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Override optim.max_steps.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override run.seed.")] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Checkpoints (default: under $DYNAFLIP_HOME/runs)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Validate logs, recipe, backbone and one forward pass; train nothing."
+        ),
+    ] = False,
+    layout: LayoutOpt = None,
+    camera: CameraOpt = None,
+    orientation: OrientationOpt = None,
+    depth_scale: DepthScaleOpt = None,
+    language: LanguageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a LoRA adapter for a site and register it.
+
+    The base image encoder is wrapped with PEFT LoRA; the backbone's frozen language and flow
+    encoders anchor the simplex geometry on the site's triplets, and a frozen teacher (the
+    adapter disabled) keeps the source-replay frames encoded as before. The adapter (EMA
+    weights), a probe set and its lineage are versioned in MLflow.
+    """
+    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, register_adapter, resolve_adapter
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.cli.progress import training_progress
+    from dynaflip_adapt.config import FinetuneRecipe, load_recipe, recipe_hash, recipe_to_dict
+    from dynaflip_adapt.data.fingerprint import logs_fingerprint
+    from dynaflip_adapt.data.logs import SourceSettings, open_logs
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.train.finetune import finetune as run_finetune
+
+    overrides = list(set_ or [])
+    if seed is not None:
+        overrides.append(f"run.seed={seed}")
+    rec, rec_path = load_recipe(recipe, overrides, kind="finetune")
+    assert isinstance(rec, FinetuneRecipe)
+    d = rec.data
+    settings = SourceSettings(
+        layout=layout or d.layout,
+        camera=camera or d.camera,
+        orientation=orientation or d.orientation,
+        depth_scale=depth_scale or d.depth_scale,
+        language=language or d.language,
+        proprio_keys=tuple(d.proprio_keys) if d.proprio_keys else None,
+        flow_source=d.flow_source,
+    )
+    logset = open_logs(logs, settings)
+    site = site or _site_of(logs)
+    store = resolve_store(state(ctx).tracking_uri)
+    registry = Registry(store)
+    bundle, base_info = load_backbone(registry, backbone)
+    parent_dir, parent_info = resolve_adapter(registry, from_) if from_ else (None, None)
+    fingerprint = logs_fingerprint(logs)
+    key = hashlib.sha256(
+        f"{fingerprint}|{recipe_hash(rec)}|{bundle.fingerprint}|{parent_dir}|{max_steps}".encode()
+    ).hexdigest()[:12]
+    work = workdir or store.home / "runs" / "finetune" / f"{site}-{key}"
+    total = max_steps or rec.optim.max_steps
+    lineage = {
+        "base_version": base_info.version if base_info else None,
+        "data_fingerprint": fingerprint,
+        "parent_version": parent_info.version if parent_info else None,
+        "parent_fingerprint": None,
+        "logs": [str(p) for p in logs],
+    }
+    if dry_run:
+        res = run_finetune(
+            bundle, logset, rec, work, site=site, parent=parent_dir, dry_run=True, max_steps=total
+        )
+        out = {
+            "dry_run": True,
+            "site": site,
+            "anchors": res.anchors,
+            "warnings": res.warnings,
+            "initial": res.final,
+            "backbone": bundle.fingerprint,
+            "episodes": len(logset.episodes),
+            "workdir": str(work),
+        }
+        if as_json:
+            print_json(out)
+        else:
+            for w in res.warnings:
+                err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
+            console().print(
+                f"dry run ok: site {site}, {len(logset.episodes)} episodes, supervision "
+                f"{', '.join(k for k, v in res.anchors.items() if v) or 'none'}; "
+                f"initial loss {res.final['loss']:.4f}",
+                highlight=False,
+            )
+        return
+    tags = {
+        "site": site,
+        "recipe": str(rec_path),
+        "data_fingerprint": fingerprint,
+        "base_fingerprint": bundle.fingerprint,
+    }
+    with registry.run(FINETUNE_EXPERIMENT, f"finetune-{site}", tags) as run:
+        run.log_params(
+            {
+                "recipe_hash": recipe_hash(rec),
+                "max_steps": total,
+                "site": site,
+                "workdir": str(work),
+            }
+        )
+        run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
+        keys = ("loss", "area", "distill_replay")
+        with training_progress(f"finetune {site}", total, enabled=not as_json, keys=keys) as bar:
+
+            def on_step(step: int, metrics: dict[str, float]) -> None:
+                bar(step, metrics)
+                if step % rec.run.log_every == 0 or step == total:
+                    run.log_metrics(step, metrics)
+
+            res = run_finetune(
+                bundle, logset, rec, work, site=site, parent=parent_dir, resume=resume,
+                max_steps=total, lineage=lineage, on_step=on_step,
+            )  # fmt: skip
+        for w in res.warnings:
+            err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
+        run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
+        assert res.adapter is not None
+        info = register_adapter(registry, run, res.adapter)
+        run.set_tags({"adapter_version": info.version})
+    out = {
+        "adapter": info.to_dict(),
+        "site": site,
+        "steps": res.steps,
+        "seconds": round(res.seconds, 2),
+        "frames_per_second": round(res.frames_per_second, 1),
+        "final": res.final,
+        "geometry": res.geometry,
+        "anchors": res.anchors,
+        "warnings": res.warnings,
+    }
+    if as_json:
+        print_json(out)
+        return
+    console().print(
+        f"registered dynaflip-adapter version {info.version} for site {site}: {res.steps} steps in "
+        f"{res.seconds:.0f} s ({res.frames_per_second:.0f} frames/s); replay CKA "
+        f"{res.geometry.get('replay_cka', float('nan')):.3f}, "
+        f"site CKA {res.geometry.get('site_cka', float('nan')):.3f}",
+        highlight=False,
+    )

@@ -1,0 +1,209 @@
+"""Finetune end to end: a registered, mergeable, resumable adapter that moves site features the
+way its losses say, and stores only itself."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dynaflip_adapt.cli.app import app
+from dynaflip_adapt.config import load_recipe
+from dynaflip_adapt.data.logs import open_logs
+from dynaflip_adapt.losses import triangle_area
+from dynaflip_adapt.models.adapter import load_adapter, target_regex
+from dynaflip_adapt.models.backbone import load_bundle
+from dynaflip_adapt.models.flow_encoder import flow_features
+from dynaflip_adapt.train.finetune import finetune
+from dynaflip_adapt.train.pretrain import pretrain
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"
+)
+
+FT = ["data.num_workers=0", "optim.batch_size=8", "optim.max_steps=30", "optim.warmup_steps=3",
+      "run.checkpoint_every=10", "optim.lr=3e-3", "ema.decay=0.8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny backbone pretrained at the base site, and logs from a shifted site."""
+    d = tmp_path_factory.mktemp("world")
+    runner = CliRunner()
+    for site, seed in (("base", 0), ("night_shift", 5)):
+        r = runner.invoke(
+            app,
+            ["sim", "generate", str(d / f"{site}.h5"), "--site", site, "-n", "4", "--frames", "16",
+             "--size", "32", "--workers", "1", "--seed", str(seed), "--flow-stride", "4"],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+    rec = load_recipe(
+        "pretrain/tiny", ["data.num_workers=0", "optim.max_steps=40", "replay.frames=16"]
+    )[0]
+    res = pretrain(open_logs(d / "base.h5"), rec, d / "pre")
+    return {"dir": d, "backbone": res.bundle, "site": d / "night_shift.h5"}
+
+
+def _site_area(bundle, encoder, probe):
+    heads = bundle.model
+    with torch.no_grad():
+        f0 = encoder(heads.preprocess(probe["site_rgb0"]))
+        f1 = encoder(heads.preprocess(probe["site_rgb1"]))
+        a = heads.embed_transition(f0, f1)
+        b = heads.embed_text(probe["site_text"])
+        m = probe["site_flow_mask"]
+        c = heads.embed_flow(
+            flow_features(probe["site_flow_points"], probe["site_flow_delta"], m), m
+        )
+    return float(triangle_area(a, b, c).mean())
+
+
+def test_cli_finetune_registers_a_mergeable_adapter_that_moves_site_features(world, tmp_path):
+    runner = CliRunner()
+    sets = [a for s in FT for a in ("--set", s)]
+    r = runner.invoke(
+        app,
+        ["finetune", str(world["site"]), "--backbone", str(world["backbone"]), "--site", "night",
+         *sets, "--workdir", str(tmp_path / "w"), "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    v = out["adapter"]
+    assert (
+        v["tags"]["site"] == "night"
+        and v["tags"]["base_fingerprint"] == load_bundle(world["backbone"]).fingerprint
+    )
+    assert v["tags"]["data_fingerprint"].startswith("sha256:") and v["tags"][
+        "recipe_hash"
+    ].startswith("sha256:")
+    # Through the registry again: resolve, verify, load onto the base, merge.
+    r = runner.invoke(app, ["adapters", "show", v["version"], "--json"])
+    assert r.exit_code == 0, r.output
+    folder = Path(json.loads(r.stdout)["path"])
+    bundle = load_bundle(world["backbone"])
+    ad = load_adapter(bundle, folder)
+    x = bundle.model.preprocess(ad.probe["site_rgb0"][:8])
+    merged = ad.merged()
+    with torch.no_grad():
+        torch.testing.assert_close(ad.peft_model(x), merged(x), rtol=1e-4, atol=1e-4)
+        assert (ad.peft_model(x) - bundle.model.image(x)).abs().max() > 1e-4  # it did change
+    # The anchors it trained on: the site's simplex shrank, as the area term asks.
+    before = _site_area(bundle, bundle.model.image, ad.probe)
+    after = _site_area(bundle, merged, ad.probe)
+    assert after < before, (before, after)
+    # Only the adapter is stored, never the backbone.
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+        "probe.safetensors",
+    ]
+    from safetensors.torch import load_file
+
+    keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+    assert keys and all("lora_" in k for k in keys)
+
+
+def test_dry_run_trains_and_registers_nothing(world, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["finetune", str(world["site"]), "--backbone", str(world["backbone"]), "--dry-run", "--json",
+              "--set", "data.num_workers=0", "--set", "optim.batch_size=4"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["dry_run"] and out["anchors"]["flow"] and out["initial"]["loss"] > 0
+    r = runner.invoke(app, ["adapters", "list", "--json"])
+    assert json.loads(r.stdout) == []
+
+
+def test_resume_after_a_crash_gives_the_same_adapter(world, tmp_path):
+    bundle = load_bundle(world["backbone"])
+    rec = load_recipe("finetune/default", FT)[0]
+    logs = open_logs(world["site"])
+    straight = finetune(bundle, logs, rec, tmp_path / "a", site="s")
+
+    def crash(step, _m):
+        if step == 17:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(load_bundle(world["backbone"]), logs, rec, tmp_path / "b", site="s", on_step=crash)
+    resumed = finetune(
+        load_bundle(world["backbone"]), logs, rec, tmp_path / "b", site="s", resume=True
+    )
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[10:]]
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight.adapter / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_run_registers_nothing_and_is_marked_failed(world):
+    from mlflow import MlflowClient
+
+    from dynaflip_adapt.store import resolve_store
+
+    runner = CliRunner()
+    sets = [
+        a
+        for s in [*FT, "optim.lr=1e30", "optim.grad_clip=1e30", "loss.distill_replay=0"]
+        for a in ("--set", s)
+    ]
+    r = runner.invoke(
+        app, ["finetune", str(world["site"]), "--backbone", str(world["backbone"]), *sets]
+    )
+    assert r.exit_code == 3, r.output
+    client = MlflowClient(resolve_store().tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("dynaflip-finetune").experiment_id])
+    assert [x.info.status for x in runs] == ["FAILED"]
+    assert client.search_model_versions("name='dynaflip-adapter'") == []
+
+
+def test_logs_without_flow_fall_back_to_distillation_or_refuse(world, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["sim", "generate", str(tmp_path / "s1.h5"), "-n", "2", "--frames", "12", "--size", "32",
+                            "--workers", "1", "--flow-stride", "1"])  # fmt: skip
+    assert r.exit_code == 0
+    r = runner.invoke(app, ["finetune", str(tmp_path / "s1.h5"), "--backbone", str(world["backbone"]), "--dry-run",
+                            "--set", "data.num_workers=0", "--set", "optim.batch_size=4"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "flow extract --stride 4" in r.stderr
+    r = runner.invoke(app, ["finetune", str(tmp_path / "s1.h5"), "--backbone", str(world["backbone"]), "--dry-run",
+                            "--recipe", "finetune/aggressive", "--set", "data.num_workers=0"])  # fmt: skip
+    assert r.exit_code == 2 and "flow" in r.stderr
+
+
+def test_adapter_from_another_backbone_is_refused(world, tmp_path):
+    bundle = load_bundle(world["backbone"])
+    rec = load_recipe("finetune/default", [*FT, "optim.max_steps=2"])[0]
+    res = finetune(bundle, open_logs(world["site"]), rec, tmp_path / "x", site="s")
+    other = load_recipe(
+        "pretrain/tiny",
+        ["data.num_workers=0", "optim.max_steps=2", "run.seed=9", "replay.frames=0"],
+    )[0]
+    other_bundle = load_bundle(
+        pretrain(open_logs(world["dir"] / "base.h5"), other, tmp_path / "o").bundle
+    )
+    from dynaflip_adapt.errors import InputError
+
+    with pytest.raises(InputError, match="another backbone"):
+        load_adapter(other_bundle, res.adapter)
+
+
+def test_target_regex_stays_inside_the_blocks():
+    import re
+
+    rx = re.compile(target_regex(["qkv", "proj"]))
+    assert rx.fullmatch("blocks.3.attn.proj") and rx.fullmatch("blocks.0.attn.qkv")
+    assert not rx.fullmatch("patch_embed.proj")
+    from dynaflip_adapt.errors import InputError
+
+    with pytest.raises(InputError, match="qkv"):
+        target_regex(["head"])
