@@ -99,6 +99,7 @@ class Registry:
     """MLflow tracking + model registry at a resolved `Store`."""
 
     def __init__(self, store: Store) -> None:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         from filelock import FileLock
         from mlflow import MlflowClient
 
@@ -237,18 +238,28 @@ class Registry:
             self.client.set_registered_model_alias(name, alias, version)
 
     def download(self, version: VersionInfo, kind: str) -> Path:
-        """A local copy of a version's bundle folder (cached by version, verified by caller)."""
+        """A local copy of a version's folder, cached per version (callers verify its hashes).
+
+        The copy is made in a temporary folder and renamed into place, with a ``.complete``
+        marker, so an interrupted download is never mistaken for a cached one.
+        """
         import mlflow.artifacts
 
         cache = self.store.home / "cache" / kind / f"{version.name}-v{version.version}"
-        if (cache / "manifest.json").exists():
+        if (cache / ".complete").exists():
             return cache
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".dl-"))
         try:
-            got = mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.store.tracking_uri
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source,
+                    dst_path=str(tmp),
+                    tracking_uri=self.store.tracking_uri,
+                )
             )
+            (got / ".complete").write_text(version.source)
+            shutil.rmtree(cache, ignore_errors=True)
             os.replace(got, cache)
         except OSError as exc:
             raise RuntimeFailure(f"{version.source}: download failed ({exc})") from None

@@ -13,7 +13,11 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 @pytest.fixture(autouse=True)
 def _isolated_home(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("DYNAFLIP_HOME", str(tmp_path_factory.mktemp("home")))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Modules that share one registry across tests (a module fixture sets DYNAFLIP_HOME) opt out.
+    if request.node.get_closest_marker("shared_home") is None:
+        monkeypatch.setenv("DYNAFLIP_HOME", str(tmp_path_factory.mktemp("home")))

@@ -15,6 +15,8 @@ from dynaflip_adapt.cli import backbones as backbones_cmd
 from dynaflip_adapt.cli import data as data_cmd
 from dynaflip_adapt.cli import finetune as finetune_cmd
 from dynaflip_adapt.cli import flow as flow_cmd
+from dynaflip_adapt.cli import lifecycle as lifecycle_cmd
+from dynaflip_adapt.cli import policies as policies_cmd
 from dynaflip_adapt.cli import pretrain as pretrain_cmd
 from dynaflip_adapt.cli import recipes as recipes_cmd
 from dynaflip_adapt.cli import sim as sim_cmd
@@ -87,6 +89,12 @@ app.command("finetune")(finetune_cmd.finetune)
 app.command("pretrain")(pretrain_cmd.pretrain)
 app.add_typer(backbones_cmd.app, name="backbones")
 app.add_typer(adapters_cmd.app, name="adapters")
+app.add_typer(policies_cmd.app, name="policies")
+app.command("audit")(lifecycle_cmd.audit_cmd)
+app.command("promote")(lifecycle_cmd.promote_cmd)
+app.command("rollback")(lifecycle_cmd.rollback_cmd)
+app.command("history")(lifecycle_cmd.history_cmd)
+app.command("export")(lifecycle_cmd.export_cmd)
 app.add_typer(store_cmd.app, name="store")
 
 

@@ -180,9 +180,17 @@ def finetune(
                     run.log_metrics(step, metrics)
 
             res = run_finetune(
-                bundle, logset, rec, work, site=site, parent=parent_dir, resume=resume,
-                max_steps=total, lineage=lineage, on_step=on_step,
-            )  # fmt: skip
+                bundle,
+                logset,
+                rec,
+                work,
+                site=site,
+                parent=parent_dir,
+                resume=resume,
+                max_steps=total,
+                lineage=lineage,
+                on_step=on_step,
+            )
         for w in res.warnings:
             err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
         run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})

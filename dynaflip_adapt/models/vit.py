@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynaflip_adapt.errors import InputError
+# This module imports only torch: `export` copies it verbatim next to exported weights so that a
+# consumer can rebuild the encoder without dynaflip-adapt installed.
 
 
 class PatchEmbed(nn.Module):
@@ -153,6 +154,8 @@ def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> list[str
         InputError: Not safetensors, or shapes that cannot be mapped (other width or depth).
     """
     from safetensors.torch import load_file
+
+    from dynaflip_adapt.errors import InputError
 
     p = Path(path)
     if p.suffix != ".safetensors":

@@ -1,0 +1,258 @@
+"""``dynaflip-adapt policies``: train, register, list and show downstream policies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dynaflip_adapt.cli.common import JsonOpt, LogsArg
+from dynaflip_adapt.cli.output import console, print_json, state
+
+app = typer.Typer(
+    help="Downstream policies pinned to a backbone (+ adapter).", no_args_is_help=True
+)
+
+SiteOpt = Annotated[str, typer.Option("--site", help="Site the policy runs at (audits use it).")]
+TolOpt = Annotated[
+    float, typer.Option("--tolerance", help="Max mean action deviation, in units of action std.")
+]
+
+
+def _registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    return Registry(resolve_store(state(ctx).tracking_uri))
+
+
+def encoder_for(registry, backbone: str | None, adapter: str | None):  # type: ignore[no-untyped-def]
+    """(bundle, base version, encoder module, adapter version) for a backbone + optional adapter."""
+    from dynaflip_adapt.adapters import load_registered_adapter
+    from dynaflip_adapt.backbones import load_backbone
+
+    bundle, binfo = load_backbone(registry, backbone)
+    if adapter is None:
+        return bundle, binfo, bundle.model.image, None
+    ad, ainfo = load_registered_adapter(registry, adapter, bundle)
+    return bundle, binfo, ad.merged().eval(), ainfo
+
+
+@app.command("train")
+def train(
+    ctx: typer.Context,
+    logs: LogsArg,
+    site: SiteOpt,
+    backbone: Annotated[
+        str | None,
+        typer.Option("--backbone", "-b", help="Backbone version/alias/folder (default base)."),
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="Adapter the policy reads through.")
+    ] = None,
+    head: Annotated[
+        str, typer.Option("--head", help="bc (image + proprio), image_only, proprio_only.")
+    ] = "bc",
+    tolerance: TolOpt = 0.1,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1500,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Policy name (default: SITE-HEAD).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a reference behaviour-cloning head on frozen features and register it, pinned.
+
+    An MLP over frozen image features (backbone + optional adapter) and proprio predicts the
+    logged action; the policy records its pin, input spec, action statistics and tolerance.
+    """
+    import torch
+
+    from dynaflip_adapt.data.logs import EpisodeReader, open_logs
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.lifecycle import register_policy
+    from dynaflip_adapt.policies import (
+        HEADS,
+        collect,
+        encode_frames,
+        policy_spec,
+        save_policy,
+        train_head,
+    )
+
+    if head not in HEADS:
+        raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
+    registry = _registry(ctx)
+    bundle, binfo, encoder, ainfo = encoder_for(registry, backbone, adapter)
+    logset = open_logs(logs)
+    data = collect(logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000)
+    feats = encode_frames(encoder, bundle.model.preprocess, data["rgb"])
+    model, stats, mse = train_head(
+        feats, data["proprio"], data["actions"], head=head, steps=steps, seed=seed
+    )
+    sel = torch.linspace(0, len(data["rgb"]) - 1, min(64, len(data["rgb"]))).round().long()
+    stats |= {"probe_rgb": data["rgb"][sel], "probe_proprio": data["proprio"][sel]}
+    pin = {
+        "backbone_fingerprint": bundle.fingerprint,
+        "backbone_version": binfo.version if binfo else None,
+        "adapter_version": ainfo.version if ainfo else None,
+    }
+    spec = policy_spec(
+        head,
+        feats.shape[1],
+        data["proprio"].shape[1],
+        data["actions"].shape[1],
+        tolerance,
+        pin,
+        {
+            "train_mse_normalized": mse,
+            "train_frames": len(feats),
+            "site": site,
+            "preprocessing": bundle.model.cfg.preprocessing(),
+        },
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="dynaflip-policy-"))
+    try:
+        save_policy(tmp / "policy", model, spec, stats)
+        info = register_policy(registry, tmp / "policy", site=site, name=name or f"{site}-{head}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {"policy": info.to_dict(), "train_mse_normalized": mse, "frames": len(feats)}
+    if as_json:
+        print_json(out)
+    else:
+        console().print(
+            f"registered dynaflip-policy version {info.version} ({info.tags['name']}, head {head}) "
+            f"pinned to backbone {pin['backbone_version']} adapter {pin['adapter_version']}; "
+            f"train MSE (z-scored) {mse:.4f}",
+            highlight=False,
+        )
+
+
+@app.command("register")
+def register(
+    ctx: typer.Context,
+    policy_dir: Annotated[
+        Path, typer.Argument(help="Folder with policy.json + policy.safetensors.")
+    ],
+    site: SiteOpt,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Policy name (default: folder name).")
+    ] = None,
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", "-b", help="Pin: backbone version/alias.")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="Pin: adapter version/alias.")
+    ] = None,
+    tolerance: Annotated[
+        float | None, typer.Option("--tolerance", help="Override the declared tolerance.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record an existing policy folder in the registry with its pin and tolerance."""
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.lifecycle import register_policy
+    from dynaflip_adapt.models.backbone import sha256_file
+    from dynaflip_adapt.policies import SPEC, WEIGHTS, read_policy_spec
+
+    registry = _registry(ctx)
+    spec = read_policy_spec(policy_dir)
+    if backbone is not None or adapter is not None:
+        bundle, binfo, _, ainfo = encoder_for(registry, backbone, adapter)
+        if spec["feature_dim"] != bundle.model.cfg.width:
+            raise InputError(
+                policy_dir / SPEC,
+                "feature_dim",
+                str(spec["feature_dim"]),
+                f"{bundle.model.cfg.width} (the backbone's)",
+            )
+        spec["pin"] = {
+            "backbone_fingerprint": bundle.fingerprint,
+            "backbone_version": binfo.version if binfo else None,
+            "adapter_version": ainfo.version if ainfo else None,
+        }
+    if tolerance is not None:
+        spec["tolerance"] = tolerance
+    tmp = Path(tempfile.mkdtemp(prefix="dynaflip-policy-"))
+    try:
+        dst = tmp / "policy"
+        dst.mkdir()
+        shutil.copyfile(policy_dir / WEIGHTS, dst / WEIGHTS)
+        spec["files"] = {WEIGHTS: "sha256:" + sha256_file(dst / WEIGHTS)}
+        (dst / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+        read_policy_spec(dst)
+        info = register_policy(registry, dst, site=site, name=name or policy_dir.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if as_json:
+        print_json(info.to_dict())
+    else:
+        console().print(
+            f"registered dynaflip-policy version {info.version} for site {site}", highlight=False
+        )
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    site: Annotated[str | None, typer.Option("--site", help="Only this site's policies.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Registered policies with their pins and tolerances."""
+    from dynaflip_adapt.lifecycle import POLICY_MODEL
+
+    versions = [
+        v
+        for v in _registry(ctx).versions(POLICY_MODEL)
+        if site is None or v.tags.get("site") == site
+    ]
+    if as_json:
+        print_json([v.to_dict() for v in versions])
+        return
+    table = Table(title=POLICY_MODEL)
+    for col in ("version", "name", "site", "head", "tolerance", "backbone", "adapter"):
+        table.add_column(col)
+    for v in versions:
+        t = v.tags
+        table.add_row(
+            v.version,
+            t.get("name", ""),
+            t.get("site", ""),
+            t.get("head", ""),
+            t.get("tolerance", ""),
+            t.get("backbone_version", ""),
+            t.get("adapter_version", ""),
+        )
+    console().print(table)
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="Policy version.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """A policy's spec: head, inputs, pin, tolerance."""
+    from dynaflip_adapt.lifecycle import POLICY_MODEL
+    from dynaflip_adapt.policies import read_policy_spec
+
+    reg = _registry(ctx)
+    info = reg.resolve(POLICY_MODEL, version)
+    spec = read_policy_spec(reg.download(info, "policies"))
+    if as_json:
+        print_json({"version": info.to_dict(), "spec": spec})
+    else:
+        console().print_json(
+            json.dumps(
+                {
+                    "version": info.version,
+                    **{k: spec[k] for k in ("head", "inputs", "pin", "tolerance")},
+                }
+            )
+        )

@@ -1,0 +1,214 @@
+"""Export: the adapter merged into the image encoder, as a standalone image-only encoder.
+
+Formats:
+- ``safetensors``: ``encoder.safetensors`` + ``model.py`` (a verbatim copy of the plain-torch ViT
+  definition) + ``config.json``; ``model.load(folder)`` rebuilds it with torch alone.
+- ``torchscript``: ``encoder.ts`` (``torch.jit.load``).
+- ``onnx``: ``encoder.onnx`` (needs the ``onnx`` package to write).
+
+Every export has ``preprocessing.json`` and ``manifest.json`` (sha256 of every file), and is
+verified: merged vs unmerged (PEFT) features, and the exported file vs the merged module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynaflip_adapt.errors import InputError, RuntimeFailure
+from dynaflip_adapt.models import vit as vit_module
+from dynaflip_adapt.models.adapter import Adapter
+from dynaflip_adapt.models.backbone import Bundle, sha256_file
+
+FORMATS = ("safetensors", "torchscript", "onnx")
+
+_LOADER = '''
+
+def load(folder):
+    """Rebuilds the exported encoder from this folder (torch + safetensors only)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    keys = ("image_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
+    model = VisionTransformer(*(cfg[k] for k in keys))
+    model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    return model.eval()
+'''
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    format: str
+    files: list[str]
+    merged_vs_unmerged_max_abs: float
+    export_vs_merged_max_abs: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["folder"] = str(self.folder)
+        return d
+
+
+def _example(bundle: Bundle, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    s = bundle.model.cfg.image_size
+    return torch.randn(batch, 3, s, s, generator=g)
+
+
+def export_encoder(
+    bundle: Bundle, adapter: Adapter | None, out: str | Path, fmt: str
+) -> ExportResult:
+    """Writes the merged encoder in `fmt` to `out` (replaced atomically) and verifies it.
+
+    Raises:
+        InputError: Unknown format, or ONNX requested without the onnx package.
+        RuntimeFailure: The export does not reproduce the merged encoder.
+    """
+    if fmt not in FORMATS:
+        raise InputError(None, "--format", repr(fmt), "one of " + ", ".join(FORMATS))
+    out = Path(out)
+    x = _example(bundle)
+    if adapter is not None:
+        merged = adapter.merged().eval()
+        with torch.no_grad():
+            diff_merge = float((adapter.peft_model(x) - merged(x)).abs().max())
+    else:
+        merged = copy.deepcopy(bundle.model.image).eval()
+        diff_merge = 0.0
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = bundle.model.cfg
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.contiguous() for k, v in merged.state_dict().items()},
+            str(tmp / "encoder.safetensors"),
+        )
+        (tmp / "model.py").write_text(Path(vit_module.__file__).read_text() + _LOADER)
+        arch = {
+            k: getattr(cfg, k)
+            for k in ("image_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
+        }
+        (tmp / "config.json").write_text(json.dumps(arch, indent=2))
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(merged, x)
+        torch.jit.save(traced, str(tmp / "encoder.ts"))
+    else:
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            raise InputError(None, "--format onnx", "no onnx package", "pip install onnx") from None
+        torch.onnx.export(
+            merged,
+            (x,),
+            str(tmp / "encoder.onnx"),
+            input_names=["image"],
+            output_names=["features"],
+            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+            dynamo=False,
+        )
+    (tmp / "preprocessing.json").write_text(json.dumps(cfg.preprocessing(), indent=2))
+    manifest = {
+        "kind": "dynaflip-encoder-export",
+        "format": fmt,
+        "feature_dim": cfg.width,
+        "base_fingerprint": bundle.fingerprint,
+        "adapter": adapter.manifest.get("lineage", {}) | {"site": adapter.manifest.get("site")}
+        if adapter
+        else None,
+        "merged_vs_unmerged_max_abs": diff_merge,
+        "files": {p.name: "sha256:" + sha256_file(p) for p in sorted(tmp.iterdir())},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    diff_export = verify_standalone(tmp, fmt, x, merged)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return ExportResult(out, fmt, sorted(p.name for p in out.iterdir()), diff_merge, diff_export)
+
+
+_RUNNER = textwrap.dedent(
+    """
+    import sys
+    # Prove the export needs neither dynaflip-adapt nor peft: make them unimportable.
+    for name in ("dynaflip_adapt", "peft", "transformers"):
+        sys.modules[name] = None
+    import torch
+    folder, fmt, inp, outp = sys.argv[1:5]
+    x = torch.load(inp)
+    if fmt == "safetensors":
+        sys.path.insert(0, folder)
+        import model
+        enc = model.load(folder)
+        with torch.no_grad():
+            y = enc(x)
+    elif fmt == "torchscript":
+        enc = torch.jit.load(folder + "/encoder.ts")
+        with torch.no_grad():
+            y = enc(x)
+    else:
+        import onnxruntime as ort
+        sess = ort.InferenceSession(folder + "/encoder.onnx")
+        y = torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
+    torch.save(y, outp)
+    """
+)
+
+
+def verify_standalone(folder: Path, fmt: str, x: torch.Tensor, merged: nn.Module) -> float:
+    """Runs the export in a clean subprocess (dynaflip-adapt and peft blocked); returns the max
+    abs difference to the merged module. ONNX is checked only when onnxruntime is installed.
+
+    Raises:
+        RuntimeFailure: The export fails to load/run, or its output differs.
+    """
+    if fmt == "onnx":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            return float("nan")
+    inp, outp = folder / ".x.pt", folder / ".y.pt"
+    torch.save(x, inp)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _RUNNER, str(folder), fmt, str(inp), str(outp)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=str(folder),
+        )
+        if proc.returncode != 0:
+            raise RuntimeFailure(
+                f"{folder}: the {fmt} export does not run standalone: "
+                f"{proc.stderr.strip().splitlines()[-1:]}"
+            )
+        y = torch.load(outp)
+    finally:
+        inp.unlink(missing_ok=True)
+        outp.unlink(missing_ok=True)
+    with torch.no_grad():
+        diff = float((y - merged(x)).abs().max())
+    if not diff < 1e-3:
+        raise RuntimeFailure(
+            f"{folder}: the {fmt} export differs from the merged encoder by {diff:.3g}"
+        )
+    return diff

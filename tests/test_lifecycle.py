@@ -1,0 +1,179 @@
+"""Policies, audit, promote / rollback / history and export, through the CLI on a real registry."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dynaflip_adapt.cli.app import app
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"),
+    pytest.mark.shared_home,
+]
+runner = CliRunner()
+FAST = ["--set", "data.num_workers=0", "--set", "optim.batch_size=8"]
+
+
+def ok(args: list[str]) -> dict:
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, (args, r.output)
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """A registry with a tiny base backbone, a policy at site 'lab', a gentle and a wild adapter."""
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    old = os.environ.get("DYNAFLIP_HOME")
+    os.environ["DYNAFLIP_HOME"] = str(home)
+    d = tmp_path_factory.mktemp("logs")
+    r = runner.invoke(
+        app,
+        [
+            "sim",
+            "generate",
+            str(d / "lab.h5"),
+            "-n",
+            "4",
+            "--frames",
+            "16",
+            "--size",
+            "32",
+            "--workers",
+            "1",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    logs = str(d / "lab.h5")
+    ok(["pretrain", logs, "-r", "pretrain/tiny", "--set", "data.num_workers=0", "--set-base"])
+    policy = ok(
+        ["policies", "train", logs, "--site", "lab", "--steps", "200", "--tolerance", "0.2"]
+    )
+    gentle = ok(
+        ["finetune", logs, "--site", "lab", "--max-steps", "2", *FAST, "--set", "optim.lr=1e-9"]
+    )
+    wild = ok(["finetune", logs, "--site", "lab", "--max-steps", "25", *FAST, "--set", "optim.lr=0.2",
+               "--set", "loss.distill_replay=0", "--set", "ema.enabled=false", "--set", "optim.warmup_steps=0"])  # fmt: skip
+    yield {"logs": logs, "policy": policy["policy"]["version"], "gentle": gentle["adapter"]["version"],
+           "wild": wild["adapter"]["version"]}  # fmt: skip
+    if old is None:
+        os.environ.pop("DYNAFLIP_HOME", None)
+    else:
+        os.environ["DYNAFLIP_HOME"] = old
+
+
+def test_policy_is_registered_with_its_pin(fleet):
+    pols = ok(["policies", "list", "--site", "lab"])
+    assert (
+        len(pols) == 1 and pols[0]["tags"]["head"] == "bc" and pols[0]["tags"]["tolerance"] == "0.2"
+    )
+    spec = ok(["policies", "show", fleet["policy"]])["spec"]
+    backbones = ok(["backbones", "list"])
+    assert spec["pin"]["backbone_fingerprint"] == backbones[0]["tags"]["fingerprint"]
+    assert spec["inputs"] == {"image": True, "proprio": True}
+
+
+def test_audit_separates_a_gentle_adapter_from_a_wild_one(fleet):
+    g = ok(["audit", "--adapter", fleet["gentle"]])
+    assert g["verdict"] == "compatible", g
+    checks = {c["name"]: c for c in g["policies"][0]["checks"]}
+    assert checks["action_deviation.policy_probe"]["value"] < 1e-3
+    assert g["dynamic"]["site_cka"] > 0.999 and all(c["passed"] for c in g["static"])
+    r = runner.invoke(app, ["audit", "--adapter", fleet["wild"], "--json"])
+    assert r.exit_code == 1, r.output
+    w = json.loads(r.stdout)
+    assert w["verdict"] == "incompatible"
+    dev = {c["name"]: c for c in w["policies"][0]["checks"]}["action_deviation.policy_probe"]
+    assert not dev["passed"] and dev["value"] > dev["limit"] == 0.2
+    assert w["mlflow_run"]
+
+
+def test_audit_deviation_is_the_policys_own_output_change(fleet, tmp_path):
+    """Recompute the gentle/wild deviation independently from the loaded pieces."""
+    from dynaflip_adapt.adapters import resolve_adapter
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.lifecycle import POLICY_MODEL, load_policy_version
+    from dynaflip_adapt.models.adapter import load_adapter
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    reg = Registry(resolve_store())
+    bundle, _ = load_backbone(reg, None)
+    pol = load_policy_version(reg, reg.resolve(POLICY_MODEL, fleet["policy"]))
+    folder, _ = resolve_adapter(reg, fleet["wild"])
+    ad = load_adapter(bundle, folder)
+    rgb, prop = pol.stats["probe_rgb"], pol.stats["probe_proprio"]
+    with torch.no_grad():
+        x = bundle.model.preprocess(rgb)
+        old = pol.act(bundle.model.image(x), prop)
+        new = pol.act(ad.peft_model(x), prop)
+    expected = float(((new - old).abs() / pol.action_scale).mean())
+    report = json.loads(runner.invoke(app, ["audit", "--adapter", fleet["wild"], "--json"]).stdout)
+    got = {c["name"]: c for c in report["policies"][0]["checks"]}["action_deviation.policy_probe"][
+        "value"
+    ]
+    assert abs(got - expected) < 1e-4
+
+
+def test_promote_is_gated_forced_with_reason_rolled_back_and_remembered(fleet):
+    r = runner.invoke(app, ["promote", fleet["wild"], "--site", "lab"])
+    assert r.exit_code == 1 and "not promoted" in r.stderr
+    r = runner.invoke(app, ["promote", fleet["wild"], "--site", "lab", "--force"])
+    assert r.exit_code == 2 and "--reason" in r.stderr
+    ok(["promote", fleet["gentle"], "--site", "lab"])
+    ok(["promote", fleet["wild"], "--site", "lab", "--force", "--reason", "field trial"])
+    h = ok(["history", "--site", "lab"])
+    assert h["current"] == fleet["wild"]
+    assert [(e["action"], e["version"], e["forced"]) for e in h["events"]] == [
+        ("promote", fleet["gentle"], False), ("promote", fleet["wild"], True)]  # fmt: skip
+    assert h["events"][1]["reason"] == "field trial" and h["events"][1]["audit"] == "incompatible"
+    ev = ok(["rollback", "--site", "lab", "--reason", "drops cubes"])
+    assert ev["version"] == fleet["gentle"] and ev["previous"] == fleet["wild"]
+    r = runner.invoke(app, ["rollback", "--site", "lab"])
+    assert r.exit_code == 2 and "roll back to" in r.stderr
+    ok(["rollback", "--site", "lab", "--to", fleet["wild"]])
+    h = ok(["history", "--site", "lab"])
+    assert h["current"] == fleet["wild"] and len(h["events"]) == 4
+    for args in (
+        ["rollback", "--site", "nowhere"],
+        ["promote", "99", "--site", "lab"],
+        ["rollback", "--site", "lab", "--to", "99"],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+    # Registry write of the alias really moved: MLflow agrees with our history.
+    from dynaflip_adapt.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    reg = Registry(resolve_store())
+    assert reg.resolve(ADAPTER_MODEL, "prod-lab").version == fleet["wild"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
+def test_export_is_standalone_and_matches_the_unmerged_adapter(fleet, tmp_path, fmt):
+    out = ok(["export", fleet["wild"], "--out", str(tmp_path / fmt), "--format", fmt])
+    assert out["merged_vs_unmerged_max_abs"] < 1e-4 and out["export_vs_merged_max_abs"] < 1e-5
+    files = set(out["files"])
+    assert {"manifest.json", "preprocessing.json"} <= files
+    man = json.loads((Path(out["folder"]) / "manifest.json").read_text())
+    assert man["adapter"]["site"] == "lab" and man["format"] == fmt
+
+
+def test_export_onnx_when_available(fleet, tmp_path):
+    if importlib.util.find_spec("onnx") is None:
+        r = runner.invoke(
+            app, ["export", fleet["wild"], "--out", str(tmp_path / "o"), "--format", "onnx"]
+        )
+        assert r.exit_code == 2 and "pip install onnx" in r.stderr
+        return
+    out = ok(["export", fleet["wild"], "--out", str(tmp_path / "o"), "--format", "onnx"])
+    assert "encoder.onnx" in out["files"]
