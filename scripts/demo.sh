@@ -1,35 +1,48 @@
 #!/usr/bin/env bash
-# The main job end to end on embedded defaults. Idempotent: a second run redoes it in place.
+# The main job end to end on embedded defaults (sqlite MLflow store under $DYNAFLIP_HOME,
+# generated site logs, the shipped backbone). Idempotent: a second run redoes it in place and
+# adds new versions to the same registry.
 #
-# Today (what has landed): generate paired site logs in MuJoCo (base site and a shifted site),
-# extract 3D flow from RGB-D the way a real robot's logs would need it, score it against the
-# simulator's ground truth, and inspect / validate / fingerprint the logs. Backbone pretraining,
-# finetune, audit and promotion join this script as they land.
+#   base site logs -> reference policy on the shipped backbone -> shifted-site logs
+#   -> 3D flow check -> finetune a LoRA adapter -> audit -> promote -> history -> roll back
+#   -> export the merged encoder
 set -euo pipefail
 OUT=${DEMO_OUT:-$PWD/demo_out}
 export DYNAFLIP_HOME=${DYNAFLIP_HOME:-$OUT/home}
-EPISODES=${DEMO_EPISODES:-12}
+EPISODES=${DEMO_EPISODES:-16}
+STEPS=${DEMO_STEPS:-300}
+SITE=${DEMO_SITE:-night_shift}
 mkdir -p "$OUT/logs"
 da() { dynaflip-adapt "$@"; }
 
-echo "==> where the registry lives"
-da store info
+echo "==> registry: $(da store info --json | python -c 'import json,sys; print(json.load(sys.stdin)["tracking_uri"])')"
+da backbones list
 
-echo "==> site logs: base site and a shifted site (same episode seeds: paired)"
-da sim generate "$OUT/logs/base.h5" --site base -n "$EPISODES" --seed 0 --export robomimic
-da sim generate "$OUT/logs/night_shift.h5" --site night_shift -n "$EPISODES" --seed 0
-
-echo "==> what the logs hold"
+echo "==> site logs in MuJoCo: the base site and a shifted site '$SITE'"
+da sim generate "$OUT/logs/base.h5" --site base -n "$EPISODES" --seed 100
+da sim generate "$OUT/logs/$SITE.h5" --site "$SITE" -n "$EPISODES" --seed 200
 da data inspect "$OUT/logs"
 da data validate "$OUT/logs"
-da data fingerprint "$OUT/logs/night_shift.h5"
 
-echo "==> 3D flow from RGB-D (OpenCV DIS + kornia), scored against the simulator's ground truth"
-da flow extract "$OUT/logs/night_shift.h5" --overwrite
-da flow eval "$OUT/logs/night_shift.h5"
-da flow extract "$OUT/logs/night_shift.h5" --stride 4 --overwrite
-da flow eval "$OUT/logs/night_shift.h5" --source dis_s4 --reference ground_truth_s4
+echo "==> 3D flow from RGB-D, scored against the simulator's ground truth"
+da flow extract "$OUT/logs/$SITE.h5" --overwrite
+da flow eval "$OUT/logs/$SITE.h5"
 
-echo "==> recipes for the next steps (pretrain / finetune)"
-da recipes list
-echo "demo done: logs in $OUT/logs, registry home $DYNAFLIP_HOME"
+echo "==> a reference policy (behaviour cloning on frozen features) pinned to the base backbone"
+da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-bc" --tolerance 0.25
+
+echo "==> finetune a LoRA adapter for the shifted site (anchors + teacher on source replay)"
+da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS"
+NEW=$(da adapters list --site "$SITE" --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["version"])')
+
+echo "==> audit adapter v$NEW against the policies pinned to '$SITE', then promote"
+da audit --adapter "$NEW" || true
+da promote "$NEW" --site "$SITE" || da promote "$NEW" --site "$SITE" --force --reason "demo: promote despite the audit"
+da history --site "$SITE"
+
+echo "==> roll back (to the previous promotion, if there is one)"
+da rollback --site "$SITE" --reason "demo rollback" || echo "(nothing to roll back to yet: run the demo again)"
+
+echo "==> export the merged image-only encoder (standalone, verified)"
+da export "$NEW" --out "$OUT/export" --format torchscript
+echo "demo done: logs in $OUT/logs, MLflow store in $DYNAFLIP_HOME (mlflow ui --backend-store-uri sqlite:///$DYNAFLIP_HOME/mlflow.db)"

@@ -95,14 +95,22 @@ def test_cli_finetune_registers_a_mergeable_adapter_that_moves_site_features(wor
     before = _site_area(bundle, bundle.model.image, ad.probe)
     after = _site_area(bundle, merged, ad.probe)
     assert after < before, (before, after)
-    # Only the adapter is stored, never the backbone.
-    names = sorted(p.name for p in folder.iterdir())
+    # Only the adapter is stored, never the backbone: ask the artifact store itself.
+    from mlflow import MlflowClient
+
+    from dynaflip_adapt.store import resolve_store
+
+    stored = MlflowClient(resolve_store().tracking_uri).list_artifacts(v["run_id"], "adapter")
+    names = sorted(Path(a.path).name for a in stored)
     assert names == [
         "adapter_config.json",
         "adapter_model.safetensors",
         "manifest.json",
         "probe.safetensors",
     ]
+    sizes = {Path(a.path).name: a.file_size for a in stored}
+    backbone_size = (Path(world["backbone"]) / "image_encoder.safetensors").stat().st_size
+    assert sizes["adapter_model.safetensors"] < backbone_size / 2
     from safetensors.torch import load_file
 
     keys = load_file(str(folder / "adapter_model.safetensors")).keys()

@@ -148,3 +148,23 @@ def test_a_diverging_run_registers_nothing_and_is_marked_failed(logs, tmp_path):
         mv.tags.get("source") == "shipped"
         for mv in client.search_model_versions("name='dynaflip-backbone'")
     )
+
+
+def test_shipped_backbone_bootstraps_an_empty_registry():
+    from dynaflip_adapt.backbones import SHIPPED
+    from dynaflip_adapt.models.backbone import read_manifest
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["backbones", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    versions = json.loads(r.stdout)
+    assert len(versions) == 1 and versions[0]["aliases"] == ["base"]
+    assert versions[0]["tags"]["source"] == "shipped"
+    assert versions[0]["tags"]["fingerprint"] == read_manifest(SHIPPED)["fingerprint"]
+    # Idempotent: a second call registers nothing new.
+    r = runner.invoke(app, ["backbones", "list", "--json"])
+    assert len(json.loads(r.stdout)) == 1
+    shipped = load_bundle(SHIPPED)
+    assert shipped.manifest["architecture"]["text_encoder"] == "minilm"
+    assert shipped.replay["rgb0"].shape[1:] == (3, 64, 64)
+    assert shipped.manifest["provenance"]["steps"] >= 1000

