@@ -266,13 +266,19 @@ def audit(
             tol = float(policy.spec["tolerance"])
             for k, v in dev.items():
                 if k.endswith("_mean"):
+                    # On the policy's own frames the policy must behave as before (a hard
+                    # check). On the new site's frames the old features are the degraded ones the
+                    # adapter exists to fix, so a change there is reported, not failed.
+                    own = k.startswith("policy_probe")
                     checks.append(
                         Check(
                             f"action_deviation.{k[:-5]}",
                             v <= tol,
                             v,
                             tol,
-                            "mean |a_new - a_old| / action std",
+                            "mean |a_new - a_old| / action std"
+                            + ("" if own else " (at the new site: expected to change)"),
+                            "error" if own else "warning",
                         )
                     )
                     checks.append(
@@ -288,6 +294,8 @@ def audit(
             for part in ("replay", "site"):
                 if f"{part}_bct_new_old" in pdyn:
                     oo, no = pdyn[f"{part}_bct_old_old"], pdyn[f"{part}_bct_new_old"]
+                    # BCT holds against the source gallery (replay); at the new site the old
+                    # gallery is the degraded encoding, so falling behind it only warns.
                     checks.append(
                         Check(
                             f"bct_retrieval.{part}",
@@ -295,6 +303,7 @@ def audit(
                             no,
                             oo - th.bct_margin,
                             "new queries vs old gallery >= old vs old",
+                            "error" if part == "replay" else "warning",
                         )
                     )
                 if f"{part}_area_new" in pdyn:

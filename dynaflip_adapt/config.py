@@ -39,6 +39,22 @@ class DataSection(_Section):
     gap: int = Field(4, ge=1, description="frames between the two images of a transition")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
 
+    def source_settings(self, **cli: Any) -> Any:
+        """`SourceSettings` from this section; non-None keyword arguments (CLI options) win."""
+        from dynaflip_adapt.data.logs import SourceSettings
+
+        values: dict[str, Any] = {
+            "layout": self.layout,
+            "camera": self.camera,
+            "orientation": self.orientation,
+            "depth_scale": self.depth_scale,
+            "language": self.language,
+            "proprio_keys": tuple(self.proprio_keys) if self.proprio_keys else None,
+            "flow_source": self.flow_source,
+        }
+        values |= {k: v for k, v in cli.items() if v is not None}
+        return SourceSettings(**values)
+
 
 class ModelSection(_Section):
     """Backbone architecture (ViT image encoder, language projection, flow encoder)."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dynaflip_adapt.errors import InputError
-from dynaflip_adapt.models.backbone import sha256_file, verify_files
+from dynaflip_adapt.models.backbone import read_json_manifest, sha256_file, verify_files
 
 POLICY_VERSION = 1
 SPEC = "policy.json"
@@ -108,18 +108,13 @@ def read_policy_spec(folder: str | Path) -> dict[str, Any]:
     """
     folder = Path(folder)
     p = folder / SPEC
-    try:
-        spec = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(
-            p, None, "no policy.json", "a policy folder (policy.json + policy.safetensors)"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(p, None, f"unreadable ({exc})", "JSON") from None
-    if spec.get("kind") != "dynaflip-policy" or spec.get("policy_version") != POLICY_VERSION:
-        raise InputError(
-            p, "kind", repr(spec.get("kind")), f"'dynaflip-policy' version {POLICY_VERSION}"
-        )
+    spec = read_json_manifest(
+        p,
+        "dynaflip-policy",
+        "policy_version",
+        POLICY_VERSION,
+        "a policy folder (policy.json + policy.safetensors)",
+    )
     for key in ("head", "inputs", "feature_dim", "proprio_dim", "action_dim", "tolerance", "pin"):
         if key not in spec:
             raise InputError(p, key, "missing", "a complete policy spec")

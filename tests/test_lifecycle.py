@@ -177,3 +177,36 @@ def test_export_onnx_when_available(fleet, tmp_path):
         return
     out = ok(["export", fleet["wild"], "--out", str(tmp_path / "o"), "--format", "onnx"])
     assert "encoder.onnx" in out["files"]
+
+
+def _promote_worker(args):
+    home, version, site, i = args
+    import os
+
+    os.environ["DYNAFLIP_HOME"] = home
+    from dynaflip_adapt.lifecycle import promote
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    reg = Registry(resolve_store())
+    ev = promote(reg, version, site, audit_verdict="compatible", reason=f"worker {i}")
+    return ev["seq"]
+
+
+def test_concurrent_promotions_leave_a_consistent_alias_and_complete_history(fleet):
+    import multiprocessing as mp
+    import os
+
+    home = os.environ["DYNAFLIP_HOME"]
+    versions = [fleet["gentle"], fleet["wild"]]
+    jobs = [(home, versions[i % 2], "race", i) for i in range(6)]
+    with mp.get_context("spawn").Pool(3) as pool:
+        seqs = pool.map(_promote_worker, jobs)
+    assert sorted(seqs) == list(range(1, 7))  # no lost or duplicated event
+    h = ok(["history", "--site", "race"])
+    assert len(h["events"]) == 6
+    last = h["events"][-1]
+    assert h["current"] == last["version"]  # the alias agrees with the last recorded event
+    # Every event's "previous" is the version the event before it set: a consistent chain.
+    for before, after in zip(h["events"], h["events"][1:]):
+        assert after["previous"] == before["version"]

@@ -8,16 +8,9 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import JsonOpt
-from dynaflip_adapt.cli.output import console, print_json, state
+from dynaflip_adapt.cli.output import console, print_json, registry
 
 app = typer.Typer(help="Registered site adapters: list, show.", no_args_is_help=True)
-
-
-def _registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
-
-    return Registry(resolve_store(state(ctx).tracking_uri))
 
 
 @app.command("list")
@@ -31,7 +24,7 @@ def list_(
 
     versions = [
         v
-        for v in _registry(ctx).versions(ADAPTER_MODEL)
+        for v in registry(ctx).versions(ADAPTER_MODEL)
         if site is None or v.tags.get("site") == site
     ]
     if as_json:
@@ -64,7 +57,7 @@ def show(
     from dynaflip_adapt.adapters import resolve_adapter
     from dynaflip_adapt.models.adapter import read_adapter_manifest
 
-    folder, info = resolve_adapter(_registry(ctx), ref)
+    folder, info = resolve_adapter(registry(ctx), ref)
     manifest = read_adapter_manifest(folder)
     if as_json:
         print_json(

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import JsonOpt, LogsArg
-from dynaflip_adapt.cli.output import console, print_json, state
+from dynaflip_adapt.cli.output import console, print_json, registry
 
 app = typer.Typer(help="Registered backbones: list, show, eval.", no_args_is_help=True)
 
@@ -18,20 +18,13 @@ BackboneOpt = Annotated[
 ]
 
 
-def _registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
-
-    return Registry(resolve_store(state(ctx).tracking_uri))
-
-
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Registered backbone versions (the shipped one is bootstrapped on an empty registry)."""
     from dynaflip_adapt.backbones import ensure_base
     from dynaflip_adapt.registry import BACKBONE_MODEL
 
-    reg = _registry(ctx)
+    reg = registry(ctx)
     ensure_base(reg)
     versions = reg.versions(BACKBONE_MODEL)
     if as_json:
@@ -59,7 +52,7 @@ def show(ctx: typer.Context, backbone: BackboneOpt = None, as_json: JsonOpt = Fa
     """A backbone's manifest: architecture, preprocessing, fingerprint, provenance."""
     from dynaflip_adapt.backbones import load_backbone
 
-    bundle, info = load_backbone(_registry(ctx), backbone)
+    bundle, info = load_backbone(registry(ctx), backbone)
     data = {
         "version": info.to_dict() if info else None,
         "path": str(bundle.path),
@@ -97,7 +90,7 @@ def eval_(
     from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.train.evaluation import heldout_retrieval
 
-    bundle, info = load_backbone(_registry(ctx), backbone)
+    bundle, info = load_backbone(registry(ctx), backbone)
     rep = heldout_retrieval(
         bundle,
         logs,

@@ -90,7 +90,7 @@ def finetune(
     from dynaflip_adapt.cli.progress import training_progress
     from dynaflip_adapt.config import FinetuneRecipe, load_recipe, recipe_hash, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
-    from dynaflip_adapt.data.logs import SourceSettings, open_logs
+    from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
     from dynaflip_adapt.train.finetune import finetune as run_finetune
@@ -100,17 +100,16 @@ def finetune(
         overrides.append(f"run.seed={seed}")
     rec, rec_path = load_recipe(recipe, overrides, kind="finetune")
     assert isinstance(rec, FinetuneRecipe)
-    d = rec.data
-    settings = SourceSettings(
-        layout=layout or d.layout,
-        camera=camera or d.camera,
-        orientation=orientation or d.orientation,
-        depth_scale=depth_scale or d.depth_scale,
-        language=language or d.language,
-        proprio_keys=tuple(d.proprio_keys) if d.proprio_keys else None,
-        flow_source=d.flow_source,
+    logset = open_logs(
+        logs,
+        rec.data.source_settings(
+            layout=layout,
+            camera=camera,
+            orientation=orientation,
+            depth_scale=depth_scale,
+            language=language,
+        ),
     )
-    logset = open_logs(logs, settings)
     site = site or _site_of(logs)
     store = resolve_store(state(ctx).tracking_uri)
     registry = Registry(store)

@@ -9,17 +9,10 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import JsonOpt
-from dynaflip_adapt.cli.output import console, err_console, print_json, state
+from dynaflip_adapt.cli.output import console, err_console, print_json, registry
 from dynaflip_adapt.errors import EXIT_CHECK_FAILED
 
 COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red"}
-
-
-def _registry(ctx: typer.Context) -> Any:
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
-
-    return Registry(resolve_store(state(ctx).tracking_uri))
 
 
 def run_audit(
@@ -144,7 +137,7 @@ def audit_cmd(
     adapter's probe set (CKA, each policy's action deviation vs its tolerance, BCT retrieval,
     simplex area). Exit code 0 compatible (or warning), 1 incompatible. Logged to MLflow.
     """
-    report, _, run_id = run_audit(_registry(ctx), adapter, site, policy)
+    report, _, run_id = run_audit(registry(ctx), adapter, site, policy)
     if as_json:
         print_json(report.to_dict() | {"mlflow_run": run_id})
     else:
@@ -173,8 +166,8 @@ def promote_cmd(
 
     if force and not reason.strip():
         raise InputError(None, "--force", "no --reason", "a reason, recorded in the site's history")
-    registry = _registry(ctx)
-    report, ainfo, run_id = run_audit(registry, version, site, None)
+    reg = registry(ctx)
+    report, ainfo, run_id = run_audit(reg, version, site, None)
     if ainfo is None:
         raise InputError(None, "VERSION", repr(version), "a registered adapter version or alias")
     if report.verdict == "incompatible" and not force:
@@ -188,7 +181,7 @@ def promote_cmd(
             )
         raise typer.Exit(EXIT_CHECK_FAILED)
     event = promote(
-        registry,
+        reg,
         ainfo.version,
         site,
         audit_verdict=report.verdict,
@@ -220,7 +213,7 @@ def rollback_cmd(
     """Move a site's production alias back to the previously promoted adapter (or --to V)."""
     from dynaflip_adapt.lifecycle import rollback
 
-    event = rollback(_registry(ctx), site, to=to, reason=reason)
+    event = rollback(registry(ctx), site, to=to, reason=reason)
     if as_json:
         print_json(event)
     else:
@@ -240,7 +233,7 @@ def history_cmd(
 
     from dynaflip_adapt.lifecycle import current, history
 
-    reg = _registry(ctx)
+    reg = registry(ctx)
     events = history(reg, site)
     if as_json:
         print_json({"site": site, "current": current(reg, site), "events": events})
@@ -287,17 +280,15 @@ def export_cmd(
     from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
     from dynaflip_adapt.registry import BACKBONE_MODEL
 
-    registry = _registry(ctx)
+    reg = registry(ctx)
     if version == "base":
-        bundle, _ = load_backbone(registry, None)
+        bundle, _ = load_backbone(reg, None)
         adapter = None
     else:
-        folder, _ = resolve_adapter(registry, version)
+        folder, _ = resolve_adapter(reg, version)
         base_fp = read_adapter_manifest(folder).get("lineage", {}).get("base_fingerprint")
-        match = [
-            v for v in registry.versions(BACKBONE_MODEL) if v.tags.get("fingerprint") == base_fp
-        ]
-        bundle, _ = load_backbone(registry, match[0].version if match else None)
+        match = [v for v in reg.versions(BACKBONE_MODEL) if v.tags.get("fingerprint") == base_fp]
+        bundle, _ = load_backbone(reg, match[0].version if match else None)
         adapter = load_adapter(bundle, folder)
     res = export_encoder(bundle, adapter, out, fmt)
     if as_json:

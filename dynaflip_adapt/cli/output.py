@@ -27,6 +27,14 @@ def state(ctx: typer.Context) -> State:
     return root.obj
 
 
+def registry(ctx: typer.Context) -> Any:
+    """The registry at the store this invocation resolves (imports mlflow: call inside commands)."""
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    return Registry(resolve_store(state(ctx).tracking_uri))
+
+
 def console() -> Console:
     """A console on stdout (rebuilt each time so CliRunner's captured stdout is used)."""
     return Console(file=sys.stdout, soft_wrap=True)

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import JsonOpt, LogsArg
-from dynaflip_adapt.cli.output import console, print_json, state
+from dynaflip_adapt.cli.output import console, print_json, registry
 
 app = typer.Typer(
     help="Downstream policies pinned to a backbone (+ adapter).", no_args_is_help=True
@@ -22,13 +22,6 @@ SiteOpt = Annotated[str, typer.Option("--site", help="Site the policy runs at (a
 TolOpt = Annotated[
     float, typer.Option("--tolerance", help="Max mean action deviation, in units of action std.")
 ]
-
-
-def _registry(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
-
-    return Registry(resolve_store(state(ctx).tracking_uri))
 
 
 def encoder_for(registry, backbone: str | None, adapter: str | None):  # type: ignore[no-untyped-def]
@@ -87,8 +80,8 @@ def train(
 
     if head not in HEADS:
         raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
-    registry = _registry(ctx)
-    bundle, binfo, encoder, ainfo = encoder_for(registry, backbone, adapter)
+    reg = registry(ctx)
+    bundle, binfo, encoder, ainfo = encoder_for(reg, backbone, adapter)
     logset = open_logs(logs)
     data = collect(logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000)
     feats = encode_frames(encoder, bundle.model.preprocess, data["rgb"])
@@ -119,7 +112,7 @@ def train(
     tmp = Path(tempfile.mkdtemp(prefix="dynaflip-policy-"))
     try:
         save_policy(tmp / "policy", model, spec, stats)
-        info = register_policy(registry, tmp / "policy", site=site, name=name or f"{site}-{head}")
+        info = register_policy(reg, tmp / "policy", site=site, name=name or f"{site}-{head}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"policy": info.to_dict(), "train_mse_normalized": mse, "frames": len(feats)}
@@ -161,10 +154,10 @@ def register(
     from dynaflip_adapt.models.backbone import sha256_file
     from dynaflip_adapt.policies import SPEC, WEIGHTS, read_policy_spec
 
-    registry = _registry(ctx)
+    reg = registry(ctx)
     spec = read_policy_spec(policy_dir)
     if backbone is not None or adapter is not None:
-        bundle, binfo, _, ainfo = encoder_for(registry, backbone, adapter)
+        bundle, binfo, _, ainfo = encoder_for(reg, backbone, adapter)
         if spec["feature_dim"] != bundle.model.cfg.width:
             raise InputError(
                 policy_dir / SPEC,
@@ -187,7 +180,7 @@ def register(
         spec["files"] = {WEIGHTS: "sha256:" + sha256_file(dst / WEIGHTS)}
         (dst / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
         read_policy_spec(dst)
-        info = register_policy(registry, dst, site=site, name=name or policy_dir.name)
+        info = register_policy(reg, dst, site=site, name=name or policy_dir.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if as_json:
@@ -209,7 +202,7 @@ def list_(
 
     versions = [
         v
-        for v in _registry(ctx).versions(POLICY_MODEL)
+        for v in registry(ctx).versions(POLICY_MODEL)
         if site is None or v.tags.get("site") == site
     ]
     if as_json:
@@ -242,7 +235,7 @@ def show(
     from dynaflip_adapt.lifecycle import POLICY_MODEL
     from dynaflip_adapt.policies import read_policy_spec
 
-    reg = _registry(ctx)
+    reg = registry(ctx)
     info = reg.resolve(POLICY_MODEL, version)
     spec = read_policy_spec(reg.download(info, "policies"))
     if as_json:

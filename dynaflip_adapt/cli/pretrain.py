@@ -57,7 +57,7 @@ def pretrain(
     from dynaflip_adapt.cli.progress import training_progress
     from dynaflip_adapt.config import PretrainRecipe, load_recipe, recipe_hash, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
-    from dynaflip_adapt.data.logs import SourceSettings, open_logs
+    from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.registry import PRETRAIN_EXPERIMENT, Registry
     from dynaflip_adapt.store import resolve_store
@@ -70,17 +70,7 @@ def pretrain(
     assert isinstance(rec, PretrainRecipe)
     if resume and workdir is None:
         raise InputError(None, "--resume", "no --workdir", "the work folder of the run to resume")
-    d = rec.data
-    settings = SourceSettings(
-        layout=d.layout,
-        camera=d.camera,
-        orientation=d.orientation,
-        depth_scale=d.depth_scale,
-        language=d.language,
-        proprio_keys=tuple(d.proprio_keys) if d.proprio_keys else None,
-        flow_source=d.flow_source,
-    )
-    logset = open_logs(logs, settings)
+    logset = open_logs(logs, rec.data.source_settings())
     fingerprint = logs_fingerprint(logs)
     registry = Registry(resolve_store(state(ctx).tracking_uri))
     work = workdir or Path(tempfile.mkdtemp(prefix="dynaflip-pretrain-"))

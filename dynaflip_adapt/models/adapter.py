@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dynaflip_adapt.errors import InputError
-from dynaflip_adapt.models.backbone import Bundle, sha256_file, verify_files
+from dynaflip_adapt.models.backbone import Bundle, read_json_manifest, sha256_file, verify_files
 
 ADAPTER_VERSION = 1
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -116,18 +116,13 @@ def read_adapter_manifest(folder: str | Path) -> dict[str, Any]:
     """
     folder = Path(folder)
     p = folder / MANIFEST
-    try:
-        manifest = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(p, None, "no manifest", "an adapter folder with manifest.json") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(p, None, f"an unreadable manifest ({exc})", "JSON") from None
-    if manifest.get("kind") != "dynaflip-adapter":
-        raise InputError(p, "kind", repr(manifest.get("kind")), "'dynaflip-adapter'")
-    if manifest.get("adapter_version") != ADAPTER_VERSION:
-        raise InputError(
-            p, "adapter_version", repr(manifest.get("adapter_version")), str(ADAPTER_VERSION)
-        )
+    manifest = read_json_manifest(
+        p,
+        "dynaflip-adapter",
+        "adapter_version",
+        ADAPTER_VERSION,
+        "an adapter folder with manifest.json",
+    )
     for name in PEFT_FILES:
         if name not in manifest.get("files", {}):
             raise InputError(

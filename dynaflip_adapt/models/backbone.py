@@ -221,28 +221,48 @@ def save_bundle(
     return out
 
 
+def read_json_manifest(
+    path: Path, kind: str, version_key: str, version: int, what: str
+) -> dict[str, Any]:
+    """Reads a JSON manifest and checks its ``kind`` and format version.
+
+    Args:
+        path: The JSON file.
+        kind: Expected value of ``kind``.
+        version_key: Key holding the format version.
+        version: Expected format version.
+        what: What the folder should be, for the error message.
+
+    Raises:
+        InputError: Missing or unreadable file, wrong kind or version.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, None, f"no {path.name}", what) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(path, None, f"an unreadable {path.name} ({exc})", "JSON") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        found = repr(data.get("kind")) if isinstance(data, dict) else type(data).__name__
+        raise InputError(path, "kind", found, repr(kind))
+    if data.get(version_key) != version:
+        raise InputError(path, version_key, repr(data.get(version_key)), str(version))
+    return data
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Reads and checks a bundle manifest.
 
     Raises:
         InputError: Missing/unreadable manifest or wrong kind/version.
     """
-    p = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise InputError(
-            p, None, "no manifest", "a backbone bundle folder with manifest.json"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(p, None, f"an unreadable manifest ({exc})", "JSON") from None
-    if manifest.get("kind") != "dynaflip-backbone":
-        raise InputError(p, "kind", repr(manifest.get("kind")), "'dynaflip-backbone'")
-    if manifest.get("bundle_version") != BUNDLE_VERSION:
-        raise InputError(
-            p, "bundle_version", repr(manifest.get("bundle_version")), str(BUNDLE_VERSION)
-        )
-    return manifest
+    return read_json_manifest(
+        Path(path) / MANIFEST,
+        "dynaflip-backbone",
+        "bundle_version",
+        BUNDLE_VERSION,
+        "a backbone bundle folder with manifest.json",
+    )
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
