@@ -196,8 +196,15 @@ def train_head(
     batch: int = 256,
     hidden: int = 256,
     seed: int = 0,
+    feature_noise: float = 0.1,
+    weight_decay: float = 1e-2,
 ) -> tuple[MLPHead, dict[str, torch.Tensor], float]:
-    """Fits an MLP head on z-scored inputs and actions; returns it, its stats and the final MSE."""
+    """Fits an MLP head on z-scored inputs and actions; returns it, its stats and the final MSE.
+
+    Gaussian noise on the z-scored image features during training (and weight decay) keeps the
+    head smooth: an unregularised head fitted to a few hundred frames turned a 5% feature change
+    into a 0.9-std action change, failing every audit whatever the adapter.
+    """
     torch.manual_seed(seed)
     eps = 1e-6
     # A floor on the per-dimension std: z-scoring a nearly constant feature would turn a tiny
@@ -217,13 +224,16 @@ def train_head(
     p = (proprio - stats["prop_mean"]) / stats["prop_std"] if use_prop else proprio[:, :0]
     y = (actions - stats["act_mean"]) / stats["act_std"]
     model = MLPHead(f.shape[1], p.shape[1], y.shape[1], hidden)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
     for _ in range(steps):
         idx = torch.randint(0, len(y), (min(batch, len(y)),), generator=g)
-        loss = ((model(f[idx], p[idx]) - y[idx]) ** 2).mean()
+        fi = f[idx]
+        if feature_noise > 0 and fi.shape[1] > 0:
+            fi = fi + feature_noise * torch.randn(fi.shape, generator=g)
+        loss = ((model(fi, p[idx]) - y[idx]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
