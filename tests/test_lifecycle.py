@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -208,5 +209,5 @@ def test_concurrent_promotions_leave_a_consistent_alias_and_complete_history(fle
     last = h["events"][-1]
     assert h["current"] == last["version"]  # the alias agrees with the last recorded event
     # Every event's "previous" is the version the event before it set: a consistent chain.
-    for before, after in zip(h["events"], h["events"][1:]):
+    for before, after in itertools.pairwise(h["events"]):
         assert after["previous"] == before["version"]
