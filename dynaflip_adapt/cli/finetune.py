@@ -87,7 +87,7 @@ def finetune(
     """
     from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, register_adapter, resolve_adapter
     from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.cli.progress import training_progress
+    from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.config import FinetuneRecipe, load_recipe, recipe_hash, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
@@ -171,13 +171,9 @@ def finetune(
         )
         run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
         keys = ("loss", "area", "distill_replay")
-        with training_progress(f"finetune {site}", total, enabled=not as_json, keys=keys) as bar:
-
-            def on_step(step: int, metrics: dict[str, float]) -> None:
-                bar(step, metrics)
-                if step % rec.run.log_every == 0 or step == total:
-                    run.log_metrics(step, metrics)
-
+        with logged_training(
+            f"finetune {site}", total, run, rec.run.log_every, enabled=not as_json, keys=keys
+        ) as on_step:
             res = run_finetune(
                 bundle,
                 logset,

@@ -55,30 +55,20 @@ def extract(
     OpenCV DIS optical flow + depth + K + extrinsics, with provenance attributes. Logs without
     depth or K are reported and skipped (their flow anchors will be unavailable).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    from dynaflip_adapt.cli.progress import count_progress
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.flow.extract import ExtractConfig, extract_logs
 
     settings = source_settings(layout, camera, orientation, depth_scale)
     cfg = ExtractConfig(stride, grid, preset, fb_check, fb_threshold, edge_tolerance, source)
     total = len(open_logs(logs, settings).episodes)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console(),
-        transient=True,
-        disable=as_json,
-    ) as progress:
-        bar = progress.add_task("extracting flow", total=total)
+    with count_progress("extracting flow", total, enabled=not as_json) as advance:
         reports = extract_logs(
             logs,
             cfg,
             settings=settings,
             overwrite=overwrite,
-            on_episode=lambda _e: progress.advance(bar),
+            on_episode=lambda _e: advance(),
         )
     if as_json:
         print_json([r.to_dict() for r in reports])

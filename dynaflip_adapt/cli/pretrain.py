@@ -54,7 +54,7 @@ def pretrain(
     import shutil
 
     from dynaflip_adapt.backbones import register_backbone
-    from dynaflip_adapt.cli.progress import training_progress
+    from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.config import PretrainRecipe, load_recipe, recipe_hash, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
@@ -82,15 +82,10 @@ def pretrain(
         )
         run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
 
-        with training_progress(
-            "pretrain", total, enabled=not as_json, keys=("loss", "area", "contrastive")
-        ) as bar:
-
-            def on_step(step: int, metrics: dict[str, float]) -> None:
-                bar(step, metrics)
-                if step % rec.run.log_every == 0 or step == total:
-                    run.log_metrics(step, metrics)
-
+        keys = ("loss", "area", "contrastive")
+        with logged_training(
+            "pretrain", total, run, rec.run.log_every, enabled=not as_json, keys=keys
+        ) as on_step:
             result = run_pretrain(
                 logset,
                 rec,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.progress import (
     BarColumn,
@@ -15,6 +16,44 @@ from rich.progress import (
 )
 
 from dynaflip_adapt.cli.output import err_console
+
+
+@contextlib.contextmanager
+def count_progress(title: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A transient bar over `total` items on stderr; yields ``advance()``."""
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console(),
+        transient=True,
+        disable=not enabled,
+    ) as progress:
+        bar = progress.add_task(title, total=total)
+        yield lambda: progress.advance(bar)
+
+
+@contextlib.contextmanager
+def logged_training(
+    title: str,
+    total: int,
+    run: Any,
+    log_every: int,
+    *,
+    enabled: bool = True,
+    keys: tuple[str, ...] = ("loss",),
+) -> Iterator[Callable[[int, dict[str, float]], None]]:
+    """`training_progress` that also logs metrics to an MLflow run every `log_every` steps
+    (and at the last); yields the ``on_step(step, metrics)`` callback for the training loop."""
+    with training_progress(title, total, enabled=enabled, keys=keys) as bar:
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            bar(step, metrics)
+            if step % log_every == 0 or step == total:
+                run.log_metrics(step, metrics)
+
+        yield on_step
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import JsonOpt
-from dynaflip_adapt.cli.output import console, err_console, print_json
+from dynaflip_adapt.cli.output import console, print_json
 
 app = typer.Typer(
     help="Generate site logs in a MuJoCo tabletop "
@@ -68,8 +68,7 @@ def generate(
     Writes RGB, depth, K, camera extrinsics, proprio, actions, language and ground-truth 3D flow.
     """
     _require_mujoco()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    from dynaflip_adapt.cli.progress import count_progress
     from dynaflip_adapt.sim.generate import GenerateSpec
     from dynaflip_adapt.sim.generate import generate as run
     from dynaflip_adapt.sim.sites import get_site
@@ -85,23 +84,14 @@ def generate(
         flow_grid=flow_grid,
     )
     spec.validate()
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console(),
-        transient=True,
-        disable=as_json,
-    ) as progress:
-        bar = progress.add_task(f"site {spec.site.name}", total=episodes)
+    with count_progress(f"site {spec.site.name}", episodes, enabled=not as_json) as advance:
         result = run(
             out,
             spec,
             workers=workers,
             compression=compression,
             exports=export or [],
-            on_episode=lambda _ep: progress.advance(bar),
+            on_episode=lambda _ep: advance(),
         )
     if as_json:
         print_json(result.to_dict())
