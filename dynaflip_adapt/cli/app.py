@@ -15,6 +15,7 @@ from dynaflip_adapt.cli import backbones as backbones_cmd
 from dynaflip_adapt.cli import data as data_cmd
 from dynaflip_adapt.cli import finetune as finetune_cmd
 from dynaflip_adapt.cli import flow as flow_cmd
+from dynaflip_adapt.cli import inspect as inspect_cmd
 from dynaflip_adapt.cli import lifecycle as lifecycle_cmd
 from dynaflip_adapt.cli import policies as policies_cmd
 from dynaflip_adapt.cli import pretrain as pretrain_cmd
@@ -95,6 +96,7 @@ app.command("promote")(lifecycle_cmd.promote_cmd)
 app.command("rollback")(lifecycle_cmd.rollback_cmd)
 app.command("history")(lifecycle_cmd.history_cmd)
 app.command("export")(lifecycle_cmd.export_cmd)
+app.command("inspect")(inspect_cmd.inspect_cmd)
 app.add_typer(store_cmd.app, name="store")
 
 

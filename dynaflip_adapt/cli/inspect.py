@@ -1,0 +1,87 @@
+"""``dynaflip-adapt inspect``: attention maps of the base and adapted encoders, as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dynaflip_adapt.cli.common import JsonOpt, LogsArg
+from dynaflip_adapt.cli.output import console, print_json, registry
+
+
+def inspect_cmd(
+    ctx: typer.Context,
+    logs: LogsArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("attention.png"),
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", "-a", help="Adapter to compare with the base.")
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option("--backbone", "-b", help="Backbone (default: the adapter's, else base)."),
+    ] = None,
+    frames: Annotated[
+        int, typer.Option("--frames", "-n", help="Frames, spread over the logs.")
+    ] = 6,
+    as_json: JsonOpt = False,
+) -> None:
+    """Render where the encoder attends (attention rollout) over a few frames.
+
+    One row per frame: the frame, the base encoder's map, and the adapted encoder's map when
+    --adapter is given.
+    """
+    import numpy as np
+    import torch
+
+    from dynaflip_adapt.adapters import resolve_adapter
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.data.logs import EpisodeReader, open_logs
+    from dynaflip_adapt.inspect_attention import attention_rollout, overlay, save_grid
+    from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
+    from dynaflip_adapt.registry import BACKBONE_MODEL
+    from dynaflip_adapt.train.triplets import resize_uint8
+
+    reg = registry(ctx)
+    ad = None
+    if adapter is not None and backbone is None:
+        folder, _ = resolve_adapter(reg, adapter)
+        fp = read_adapter_manifest(folder).get("lineage", {}).get("base_fingerprint")
+        match = [v for v in reg.versions(BACKBONE_MODEL) if v.tags.get("fingerprint") == fp]
+        backbone = match[0].version if match else None
+    bundle, _ = load_backbone(reg, backbone)
+    if adapter is not None:
+        folder, _ = resolve_adapter(reg, adapter)
+        ad = load_adapter(bundle, folder)
+    logset = open_logs(logs)
+    eps = logset.episodes
+    reader = EpisodeReader()
+    picks = np.linspace(0, sum(e.length for e in eps) - 1, frames).round().astype(int)
+    starts = np.cumsum([0] + [e.length for e in eps])
+    tiles = []
+    for p in picks:
+        i = int(np.searchsorted(starts, p, side="right") - 1)
+        rgb = reader.rgb(eps[i], int(p - starts[i]))
+        tiles.append(torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))))
+    s = bundle.model.cfg.image_size
+    batch = resize_uint8(torch.stack(tiles), s)
+    x = bundle.model.preprocess(batch)
+    base_maps = attention_rollout(bundle.model.image, x).numpy()
+    merged_maps = attention_rollout(ad.merged(), x).numpy() if ad is not None else None
+    rows = []
+    for k in range(len(batch)):
+        img = batch[k].permute(1, 2, 0).numpy()
+        row = [img, overlay(img, base_maps[k])]
+        if merged_maps is not None:
+            row.append(overlay(img, merged_maps[k]))
+        rows.append(row)
+    path = save_grid(rows, out)
+    shift = float(np.abs(base_maps - merged_maps).mean()) if merged_maps is not None else None
+    if as_json:
+        print_json({"png": str(path), "frames": len(rows), "mean_abs_map_change": shift})
+    else:
+        extra = f"; mean |map change| {shift:.3f}" if shift is not None else ""
+        console().print(
+            f"wrote {path}: {len(rows)} frames (frame | base | adapted){extra}", highlight=False
+        )
