@@ -4,7 +4,8 @@
 # adds new versions to the same registry.
 #
 #   base site logs -> reference policy on the shipped backbone -> shifted-site logs
-#   -> 3D flow check -> finetune a LoRA adapter -> audit -> promote -> history -> roll back
+#   -> 3D flow check -> finetune a LoRA adapter -> attention maps -> audit -> promote -> history
+#   -> roll back
 #   -> export the merged encoder
 set -euo pipefail
 OUT=${DEMO_OUT:-$PWD/demo_out}
@@ -34,6 +35,9 @@ da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-bc" --toleran
 echo "==> finetune a LoRA adapter for the shifted site (anchors + teacher on source replay)"
 da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS"
 NEW=$(da adapters list --site "$SITE" --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["version"])')
+
+echo "==> where the base and the adapted encoders attend (attention rollout)"
+da inspect "$OUT/logs/$SITE.h5" --adapter "$NEW" --out "$OUT/attention.png"
 
 echo "==> audit adapter v$NEW against the policies pinned to '$SITE', then promote"
 da audit --adapter "$NEW" || true
