@@ -9,6 +9,7 @@ LoRA step reaches >= 0.6 of that limit at the default model size.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -40,7 +41,7 @@ def compute_part(size: str, batch: int) -> dict[str, float]:
     x = torch.randn(2 * batch, 3, s, s)
     lo = load_recipe("finetune/default")[0].lora
     lora = wrap_lora(model.image, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.use_dora)
-    full = __import__("copy").deepcopy(model.image).requires_grad_(True)
+    full = copy.deepcopy(model.image).requires_grad_(True)
     target = model.image(x).detach()
 
     def make_step(enc):

@@ -14,6 +14,9 @@ Only the LoRA parameters train; the saved adapter is their EMA (torch-ema).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -261,7 +264,7 @@ def finetune(
     heads = bundle.model.to(device).eval().requires_grad_(False)
     if parent is not None:
         student = PeftModel.from_pretrained(
-            __import__("copy").deepcopy(heads.image), str(parent), is_trainable=True
+            copy.deepcopy(heads.image), str(parent), is_trainable=True
         )
     else:
         lo = recipe.lora
@@ -392,13 +395,11 @@ def finetune(
     student.eval()
     out = workdir / "adapter"
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True)
     heads.cpu()
     student.cpu()
-    ctx = ema.average_parameters() if ema is not None else _nullcontext()
+    ctx = ema.average_parameters() if ema is not None else contextlib.nullcontext()
     with ctx:
         student.save_pretrained(str(out))
         probe = _probe_set(bundle, ds, text.cpu(), trimodal)
@@ -442,11 +443,3 @@ def finetune(
         geometry,
         history,
     )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
