@@ -41,19 +41,23 @@ def register_adapter(registry: Registry, run: RunHandle, folder: Path) -> Versio
     return registry.register(ADAPTER_MODEL, run, folder, "adapter", adapter_tags(manifest))
 
 
+def _locate(registry: Registry | None, ref: str) -> tuple[Path, VersionInfo | None]:
+    """The local folder of an adapter version, alias or path (not verified yet)."""
+    if Path(ref).is_dir():
+        return Path(ref), None
+    if registry is None:
+        raise InputError(None, "--adapter", repr(ref), "an adapter folder (no registry available)")
+    info = registry.resolve(ADAPTER_MODEL, ref)
+    return registry.download(info, "adapters"), info
+
+
 def resolve_adapter(registry: Registry | None, ref: str) -> tuple[Path, VersionInfo | None]:
     """A local, verified folder for an adapter version, alias or folder path.
 
     Raises:
         InputError: Unknown reference or a folder that fails its checks.
     """
-    if Path(ref).is_dir():
-        read_adapter_manifest(ref)
-        return Path(ref), None
-    if registry is None:
-        raise InputError(None, "--adapter", repr(ref), "an adapter folder (no registry available)")
-    info = registry.resolve(ADAPTER_MODEL, ref)
-    folder = registry.download(info, "adapters")
+    folder, info = _locate(registry, ref)
     read_adapter_manifest(folder)
     return folder, info
 
@@ -61,6 +65,32 @@ def resolve_adapter(registry: Registry | None, ref: str) -> tuple[Path, VersionI
 def load_registered_adapter(
     registry: Registry | None, ref: str, bundle: Bundle
 ) -> tuple[Adapter, VersionInfo | None]:
-    """Loads an adapter (by reference) onto its base backbone, checking the base's sha256."""
-    folder, info = resolve_adapter(registry, ref)
+    """Loads an adapter (by reference) onto `bundle`, checking the base's sha256."""
+    folder, info = _locate(registry, ref)
     return load_adapter(bundle, folder), info
+
+
+def open_adapter(registry: Registry, ref: str) -> tuple[Bundle, Adapter, VersionInfo | None]:
+    """An adapter on its own base backbone, which is found by the weights' sha256 recorded in
+    the adapter's lineage (files are verified once).
+
+    Raises:
+        InputError: Unknown reference, failed integrity checks, or no registered backbone with
+            those weights.
+    """
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.registry import BACKBONE_MODEL
+
+    folder, info = _locate(registry, ref)
+    manifest = read_adapter_manifest(folder)
+    base_fp = manifest.get("lineage", {}).get("base_fingerprint")
+    match = [v for v in registry.versions(BACKBONE_MODEL) if v.tags.get("fingerprint") == base_fp]
+    if not match:
+        raise InputError(
+            folder,
+            "lineage.base_fingerprint",
+            f"{str(base_fp)[:19]}...",
+            "a registered backbone with these weights",
+        )
+    bundle, _ = load_backbone(registry, match[0].version)
+    return bundle, load_adapter(bundle, folder, manifest=manifest), info

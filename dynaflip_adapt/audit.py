@@ -20,6 +20,7 @@ from dynaflip_adapt.models.adapter import Adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import flow_features
 from dynaflip_adapt.policies import Policy
+from dynaflip_adapt.train.retrieval import topk_accuracy
 
 COMPATIBLE, WARNING, INCOMPATIBLE = "compatible", "warning", "incompatible"
 
@@ -169,7 +170,7 @@ def _retrieval(query: torch.Tensor, gallery: torch.Tensor) -> float:
     """Top-1 accuracy of finding gallery[i] for query[i] (cosine)."""
     q = torch.nn.functional.normalize(query.float(), dim=-1)
     g = torch.nn.functional.normalize(gallery.float(), dim=-1)
-    return float(((q @ g.T).argmax(dim=1) == torch.arange(len(q))).float().mean())
+    return topk_accuracy(q @ g.T, torch.arange(len(q)), 1)
 
 
 @torch.no_grad()

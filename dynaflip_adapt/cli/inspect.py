@@ -35,25 +35,20 @@ def inspect_cmd(
     import numpy as np
     import torch
 
-    from dynaflip_adapt.adapters import resolve_adapter
+    from dynaflip_adapt.adapters import load_registered_adapter, open_adapter
     from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.inspect_attention import attention_rollout, overlay, save_grid
-    from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
-    from dynaflip_adapt.registry import BACKBONE_MODEL
     from dynaflip_adapt.train.triplets import resize_uint8
 
     reg = registry(ctx)
     ad = None
     if adapter is not None and backbone is None:
-        folder, _ = resolve_adapter(reg, adapter)
-        fp = read_adapter_manifest(folder).get("lineage", {}).get("base_fingerprint")
-        match = [v for v in reg.versions(BACKBONE_MODEL) if v.tags.get("fingerprint") == fp]
-        backbone = match[0].version if match else None
-    bundle, _ = load_backbone(reg, backbone)
-    if adapter is not None:
-        folder, _ = resolve_adapter(reg, adapter)
-        ad = load_adapter(bundle, folder)
+        bundle, ad, _ = open_adapter(reg, adapter)
+    else:
+        bundle, _ = load_backbone(reg, backbone)
+        if adapter is not None:
+            ad = load_registered_adapter(reg, adapter, bundle)[0]
     logset = open_logs(logs)
     eps = logset.episodes
     reader = EpisodeReader()

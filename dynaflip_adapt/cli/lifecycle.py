@@ -19,35 +19,17 @@ def run_audit(
     registry: Any, adapter_ref: str, site: str | None, policy: str | None
 ) -> tuple[Any, Any, str]:
     """(report, adapter version info, audit run id) for an adapter against a site's policies."""
-    from dynaflip_adapt.adapters import ADAPTER_MODEL, resolve_adapter
+    from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter, open_adapter
     from dynaflip_adapt.audit import audit
-    from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import (
         POLICY_MODEL,
         load_policy_version,
         log_audit,
         policies_for_site,
     )
-    from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
-    from dynaflip_adapt.registry import BACKBONE_MODEL
 
-    folder, ainfo = resolve_adapter(registry, adapter_ref)
-    manifest = read_adapter_manifest(folder)
-    site = site or manifest.get("site")
-    base_fp = manifest.get("lineage", {}).get("base_fingerprint")
-    candidates = [
-        v for v in registry.versions(BACKBONE_MODEL) if v.tags.get("fingerprint") == base_fp
-    ]
-    if not candidates:
-        raise InputError(
-            folder,
-            "lineage.base_fingerprint",
-            f"{str(base_fp)[:19]}...",
-            "a registered backbone with these weights",
-        )
-    bundle, _ = load_backbone(registry, candidates[0].version)
-    adapter = load_adapter(bundle, folder)
+    bundle, adapter, ainfo = open_adapter(registry, adapter_ref)
+    site = site or adapter.manifest.get("site")
     if policy is not None:
         pinfos = [registry.resolve(POLICY_MODEL, policy)]
     else:
@@ -58,10 +40,9 @@ def run_audit(
         pinned = None
         pinned_ref = pol.spec["pin"].get("adapter_version")
         if pinned_ref:
-            pinned_folder, _ = resolve_adapter(registry, str(pinned_ref))
-            pinned = load_adapter(bundle, pinned_folder).merged().eval()
+            pinned = load_registered_adapter(registry, str(pinned_ref), bundle)[0].merged().eval()
         policies.append((f"{p.tags.get('name', 'policy')} (v{p.version})", pol, pinned))
-    name = f"{ADAPTER_MODEL} v{ainfo.version}" if ainfo else str(folder)
+    name = f"{ADAPTER_MODEL} v{ainfo.version}" if ainfo else str(adapter.path)
     report = audit(bundle, adapter, policies, name=name, site=site)
     data = report.to_dict()
     run_id = log_audit(registry, data, site, ainfo.version if ainfo else None)
@@ -274,22 +255,16 @@ def export_cmd(
     The export is verified: merged vs unmerged features, and the export run in a clean
     subprocess with dynaflip-adapt and peft unimportable.
     """
-    from dynaflip_adapt.adapters import resolve_adapter
+    from dynaflip_adapt.adapters import open_adapter
     from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.export import export_encoder
-    from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
-    from dynaflip_adapt.registry import BACKBONE_MODEL
 
     reg = registry(ctx)
     if version == "base":
         bundle, _ = load_backbone(reg, None)
         adapter = None
     else:
-        folder, _ = resolve_adapter(reg, version)
-        base_fp = read_adapter_manifest(folder).get("lineage", {}).get("base_fingerprint")
-        match = [v for v in reg.versions(BACKBONE_MODEL) if v.tags.get("fingerprint") == base_fp]
-        bundle, _ = load_backbone(reg, match[0].version if match else None)
-        adapter = load_adapter(bundle, folder)
+        bundle, adapter, _ = open_adapter(reg, version)
     res = export_encoder(bundle, adapter, out, fmt)
     if as_json:
         print_json(res.to_dict())

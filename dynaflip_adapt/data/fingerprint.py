@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dynaflip_adapt.data.logs import expand_paths, open_h5
+from dynaflip_adapt.data.logs import expand_paths, iter_blocks, open_h5
 
 _BLOCK_BYTES = 32 << 20
 
@@ -47,13 +47,8 @@ def file_fingerprint(path: str | Path) -> str:
             if not isinstance(obj, h5py.Dataset):
                 continue
             h.update(f"|{obj.dtype.str}|{obj.shape}".encode())
-            if obj.shape == () or obj.size == 0:
-                h.update(np.asarray(obj[()]).tobytes())
-                continue
-            row = max(1, int(np.prod(obj.shape[1:])) * obj.dtype.itemsize)
-            step = max(1, _BLOCK_BYTES // row)
-            for s in range(0, obj.shape[0], step):
-                h.update(np.ascontiguousarray(obj[s : s + step]).tobytes())
+            for _, block in iter_blocks(obj, _BLOCK_BYTES):
+                h.update(block.tobytes())
     return h.hexdigest()
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,18 @@ def open_h5(path: str | Path) -> h5py.File:
         else:
             found = f"an unreadable HDF5 file ({_short(msg)})"
         raise InputError(p, None, found, "a complete HDF5 file") from None
+
+
+def iter_blocks(ds: h5py.Dataset, block_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start row, array) blocks of about `block_bytes` along axis 0: bounded memory on any
+    dataset size. A scalar or empty dataset is one block."""
+    if ds.ndim == 0 or ds.shape[0] == 0:
+        yield 0, np.asarray(ds[()])
+        return
+    row = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
+    step = max(1, block_bytes // row)
+    for start in range(0, ds.shape[0], step):
+        yield start, np.asarray(ds[start : start + step])
 
 
 def _short(msg: str) -> str:

@@ -24,6 +24,7 @@ from dynaflip_adapt.data.logs import (
     SourceSettings,
     expand_paths,
     index_file,
+    iter_blocks,
     open_h5,
 )
 from dynaflip_adapt.data.schema import load_schema
@@ -60,21 +61,11 @@ class FileReport:
         }
 
 
-def _blocks(ds: h5py.Dataset) -> Any:
-    if ds.ndim == 0 or ds.shape[0] == 0:
-        yield 0, np.asarray(ds[()])
-        return
-    row = max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize)
-    step = max(1, _BLOCK_BYTES // row)
-    for start in range(0, ds.shape[0], step):
-        yield start, np.asarray(ds[start : start + step])
-
-
 def _scan(ds: h5py.Dataset, *, finite: bool, minimum: float | None, path: str) -> list[Problem]:
     out: list[Problem] = []
     if not (np.issubdtype(ds.dtype, np.floating) or np.issubdtype(ds.dtype, np.integer)):
         return out
-    for start, block in _blocks(ds):
+    for start, block in iter_blocks(ds, _BLOCK_BYTES):
         if finite and np.issubdtype(block.dtype, np.floating):
             bad = ~np.isfinite(block)
             if bad.any():

@@ -135,8 +135,17 @@ def read_adapter_manifest(folder: str | Path) -> dict[str, Any]:
     return dict(manifest)
 
 
-def load_adapter(bundle: Bundle, folder: str | Path, *, check_base: bool = True) -> Adapter:
+def load_adapter(
+    bundle: Bundle,
+    folder: str | Path,
+    *,
+    check_base: bool = True,
+    manifest: dict[str, Any] | None = None,
+) -> Adapter:
     """Loads an adapter onto a copy of the bundle's image encoder.
+
+    `manifest` is the folder's manifest when the caller has just read (and so verified) it with
+    `read_adapter_manifest`; otherwise it is read and verified here.
 
     Raises:
         InputError: Integrity failures, or an adapter trained on another backbone (PEFT would
@@ -146,7 +155,8 @@ def load_adapter(bundle: Bundle, folder: str | Path, *, check_base: bool = True)
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    manifest = read_adapter_manifest(folder)
+    if manifest is None:
+        manifest = read_adapter_manifest(folder)
     want = manifest.get("lineage", {}).get("base_fingerprint")
     if check_base and want != bundle.fingerprint:
         raise InputError(

@@ -47,6 +47,7 @@ from dynaflip_adapt.train.common import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    to_device,
     warmup_cosine,
 )
 from dynaflip_adapt.train.triplets import TripletDataset
@@ -101,10 +102,6 @@ def augment_pair(
     x1 = aug(rgb1.float() / 255.0, params=aug._params)
     to8 = lambda x: (x.clamp(0, 1) * 255.0).round().to(torch.uint8)  # noqa: E731
     return to8(x0), to8(x1)
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def site_triplets(
@@ -349,7 +346,7 @@ def finetune(
 
     if dry_run:
         with torch.no_grad(), autocast(device):
-            loss, parts = step_loss(_to(next(it), device))
+            loss, parts = step_loss(to_device(next(it), device))
         if not torch.isfinite(loss):
             raise RuntimeFailure(f"dry run: the initial loss is {float(loss)}")
         return FinetuneResult(None, 0, {"loss": float(loss), **parts}, 0.0, 0.0, anchors, warnings)
@@ -360,7 +357,7 @@ def finetune(
     seen = 0
     student.train()
     for step in range(start, total):
-        batch = _to(next(it), device)
+        batch = to_device(next(it), device)
         with autocast(device):
             loss, parts = step_loss(batch)
         if not torch.isfinite(loss):

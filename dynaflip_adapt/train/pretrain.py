@@ -40,6 +40,7 @@ from dynaflip_adapt.train.common import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    to_device,
     warmup_cosine,
 )
 from dynaflip_adapt.train.triplets import TripletDataset
@@ -146,13 +147,6 @@ def image_only_losses(
     return loss, {"temporal": float(loss.detach())}
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
-
-
 def build_replay(
     ds: TripletDataset, text: torch.Tensor, n: int
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -255,7 +249,7 @@ def pretrain(
     seen = 0
     model.train()
     for step in range(start, total):
-        batch = _to(next(it), device)
+        batch = to_device(next(it), device)
         with autocast(device):
             if objective == "trimodal":
                 loss, parts = trimodal_losses(

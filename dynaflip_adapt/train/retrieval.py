@@ -61,7 +61,8 @@ def embed_triplets(
     return torch.cat(A), torch.cat(B), torch.cat(C), torch.cat(T)
 
 
-def _topk(sim: torch.Tensor, target: torch.Tensor, k: int) -> float:
+def topk_accuracy(sim: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    """Share of rows of `sim` (queries x gallery) whose `target` column is in their top k."""
     k = min(k, sim.shape[1])
     top = sim.topk(k, dim=1).indices
     return float((top == target[:, None]).any(dim=1).float().mean())
@@ -74,8 +75,8 @@ def retrieval(
     distinct instructions (cosine similarity in the shared space); mean simplex area."""
     a, b, c, t = embed_triplets(model, ds, text_table, n)
     N = a.shape[0]
-    flow_top1 = _topk(a @ c.T, torch.arange(N), 1)
-    flow_top5 = _topk(a @ c.T, torch.arange(N), 5)
+    flow_top1 = topk_accuracy(a @ c.T, torch.arange(N), 1)
+    flow_top5 = topk_accuracy(a @ c.T, torch.arange(N), 5)
     instr = torch.unique(t)
     lang = model.embed_text(text_table[instr])
     target = torch.searchsorted(instr, t)
@@ -85,8 +86,8 @@ def retrieval(
         instructions=len(instr),
         img_to_flow_top1=flow_top1,
         img_to_flow_top5=flow_top5,
-        img_to_lang_top1=_topk(a @ lang.T, target, 1),
-        img_to_lang_top5=_topk(a @ lang.T, target, 5),
+        img_to_lang_top1=topk_accuracy(a @ lang.T, target, 1),
+        img_to_lang_top5=topk_accuracy(a @ lang.T, target, 5),
         mean_area=float(triangle_area(a, b, c).mean()),
         chance_flow_top1=1.0 / N,
         chance_lang_top1=1.0 / len(instr),
