@@ -234,11 +234,27 @@ def audit(
 ) -> AuditReport:
     """Audits `adapter` on `bundle` against `policies` (name, policy, the encoder it was trained
     on: None = the base encoder)."""
-    th = thresholds or Thresholds()
     static = static_checks(bundle, adapter)
     new = adapter.merged().eval()
+    dyn = dynamic_metrics(bundle, bundle.model.image, new, adapter.probe)
+    verdicts = policy_verdicts(bundle, new, adapter.probe, policies, thresholds, dyn)
+    return AuditReport(name, site, bundle.fingerprint, static, dyn, verdicts)
+
+
+def policy_verdicts(
+    bundle: Bundle,
+    new: Any,
+    probe: dict[str, torch.Tensor],
+    policies: list[tuple[str, Policy, Any]],
+    thresholds: Thresholds | None = None,
+    dyn: dict[str, float] | None = None,
+) -> list[PolicyVerdict]:
+    """The dynamic audit of an adapted encoder `new` (any image encoder: merged adapter or a
+    fully fine-tuned copy) against `policies` (name, policy, pinned encoder or None = base)."""
+    th = thresholds or Thresholds()
     base = bundle.model.image
-    dyn = dynamic_metrics(bundle, base, new, adapter.probe)
+    if dyn is None:
+        dyn = dynamic_metrics(bundle, base, new, probe)
     verdicts = []
     for pname, policy, pinned in policies:
         old = pinned if pinned is not None else base
@@ -262,8 +278,8 @@ def audit(
             )
         )
         if checks[0].passed and checks[1].passed:
-            pdyn = dynamic_metrics(bundle, old, new, adapter.probe) if pinned is not None else dyn
-            dev = policy_deviation(policy, bundle, old, new, adapter.probe)
+            pdyn = dynamic_metrics(bundle, old, new, probe) if pinned is not None else dyn
+            dev = policy_deviation(policy, bundle, old, new, probe)
             tol = float(policy.spec["tolerance"])
             for k, v in dev.items():
                 if k.endswith("_mean"):
@@ -330,4 +346,4 @@ def audit(
                         )
                     )
         verdicts.append(PolicyVerdict(pname, _verdict(checks), checks))
-    return AuditReport(name, site, bundle.fingerprint, static, dyn, verdicts)
+    return verdicts

@@ -119,8 +119,30 @@ class LossSection(_Section):
     temporal: float = Field(0.0, ge=0, description="temporal contrastive (nearby frames)")
     flow_prediction: float = Field(0.0, ge=0, description="one-step 3D-flow prediction head")
     single_frame: float = Field(0.0, ge=0, description="anchor on single-frame embeddings")
+    variance: float = Field(
+        0.0,
+        ge=0,
+        description="VICReg-style variance floor on single-frame image features: hinge on each "
+        "dimension's batch std below variance_target (without it the CLS features of every frame "
+        "sit near one point and only their differences carry information)",
+    )
+    variance_target: float = Field(0.5, gt=0, description="per-dimension std floor")
     distill_replay: float = Field(0.0, ge=0, description="teacher distillation, source replay")
-    distill_site: float = Field(0.0, ge=0, description="teacher distillation, new-site frames")
+    distill_site: float = Field(
+        0.0, ge=0, description="teacher distillation, new-site frames (student sees them augmented)"
+    )
+    distill_space: Literal["relative", "standardized"] = Field(
+        "relative",
+        description="distillation error: relative to the teacher's feature norm, or per "
+        "dimension in units of the teacher's spread over the replay set (what z-scoring policy "
+        "heads see)",
+    )
+    consistency: float = Field(
+        0.0,
+        ge=0,
+        description="augmentation consistency on site frames (student vs itself, no teacher; "
+        "an ablation: alone it collapses the features)",
+    )
     anchor_ramp_steps: int = Field(
         0,
         ge=0,

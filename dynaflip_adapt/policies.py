@@ -2,8 +2,9 @@
 
 A policy folder holds ``policy.json`` (head type and sizes, input spec, action statistics, the
 tolerance it declares, and its pin: backbone fingerprint + adapter) and ``policy.safetensors``.
-The reference head is behaviour cloning: an MLP over frozen image features and proprio that
-predicts the action, trained on site logs.
+The reference heads read frozen image features and proprio: behaviour cloning (an MLP that
+predicts the action), a small diffusion policy (denoises an action chunk), and two controls, an
+image-only and a proprio-only MLP.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from dynaflip_adapt.models.backbone import read_json_manifest, sha256_file, veri
 POLICY_VERSION = 1
 SPEC = "policy.json"
 WEIGHTS = "policy.safetensors"
-HEADS = ("bc", "image_only", "proprio_only")
+HEADS = ("bc", "image_only", "proprio_only", "diffusion")
+IMAGE_HEADS = ("bc", "image_only", "diffusion")
+PROPRIO_HEADS = ("bc", "proprio_only", "diffusion")
+HORIZON = 4  # actions per diffusion chunk
+CLIP = 5.0  # |normalized action| bound when sampling
 
 
 class MLPHead(nn.Module):
@@ -52,13 +57,124 @@ class MLPHead(nn.Module):
         return self.net(torch.cat([features, proprio], dim=-1))
 
 
+def _mlp(dims: list[int]) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i, o in itertools.pairwise(dims[:-1]):
+        mods += [nn.Linear(i, o), nn.GELU()]
+    mods.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*mods)
+
+
+class DiffusionHead(nn.Module):
+    """A diffusion policy head (Chi et al. 2023, MLP denoiser): DDPM over an action chunk of
+    `horizon` normalized actions, conditioned on features ++ proprio.
+
+    Training predicts the noise at a random step of a cosine schedule. Inference runs
+    deterministic DDIM (eta = 0) from one fixed latent stored with the weights, so a policy is a
+    deterministic function of its inputs (audits compare its outputs before and after an
+    adapter) and returns the chunk's first action.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        proprio_dim: int,
+        action_dim: int,
+        hidden: int = 256,
+        layers: int = 3,
+        horizon: int = HORIZON,
+        train_steps: int = 100,
+        sample_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        self.action_dim, self.horizon = action_dim, horizon
+        self.train_steps, self.sample_steps = train_steps, sample_steps
+        self.time_dim = 32
+        out = action_dim * horizon
+        self.net = _mlp(
+            [feature_dim + proprio_dim + out + self.time_dim] + [hidden] * layers + [out]
+        )
+        s = torch.arange(train_steps + 1, dtype=torch.float64) / train_steps
+        f = torch.cos((s + 0.008) / 1.008 * torch.pi / 2) ** 2
+        abar = (f[1:] / f[0]).clamp(1e-5, 1.0)
+        self.alpha_bar: torch.Tensor
+        self.latent: torch.Tensor
+        self.register_buffer("alpha_bar", abar.float())
+        self.register_buffer("latent", torch.randn(out, generator=torch.Generator().manual_seed(0)))
+
+    def _time(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.time_dim // 2
+        freqs = torch.exp(-torch.arange(half, device=t.device) * (9.2 / half))
+        ang = t.float()[:, None] * freqs[None] * (1000.0 / self.train_steps)
+        return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+    def eps(self, cond: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([cond, x, self._time(t)], dim=-1))
+
+    def loss(
+        self,
+        features: torch.Tensor,
+        proprio: torch.Tensor,
+        chunk: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Noise-prediction MSE for normalized action chunks (B, horizon, A)."""
+        x0 = chunk.flatten(1)
+        t = torch.randint(0, self.train_steps, (len(x0),), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        ab = self.alpha_bar[t][:, None]
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        cond = torch.cat([features, proprio], dim=-1)
+        return ((self.eps(cond, xt, t) - noise) ** 2).mean()
+
+    def sample(self, features: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM from the stored latent: normalized chunks (B, horizon, A)."""
+        cond = torch.cat([features, proprio], dim=-1)
+        x = self.latent.expand(len(cond), -1)
+        ts = torch.linspace(self.train_steps - 1, 0, self.sample_steps).round().long().tolist()
+        for i, t in enumerate(ts):
+            ab = self.alpha_bar[t]
+            e = self.eps(cond, x, torch.full((len(x),), t, device=x.device))
+            # Clipped like diffusers' clip_sample: at the noisiest steps 1 / sqrt(alpha_bar) is
+            # large and an unclipped x0 estimate explodes. Actions are z-scored.
+            x0 = ((x - (1 - ab).sqrt() * e) / ab.sqrt()).clamp(-CLIP, CLIP)
+            e = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+            if i + 1 == len(ts):
+                x = x0
+            else:
+                ab_prev = self.alpha_bar[ts[i + 1]]
+                x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * e
+        return x.view(len(cond), self.horizon, self.action_dim)
+
+    def forward(self, features: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        return self.sample(features, proprio)[:, 0]
+
+
+def build_head(spec: dict[str, Any], feature_dim: int, proprio_dim: int) -> nn.Module:
+    """The head module a spec describes (input sizes after the spec's input selection)."""
+    hidden, layers = spec.get("hidden", 256), spec.get("layers", 2)
+    if spec["head"] == "diffusion":
+        d = spec.get("diffusion", {})
+        return DiffusionHead(
+            feature_dim,
+            proprio_dim,
+            spec["action_dim"],
+            hidden,
+            layers,
+            d.get("horizon", HORIZON),
+            d.get("train_steps", 100),
+            d.get("sample_steps", 10),
+        )
+    return MLPHead(feature_dim, proprio_dim, spec["action_dim"], hidden, layers)
+
+
 @dataclass
 class Policy:
     """A loaded policy: its spec and a callable head on raw (unnormalized) inputs."""
 
-    path: Path
+    path: Path | None
     spec: dict[str, Any]
-    head: MLPHead
+    head: nn.Module
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -83,7 +199,7 @@ class Policy:
 
 
 def save_policy(
-    folder: Path, head: MLPHead, spec: dict[str, Any], stats: dict[str, torch.Tensor]
+    folder: Path, head: nn.Module, spec: dict[str, Any], stats: dict[str, torch.Tensor]
 ) -> Path:
     """Writes a policy folder (weights + stats in safetensors, spec with sha256s in JSON)."""
     from safetensors.torch import save_file
@@ -138,7 +254,7 @@ def load_policy(folder: str | Path) -> Policy:
     t = load_file(str(folder / WEIGHTS))
     f_in = spec["feature_dim"] if spec["inputs"]["image"] else 0
     p_in = spec["proprio_dim"] if spec["inputs"]["proprio"] else 0
-    head = MLPHead(f_in, p_in, spec["action_dim"], spec.get("hidden", 256), spec.get("layers", 2))
+    head = build_head(spec, f_in, p_in)
     head.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("head.")})
     head.eval()
     stats = {k[6:]: v for k, v in t.items() if k.startswith("stats.")}
@@ -185,6 +301,21 @@ def collect(
     return out
 
 
+def action_chunks(actions: torch.Tensor, episode: torch.Tensor, horizon: int) -> torch.Tensor:
+    """(N, horizon, A): actions t .. t + horizon - 1 of each frame's episode, the episode's last
+    action repeated past its end (frames must be in episode order)."""
+    n = len(actions)
+    idx = torch.arange(n)[:, None] + torch.arange(horizon)[None]
+    idx = idx.clamp(max=n - 1)
+    # Past the episode's end: hold its last frame.
+    last = torch.zeros(n, dtype=torch.long)
+    for e in episode.unique():
+        rows = (episode == e).nonzero().flatten()
+        last[rows] = rows.max()
+    idx = torch.minimum(idx, last[:, None])
+    return actions[idx]
+
+
 def train_head(
     features: torch.Tensor,
     proprio: torch.Tensor,
@@ -198,12 +329,15 @@ def train_head(
     seed: int = 0,
     feature_noise: float = 0.1,
     weight_decay: float = 1e-2,
-) -> tuple[MLPHead, dict[str, torch.Tensor], float]:
-    """Fits an MLP head on z-scored inputs and actions; returns it, its stats and the final MSE.
+    episode: torch.Tensor | None = None,
+    horizon: int = HORIZON,
+) -> tuple[nn.Module, dict[str, torch.Tensor], float]:
+    """Fits a head on z-scored inputs and actions; returns it, its stats and the final loss.
 
     Gaussian noise on the z-scored image features during training (and weight decay) keeps the
     head smooth: an unregularised head fitted to a few hundred frames turned a 5% feature change
-    into a 0.9-std action change, failing every audit whatever the adapter.
+    into a 0.9-std action change, failing every audit whatever the adapter. The diffusion head
+    needs `episode` (frame -> episode id, frames in order) to cut action chunks.
     """
     torch.manual_seed(seed)
     eps = 1e-6
@@ -219,21 +353,32 @@ def train_head(
         "act_mean": actions.mean(0),
         "act_std": actions.std(0) + eps,
     }
-    use_img, use_prop = head in ("bc", "image_only"), head in ("bc", "proprio_only")
+    use_img, use_prop = head in IMAGE_HEADS, head in PROPRIO_HEADS
     f = (features - stats["feat_mean"]) / stats["feat_std"] if use_img else features[:, :0]
     p = (proprio - stats["prop_mean"]) / stats["prop_std"] if use_prop else proprio[:, :0]
     y = (actions - stats["act_mean"]) / stats["act_std"]
-    model = MLPHead(f.shape[1], p.shape[1], y.shape[1], hidden)
+    model: nn.Module
+    if head == "diffusion":
+        if episode is None:
+            raise ValueError("the diffusion head needs the frames' episode ids")
+        y = action_chunks(y, episode, horizon)
+        model = DiffusionHead(f.shape[1], p.shape[1], y.shape[-1], hidden, 3, horizon)
+    else:
+        model = MLPHead(f.shape[1], p.shape[1], y.shape[1], hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
+    model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(y), (min(batch, len(y)),), generator=g)
         fi = f[idx]
         if feature_noise > 0 and fi.shape[1] > 0:
             fi = fi + feature_noise * torch.randn(fi.shape, generator=g)
-        loss = ((model(fi, p[idx]) - y[idx]) ** 2).mean()
+        if isinstance(model, DiffusionHead):
+            loss = model.loss(fi, p[idx], y[idx], generator=g)
+        else:
+            loss = ((model(fi, p[idx]) - y[idx]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -254,17 +399,57 @@ def policy_spec(
     """The JSON spec of a policy head."""
     return {
         "head": head,
-        "inputs": {
-            "image": head in ("bc", "image_only"),
-            "proprio": head in ("bc", "proprio_only"),
-        },
+        "inputs": {"image": head in IMAGE_HEADS, "proprio": head in PROPRIO_HEADS},
         "feature_dim": feature_dim,
         "proprio_dim": proprio_dim,
         "action_dim": action_dim,
         "hidden": 256,
-        "layers": 2,
+        "layers": 3 if head == "diffusion" else 2,
         "tolerance": tolerance,
         "pin": pin,
         "created": time.time(),
+        **(
+            {"diffusion": {"horizon": HORIZON, "train_steps": 100, "sample_steps": 10}}
+            if head == "diffusion"
+            else {}
+        ),
         **(extra or {}),
     }
+
+
+def fit_policy(
+    encoder: nn.Module,
+    preprocess: Any,
+    data: dict[str, torch.Tensor],
+    *,
+    head: str,
+    tolerance: float,
+    pin: dict[str, Any],
+    steps: int = 1500,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> tuple[Policy, float]:
+    """Trains a head on `encoder`'s features of `data` (from `collect`) -> an unsaved policy
+    (spec, weights, stats incl. a 64-frame probe of its own frames) and its final train loss."""
+    feats = encode_frames(encoder, preprocess, data["rgb"])
+    model, stats, loss = train_head(
+        feats,
+        data["proprio"],
+        data["actions"],
+        head=head,
+        steps=steps,
+        seed=seed,
+        episode=data["episode"],
+    )
+    sel = torch.linspace(0, len(data["rgb"]) - 1, min(64, len(data["rgb"]))).round().long()
+    stats |= {"probe_rgb": data["rgb"][sel], "probe_proprio": data["proprio"][sel]}
+    spec = policy_spec(
+        head,
+        feats.shape[1],
+        data["proprio"].shape[1],
+        data["actions"].shape[1],
+        tolerance,
+        pin,
+        {"train_loss": loss, "train_frames": len(feats), **(extra or {})},
+    )
+    return Policy(None, spec, model, stats), loss

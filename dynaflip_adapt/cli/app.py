@@ -13,6 +13,7 @@ from dynaflip_adapt import __version__
 from dynaflip_adapt.cli import adapters as adapters_cmd
 from dynaflip_adapt.cli import backbones as backbones_cmd
 from dynaflip_adapt.cli import data as data_cmd
+from dynaflip_adapt.cli import evaluate as eval_cmd
 from dynaflip_adapt.cli import finetune as finetune_cmd
 from dynaflip_adapt.cli import flow as flow_cmd
 from dynaflip_adapt.cli import inspect as inspect_cmd
@@ -97,6 +98,7 @@ app.command("rollback")(lifecycle_cmd.rollback_cmd)
 app.command("history")(lifecycle_cmd.history_cmd)
 app.command("export")(lifecycle_cmd.export_cmd)
 app.command("inspect")(inspect_cmd.inspect_cmd)
+app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(store_cmd.app, name="store")
 
 

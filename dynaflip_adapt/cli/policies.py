@@ -49,7 +49,12 @@ def train(
         str | None, typer.Option("--adapter", help="Adapter the policy reads through.")
     ] = None,
     head: Annotated[
-        str, typer.Option("--head", help="bc (image + proprio), image_only, proprio_only.")
+        str,
+        typer.Option(
+            "--head",
+            help="bc (MLP, image + proprio), diffusion (action-chunk diffusion policy, image + "
+            "proprio), image_only, proprio_only (controls).",
+        ),
     ] = "bc",
     tolerance: TolOpt = 0.1,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1500,
@@ -59,24 +64,17 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a reference behaviour-cloning head on frozen features and register it, pinned.
+    """Train a reference policy head on frozen features and register it, pinned.
 
-    An MLP over frozen image features (backbone + optional adapter) and proprio predicts the
-    logged action; the policy records its pin, input spec, action statistics and tolerance.
+    A head over frozen image features (backbone + optional adapter) and proprio predicts the
+    logged action (bc: an MLP; diffusion: denoises a chunk of actions); the policy records its
+    pin, input spec, action statistics and tolerance.
     """
-    import torch
 
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import register_policy
-    from dynaflip_adapt.policies import (
-        HEADS,
-        collect,
-        encode_frames,
-        policy_spec,
-        save_policy,
-        train_head,
-    )
+    from dynaflip_adapt.policies import HEADS, collect, fit_policy, save_policy
 
     if head not in HEADS:
         raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
@@ -84,45 +82,37 @@ def train(
     bundle, binfo, encoder, ainfo = encoder_for(reg, backbone, adapter)
     logset = open_logs(logs)
     data = collect(logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000)
-    feats = encode_frames(encoder, bundle.model.preprocess, data["rgb"])
-    model, stats, mse = train_head(
-        feats, data["proprio"], data["actions"], head=head, steps=steps, seed=seed
-    )
-    sel = torch.linspace(0, len(data["rgb"]) - 1, min(64, len(data["rgb"]))).round().long()
-    stats |= {"probe_rgb": data["rgb"][sel], "probe_proprio": data["proprio"][sel]}
     pin = {
         "backbone_fingerprint": bundle.fingerprint,
         "backbone_version": binfo.version if binfo else None,
         "adapter_version": ainfo.version if ainfo else None,
     }
-    spec = policy_spec(
-        head,
-        feats.shape[1],
-        data["proprio"].shape[1],
-        data["actions"].shape[1],
-        tolerance,
-        pin,
-        {
-            "train_mse_normalized": mse,
-            "train_frames": len(feats),
-            "site": site,
-            "preprocessing": bundle.model.cfg.preprocessing(),
-        },
+    policy, mse = fit_policy(
+        encoder,
+        bundle.model.preprocess,
+        data,
+        head=head,
+        tolerance=tolerance,
+        pin=pin,
+        steps=steps,
+        seed=seed,
+        extra={"site": site, "preprocessing": bundle.model.cfg.preprocessing()},
     )
+    frames = int(policy.spec["train_frames"])
     tmp = Path(tempfile.mkdtemp(prefix="dynaflip-policy-"))
     try:
-        save_policy(tmp / "policy", model, spec, stats)
+        save_policy(tmp / "policy", policy.head, policy.spec, policy.stats)
         info = register_policy(reg, tmp / "policy", site=site, name=name or f"{site}-{head}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out = {"policy": info.to_dict(), "train_mse_normalized": mse, "frames": len(feats)}
+    out = {"policy": info.to_dict(), "train_loss": mse, "frames": frames}
     if as_json:
         print_json(out)
     else:
         console().print(
             f"registered dynaflip-policy version {info.version} ({info.tags['name']}, head {head}) "
             f"pinned to backbone {pin['backbone_version']} adapter {pin['adapter_version']}; "
-            f"train MSE (z-scored) {mse:.4f}",
+            f"final train loss {mse:.4f} on {frames} frames",
             highlight=False,
         )
 

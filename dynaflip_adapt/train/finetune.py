@@ -9,7 +9,8 @@ frames of a transition) and a batch of the backbone's source-replay frames:
 - teacher distillation (adapter disabled = base encoder) on the source replay (retention), and
   optionally on the site's frames.
 
-Only the LoRA parameters train; the saved adapter is their EMA (torch-ema).
+Only the LoRA parameters train; the saved adapter is their EMA (torch-ema). ``full=True`` trains
+every encoder weight instead (an ablation: no adapter is written, the encoder is returned).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class FinetuneResult:
     warnings: list[str] = field(default_factory=list)
     geometry: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    encoder: Any = None  # the adapted image encoder (merged, EMA weights, eval mode, CPU)
+    probe: dict[str, torch.Tensor] = field(default_factory=dict)  # what audits probe with
 
 
 def build_augment(cfg: AugmentSection, size: int) -> Any:
@@ -211,6 +214,7 @@ def finetune(
     dry_run: bool = False,
     lineage: dict[str, Any] | None = None,
     on_step: StepCallback | None = None,
+    full: bool = False,
 ) -> FinetuneResult:
     """Trains a LoRA adapter for a site; writes it to ``workdir/adapter``.
 
@@ -226,6 +230,8 @@ def finetune(
         dry_run: Build and check everything, run one forward pass, train and write nothing.
         lineage: Extra lineage recorded in the manifest (versions, fingerprints).
         on_step: Called after every step.
+        full: Train all image-encoder weights instead of a LoRA adapter (ablation only: writes
+            no adapter folder; the result carries the encoder).
 
     Raises:
         InputError: Missing required supervision, nothing to train, no checkpoint to resume.
@@ -248,6 +254,7 @@ def finetune(
         "single_frame": w.single_frame if anchors["flow"] else 0.0,
         "distill_replay": w.distill_replay if bundle.replay else 0.0,
         "distill_site": w.distill_site,
+        "consistency": w.consistency,
     }
     if w.distill_replay > 0 and not bundle.replay:
         warnings.append("the backbone has no replay set: source-replay distillation is off")
@@ -259,7 +266,10 @@ def finetune(
             "anchors (flow + language) or distillation weights > 0",
         )
     heads = bundle.model.to(device).eval().requires_grad_(False)
-    if parent is not None:
+    student: Any
+    if full:
+        student = copy.deepcopy(heads.image).requires_grad_(True)
+    elif parent is not None:
         student = PeftModel.from_pretrained(
             copy.deepcopy(heads.image), str(parent), is_trainable=True
         )
@@ -278,6 +288,34 @@ def finetune(
     text = text.to(device)
     replay = {k: v.to(device) for k, v in bundle.replay.items()}
     n_replay = round(recipe.replay.fraction * o.batch_size) if active["distill_replay"] > 0 else 0
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        """The frozen base encoder (for LoRA: the student with its adapter disabled)."""
+        with torch.no_grad():
+            if full:
+                return heads.image(x)
+            with student.disable_adapter():
+                return student(x)
+
+    # Per-dimension spread of the teacher's features over the replay set: "standardized"
+    # distillation measures drift in these units, which is what a z-scoring policy head sees.
+    scale = torch.ones(heads.cfg.width, device=device)
+    if w.distill_space == "standardized" and replay:
+        with torch.no_grad():
+            ref = torch.cat(
+                [
+                    teacher(heads.preprocess(replay["rgb0"][i : i + 128]))
+                    for i in range(0, replay["rgb0"].shape[0], 128)
+                ]
+            )
+        sd = ref.std(0)
+        scale = torch.maximum(sd, 0.1 * sd.median()) + 1e-6
+
+    def distill(student_f: torch.Tensor, teacher_f: torch.Tensor) -> torch.Tensor:
+        if w.distill_space == "standardized":
+            return (((student_f - teacher_f) / scale) ** 2).mean()
+        return relative_mse(student_f, teacher_f)
+
     start = 0
     ckpt: dict[str, Any] = {}
     if resume:
@@ -311,7 +349,7 @@ def finetune(
         f = student(heads.preprocess(torch.cat([r0, r1])))
         f0, f1 = f.chunk(2)
         parts: dict[str, torch.Tensor] = {}
-        if trimodal:
+        if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
             a = heads.embed_transition(f0, f1)
             b = heads.embed_text(text[batch["text"]])
             m = batch["flow_mask"]
@@ -332,14 +370,15 @@ def finetune(
         if n_replay > 0:
             sel = torch.randint(0, replay["rgb0"].shape[0], (n_replay,), device=device)
             x = heads.preprocess(replay["rgb0"][sel])
-            with torch.no_grad(), student.disable_adapter():
-                teacher = student(x)
-            parts["distill_replay"] = relative_mse(student(x), teacher)
+            parts["distill_replay"] = distill(student(x), teacher(x))
         if active["distill_site"] > 0:
-            x = heads.preprocess(batch["rgb0"])
-            with torch.no_grad(), student.disable_adapter():
-                teacher = student(x)
-            parts["distill_site"] = relative_mse(student(x), teacher)
+            # The student sees the augmented frame, the teacher the clean one: without the
+            # augmentation the two agree at the start and the term has no gradient.
+            parts["distill_site"] = distill(f0, teacher(heads.preprocess(batch["rgb0"])))
+        if active["consistency"] > 0:
+            with torch.no_grad():
+                target = student(heads.preprocess(batch["rgb0"]))
+            parts["consistency"] = relative_mse(f0, target)
         total_loss = sum(active[k] * v for k, v in parts.items())
         assert isinstance(total_loss, torch.Tensor)
         return total_loss, {k: float(v.detach()) for k, v in parts.items()}
@@ -353,6 +392,7 @@ def finetune(
 
     history: list[dict[str, float]] = []
     images = 2 * o.batch_size + n_replay + (o.batch_size if active["distill_site"] > 0 else 0)
+    images += o.batch_size if active["consistency"] > 0 else 0
     t0 = time.perf_counter()
     seen = 0
     student.train()
@@ -390,14 +430,30 @@ def finetune(
             )
     seconds = time.perf_counter() - t0
     student.eval()
+    heads.cpu()
+    student.cpu()
+    ctx = ema.average_parameters() if ema is not None else contextlib.nullcontext()
+    if full:
+        with ctx:
+            encoder = copy.deepcopy(student).requires_grad_(False).eval()
+        return FinetuneResult(
+            None,
+            total,
+            history[-1] if history else {},
+            seconds,
+            seen / max(seconds, 1e-9),
+            anchors,
+            warnings,
+            history=history,
+            encoder=encoder,
+            probe=_probe_set(bundle, ds, text.cpu(), trimodal),
+        )
     out = workdir / "adapter"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    heads.cpu()
-    student.cpu()
-    ctx = ema.average_parameters() if ema is not None else contextlib.nullcontext()
     with ctx:
+        encoder = copy.deepcopy(student).merge_and_unload().requires_grad_(False).eval()
         student.save_pretrained(str(out))
         probe = _probe_set(bundle, ds, text.cpu(), trimodal)
         geometry = geometry_fingerprint(bundle, student, probe)
@@ -439,4 +495,6 @@ def finetune(
         warnings,
         geometry,
         history,
+        encoder,
+        probe,
     )

@@ -26,6 +26,7 @@ from dynaflip_adapt.losses import (
     cosine_regularizer,
     masked_mse,
     triangle_area,
+    variance_floor,
 )
 from dynaflip_adapt.models.backbone import Backbone, BackboneConfig, save_bundle
 from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
@@ -128,6 +129,8 @@ def trimodal_losses(
     if weights.flow_prediction > 0:
         pred = model.predict_flow(f0, feats[..., :3])
         parts["flow_prediction"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, mask)
+    if weights.variance > 0:
+        parts["variance"] = variance_floor(f.float(), weights.variance_target)
     ramp = 1.0
     if step is not None and weights.anchor_ramp_steps > 0:
         ramp = min(1.0, step / weights.anchor_ramp_steps)

@@ -1,0 +1,346 @@
+"""``dynaflip-adapt eval``: prove (or disprove) the out-of-distribution gain."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from dynaflip_adapt.cli.common import JsonOpt, LogsArg
+from dynaflip_adapt.cli.output import console, err_console, print_json, registry
+
+app = typer.Typer(
+    help="Out-of-distribution evaluation: action error with the base encoder vs adapters.",
+    no_args_is_help=True,
+)
+EXPERIMENT = "dynaflip-eval"
+COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red"}
+
+
+def _fmt(m: dict[str, float], pct: bool = False) -> str:
+    if pct:
+        return f"{100 * m['mean']:+.1f}% ± {100 * m['sd']:.1f}"
+    return f"{m['mean']:.3f} ± {m['sd']:.3f}"
+
+
+@app.command("logs")
+def logs_cmd(
+    ctx: typer.Context,
+    shifted: LogsArg,
+    adapter: Annotated[
+        str, typer.Option("--adapter", "-a", help="Adapter version, alias or folder.")
+    ],
+    base_logs: Annotated[
+        list[Path] | None,
+        typer.Option("--base-logs", help="Held-out base-site logs (retention)."),
+    ] = None,
+    paired_logs: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--paired-logs",
+            help="The same episodes as SHIFTED rendered at the base site (paired drift).",
+        ),
+    ] = None,
+    site: Annotated[
+        str | None, typer.Option("--site", help="Policies of this site (default: the adapter's).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Action error of a site's policies on held-out shifted logs: base encoder vs adapter.
+
+    Also on held-out base-site logs (retention), the paired feature drift when paired logs are
+    given, and the audit verdict. Logged to MLflow (experiment dynaflip-eval). Exit code 0.
+    """
+    from dynaflip_adapt.adapters import open_adapter
+    from dynaflip_adapt.cli.lifecycle import run_audit
+    from dynaflip_adapt.data.logs import EpisodeReader, open_logs
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
+    from dynaflip_adapt.ood import evaluate_encoder
+    from dynaflip_adapt.policies import collect
+
+    reg = registry(ctx)
+    bundle, ad, ainfo = open_adapter(reg, adapter)
+    site = site or ad.manifest.get("site")
+    pinfos = policies_for_site(reg, site) if site else []
+    if not pinfos:
+        raise InputError(None, "--site", repr(site), "a site with registered policies")
+    policies = {
+        f"{p.tags.get('name', 'policy')} (v{p.version})": load_policy_version(reg, p)
+        for p in pinfos
+    }
+    size = bundle.model.cfg.image_size
+
+    def frames(paths: list[Path] | None) -> Any:
+        return collect(open_logs(paths), EpisodeReader(), size) if paths else None
+
+    sh, base, paired = frames(shifted), frames(base_logs), frames(paired_logs)
+    if paired is not None and len(paired["rgb"]) != len(sh["rgb"]):
+        raise InputError(
+            str(paired_logs[0]) if paired_logs else None,
+            None,
+            f"{len(paired['rgb'])} frames",
+            f"{len(sh['rgb'])} frames paired one to one with the shifted logs",
+        )
+    name = f"adapter v{ainfo.version}" if ainfo else "adapter"
+    evals = [
+        evaluate_encoder(bundle, "base", bundle.model.image, policies, sh, base, paired),
+        evaluate_encoder(bundle, name, ad.merged().eval(), policies, sh, base, paired),
+    ]
+    report, _, audit_run = run_audit(reg, adapter, site, None)
+    evals[1].audit = report.verdict
+    out = {
+        "adapter": ainfo.to_dict() if ainfo else str(ad.path),
+        "site": site,
+        "audit": report.verdict,
+        "audit_run_id": audit_run,
+        "encoders": [e.to_dict() for e in evals],
+        "reduction": {
+            p: 1 - evals[1].shifted[p]["mse"] / evals[0].shifted[p]["mse"] for p in policies
+        },
+    }
+    if base is not None:
+        out["base_change"] = {
+            p: evals[1].base[p]["mse"] / evals[0].base[p]["mse"] - 1 for p in policies
+        }
+    with reg.run(EXPERIMENT, f"eval {name} at {site}", {"site": str(site)}) as run:
+        metrics = {f"reduction.{i}": v for i, v in enumerate(out["reduction"].values())}
+        metrics |= {
+            f"base_change.{i}": v for i, v in enumerate(out.get("base_change", {}).values())
+        }
+        run.log_metrics(0, metrics)
+        run.log_dict(out, "eval.json")
+    if as_json:
+        print_json(out)
+        return
+    table = Table(title=f"{name} at site {site}: action MSE (units of action std)")
+    for col in (
+        "policy",
+        "shifted: base",
+        "shifted: adapted",
+        "reduction",
+        "base site: base",
+        "base site: adapted",
+        "change",
+    ):
+        table.add_column(col, justify="right" if col != "policy" else "left")
+    for p in policies:
+        row = [
+            p,
+            f"{evals[0].shifted[p]['mse']:.3f}",
+            f"{evals[1].shifted[p]['mse']:.3f}",
+            f"{100 * out['reduction'][p]:+.1f}%",
+        ]
+        if base is not None:
+            row += [
+                f"{evals[0].base[p]['mse']:.3f}",
+                f"{evals[1].base[p]['mse']:.3f}",
+                f"{100 * out['base_change'][p]:+.1f}%",
+            ]
+        else:
+            row += ["-", "-", "-"]
+        table.add_row(*row)
+    c = console()
+    c.print(table)
+    if paired is not None:
+        c.print(
+            f"paired feature drift (1 = as far as unrelated frames): base "
+            f"{evals[0].paired_drift:.3f} -> adapted {evals[1].paired_drift:.3f}",
+            highlight=False,
+        )
+    c.print(f"audit: [{COLORS[report.verdict]}]{report.verdict}[/]")
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    ctx: typer.Context,
+    preset: Annotated[
+        list[str] | None,
+        typer.Option("--preset", "-p", help="Shifted site preset (repeatable; default: all)."),
+    ] = None,
+    seed: Annotated[
+        list[int] | None, typer.Option("--seed", "-s", help="Seed (repeatable; default 0 1 2).")
+    ] = None,
+    ablation: Annotated[
+        list[str] | None,
+        typer.Option("--ablation", "-a", help="Ablation (repeatable; default: all; see --list)."),
+    ] = None,
+    head: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--head", help="Policy heads (default bc, diffusion, image_only, proprio_only)."
+        ),
+    ] = None,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Finetune recipe the ablations start from.")
+    ] = "finetune/default",
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Recipe override KEY=VALUE (repeatable).")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Finetune steps per run.")] = 300,
+    episodes: Annotated[
+        int, typer.Option("--episodes", help="Train episodes per site (policies, adapters).")
+    ] = 12,
+    test_episodes: Annotated[
+        int, typer.Option("--test-episodes", help="Held-out episodes per site.")
+    ] = 6,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="The policies' declared tolerance (audit).")
+    ] = 0.25,
+    frames: Annotated[int, typer.Option("--frames", help="Frames per episode.")] = 50,
+    size: Annotated[int, typer.Option("--size", help="Rendered image size (pixels).")] = 128,
+    policy_steps: Annotated[
+        int, typer.Option("--policy-steps", help="Optimizer steps per policy head.")
+    ] = 1500,
+    backbone: Annotated[
+        str | None, typer.Option("--backbone", "-b", help="Backbone (default: base).")
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Logs and runs (reused across invocations)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write results JSON (+ PNG beside it) here.")
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the ablations and exit.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The OOD benchmark: presets x seeds x ablations on simulator logs, mean ± sd.
+
+    Per seed, policies (bc, diffusion, image-only, proprio-only control) are trained on base
+    features of base-site logs; per preset, adapters are trained on the shifted site's logs
+    with each ablation; every encoder is scored on held-out shifted episodes, on held-out base
+    episodes (retention), by paired drift, and audited. Goal: >= 22.5% lower shifted-site error
+    for the image-reading heads, base-site error within +3%, audit compatible. Results go to
+    MLflow (experiment dynaflip-eval) with a PNG. Exit code 0 whether or not the goal is met
+    (the table says).
+    """
+    from dynaflip_adapt.ood import ABLATIONS
+
+    if list_:
+        if as_json:
+            print_json({k: v.description for k, v in ABLATIONS.items()})
+        else:
+            for k, v in ABLATIONS.items():
+                console().print(f"{k:15s} {v.description}", highlight=False)
+        return
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.config import FinetuneRecipe, load_recipe
+    from dynaflip_adapt.ood import BenchmarkConfig, plot, run_benchmark
+    from dynaflip_adapt.sim.sites import PRESETS
+
+    reg = registry(ctx)
+    rec, rec_path = load_recipe(recipe, overrides or [], kind="finetune")
+    assert isinstance(rec, FinetuneRecipe)
+    cfg = BenchmarkConfig(
+        presets=list(preset or [p for p in PRESETS if p != "base"]),
+        seeds=list(seed if seed is not None else [0, 1, 2]),
+        ablations=list(ablation or list(ABLATIONS)),
+        train_episodes=episodes,
+        test_episodes=test_episodes,
+        steps=steps,
+        tolerance=tolerance,
+        frames=frames,
+        size=size,
+        policy_steps=policy_steps,
+    )
+    if head:
+        cfg.heads = list(head)
+    cfg.validate()
+    bundle, _ = load_backbone(reg, backbone)
+    work = workdir or Path(reg.store.home) / "eval-benchmark"
+    log = err_console()
+    with reg.run(EXPERIMENT, "ood benchmark", {"kind": "benchmark"}) as run:
+        run.log_params(
+            {
+                "presets": ",".join(cfg.presets),
+                "seeds": ",".join(map(str, cfg.seeds)),
+                "ablations": ",".join(cfg.ablations),
+                "steps": cfg.steps,
+                "recipe": str(rec_path),
+                "backbone": bundle.fingerprint,
+            }
+        )
+        result = run_benchmark(
+            bundle,
+            rec,
+            cfg,
+            work,
+            on_event=None if as_json else (lambda m: log.print(f"  {m}", highlight=False)),
+        )
+        metrics: dict[str, float] = {}
+        for ab, s in result["summary"].items():
+            metrics[f"{ab}.image_heads_reduction"] = s["image_heads_reduction"]
+            metrics[f"{ab}.image_heads_base_change"] = s["image_heads_base_change"]
+            metrics[f"{ab}.paired_drift"] = s["paired_drift"]["mean"]
+            metrics[f"{ab}.audit_compatible_fraction"] = s["audit_compatible"] / max(
+                s["audit_runs"], 1
+            )
+        run.log_metrics(0, {k: v for k, v in metrics.items() if v == v})
+        with tempfile.TemporaryDirectory() as tmp:
+            dest = Path(out) if out else Path(tmp) / "ood_benchmark.json"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(json.dumps(result, indent=1, default=str))
+            png = plot(result, dest.with_suffix(".png"))
+            folder = Path(tmp) / "artifacts"
+            folder.mkdir()
+            (folder / dest.name).write_text(dest.read_text())
+            if png is not None:
+                (folder / png.name).write_bytes(png.read_bytes())
+            run.log_artifacts(folder, "benchmark")
+        result["mlflow_run_id"] = run.run_id
+    if as_json:
+        print_json(result)
+        return
+    print_summary(result)
+    if png is None:
+        log.print("(no PNG: install matplotlib, e.g. pip install 'dynaflip-adapt[plots]')")
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """The ablation table: per head shifted-site MSE, reduction vs none, base-site change."""
+    c = console()
+    cfg = result["config"]
+    heads = cfg["heads"]
+    n = len(cfg["presets"]) * len(cfg["seeds"])
+    table = Table(
+        title=f"OOD benchmark: {len(cfg['presets'])} presets x {len(cfg['seeds'])} seeds "
+        f"(n = {n}), action MSE in action-std units, mean ± sd"
+    )
+    table.add_column("ablation")
+    for h in heads:
+        table.add_column(f"{h}\nshifted MSE / reduction", justify="right")
+    table.add_column("image heads\nreduction / base change", justify="right")
+    table.add_column("paired\ndrift", justify="right")
+    table.add_column("audit\ncompatible", justify="right")
+    for ab, s in result["summary"].items():
+        cells = [ab]
+        for h in heads:
+            hs = s["heads"][h]
+            cells.append(f"{_fmt(hs['shifted_mse'])}\n{_fmt(hs['reduction'], True)}")
+        ok = "[green]" if s["goal_met"] else ""
+        cells.append(
+            f"{ok}{100 * s['image_heads_reduction']:+.1f}% / "
+            f"{100 * s['image_heads_base_change']:+.1f}%"
+        )
+        cells.append(f"{s['paired_drift']['mean']:.3f}")
+        cells.append(f"{s['audit_compatible']}/{s['audit_runs']}")
+        table.add_row(*cells)
+    c.print(table)
+    if "proprio_only" in heads:
+        none = result["summary"].get("none", {})
+        beat = none.get("image_heads_beating_proprio_only", [])
+        c.print(
+            "control: without adaptation the image heads that beat the proprio-only head at the "
+            f"shifted site: {', '.join(beat) or 'none'}",
+            highlight=False,
+        )
+    met = [ab for ab, s in result["summary"].items() if s["goal_met"]]
+    c.print(
+        "goal (>= 22.5% reduction, base within +3%, audit compatible): "
+        + (f"[green]met by {', '.join(met)}[/]" if met else "[yellow]not met[/]")
+    )

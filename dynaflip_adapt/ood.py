@@ -1,0 +1,496 @@
+"""Out-of-distribution evaluation: does an adapter make pinned policies work at a shifted site
+without breaking them at the base site?
+
+Measures, for image encoders (the base, an adapter merged in, ablations):
+
+- action error of each policy on held-out episodes of the shifted site (MSE in units of the
+  policy's action std, per dimension too), and on held-out base-site episodes (retention);
+- paired feature drift where paired logs exist (same motion rendered at both sites): mean
+  distance between a frame's shifted-site features and the base encoder's features of the same
+  frame at the base site, divided by the mean distance between two random base frames (1.0 = as
+  far apart as unrelated frames, 0 = invariant);
+- the audit's dynamic verdict against the same policies.
+
+`run_benchmark` runs the whole protocol (presets x seeds x ablations) on simulator logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynaflip_adapt.config import FinetuneRecipe
+from dynaflip_adapt.models.backbone import Bundle
+from dynaflip_adapt.policies import IMAGE_HEADS, Policy, encode_frames
+
+Frames = dict[str, torch.Tensor]  # rgb (N,3,S,S) uint8, proprio, actions, episode
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One row of the ablation table: how (or whether) the encoder is adapted."""
+
+    name: str
+    description: str
+    loss: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    full: bool = False
+    train: bool = True
+    extracted_flow: bool = False
+
+
+_NO_ANCHORS = {"area": 0.0, "contrastive": 0.0, "cosine": 0.0, "single_frame": 0.0}
+
+ABLATIONS: dict[str, Ablation] = {
+    a.name: a
+    for a in (
+        Ablation("none", "no adaptation (the base encoder)", train=False),
+        Ablation(
+            "teacher_only",
+            "frozen teacher on augmented site frames only",
+            {**_NO_ANCHORS, "distill_replay": 0.0, "distill_site": 1.0},
+        ),
+        Ablation(
+            "aug_only",
+            "augmentation consistency only (no teacher, no anchors)",
+            {**_NO_ANCHORS, "distill_replay": 0.0, "consistency": 1.0},
+        ),
+        Ablation(
+            "anchors_only", "simplex/cosine/contrastive anchors only", {"distill_replay": 0.0}
+        ),
+        Ablation("default", "anchors + frozen teacher on source replay (the recipe)"),
+        Ablation(
+            "full_ft", "the recipe's losses, every encoder weight trained (no LoRA)", full=True
+        ),
+        Ablation(
+            "extracted_flow",
+            "the recipe, with flow from `flow extract` instead of ground truth",
+            extracted_flow=True,
+        ),
+    )
+}
+
+
+def ablation_recipe(recipe: FinetuneRecipe, ablation: Ablation) -> FinetuneRecipe:
+    """`recipe` with the ablation's loss and data overrides applied."""
+    data = dict(ablation.data)
+    if ablation.extracted_flow:
+        data["flow_source"] = extracted_source(recipe.data.gap)
+    return recipe.model_copy(
+        update={
+            "loss": recipe.loss.model_copy(update=ablation.loss),
+            "data": recipe.data.model_copy(update=data),
+        }
+    )
+
+
+def extracted_source(gap: int) -> str:
+    """The flow group `flow extract --stride gap` writes."""
+    from dynaflip_adapt.flow.extract import ExtractConfig
+
+    return ExtractConfig(stride=gap).group_name
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+@torch.no_grad()
+def action_error(
+    policy: Policy, features: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor
+) -> dict[str, Any]:
+    """MSE of the policy's actions in units of its action std: overall and per dimension."""
+    z = (policy.act(features, proprio) - actions) / policy.action_scale
+    per_dim = (z**2).mean(0)
+    return {"mse": float(per_dim.mean()), "per_dim": [float(v) for v in per_dim]}
+
+
+def paired_drift(new_shifted: torch.Tensor, base_reference: torch.Tensor) -> float:
+    """Mean ||f_new(x_shifted_i) - f_base(x_base_i)|| over paired frames, divided by the mean
+    distance between base features of frames i and i + N/2 (unrelated frames)."""
+    n = len(base_reference)
+    if n < 2:
+        raise ValueError("paired drift needs at least two paired frames")
+    d = (new_shifted - base_reference).norm(dim=1).mean()
+    other = base_reference.roll(n // 2, dims=0)
+    return float(d / (base_reference - other).norm(dim=1).mean().clamp_min(1e-12))
+
+
+@dataclass
+class EncoderEval:
+    """One encoder's numbers on one shifted site (and the base site)."""
+
+    encoder: str
+    shifted: dict[str, dict[str, Any]]
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paired_drift: float | None = None
+    audit: str | None = None
+    audit_detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_encoder(
+    bundle: Bundle,
+    name: str,
+    encoder: nn.Module,
+    policies: dict[str, Policy],
+    shifted: Frames,
+    base: Frames | None = None,
+    paired: Frames | None = None,
+    base_paired_features: torch.Tensor | None = None,
+) -> EncoderEval:
+    """Action errors of every policy with `encoder` on the shifted (and base) held-out frames;
+    `paired` are the base-site renders of the shifted frames, in the same order."""
+    pre = bundle.model.preprocess
+    fs = encode_frames(encoder, pre, shifted["rgb"])
+    out = EncoderEval(
+        name,
+        {
+            p: action_error(pol, fs, shifted["proprio"], shifted["actions"])
+            for p, pol in policies.items()
+        },
+    )
+    if base is not None:
+        fb = encode_frames(encoder, pre, base["rgb"])
+        out.base = {
+            p: action_error(pol, fb, base["proprio"], base["actions"])
+            for p, pol in policies.items()
+        }
+    if paired is not None:
+        ref = base_paired_features
+        if ref is None:
+            ref = encode_frames(bundle.model.image, pre, paired["rgb"])
+        out.paired_drift = paired_drift(fs, ref)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class BenchmarkConfig:
+    """What `run_benchmark` runs; sizes default to what fits 2 CPU cores in minutes per run."""
+
+    presets: list[str]
+    seeds: list[int]
+    ablations: list[str]
+    heads: list[str] = field(
+        default_factory=lambda: ["bc", "diffusion", "image_only", "proprio_only"]
+    )
+    train_episodes: int = 12
+    test_episodes: int = 6
+    frames: int = 50
+    size: int = 128
+    steps: int = 300
+    policy_steps: int = 1500
+    tolerance: float = 0.25
+
+    def validate(self) -> None:
+        from dynaflip_adapt.errors import InputError
+        from dynaflip_adapt.policies import HEADS
+        from dynaflip_adapt.sim.sites import PRESETS
+
+        for p in self.presets:
+            if p not in PRESETS or p == "base":
+                raise InputError(
+                    None,
+                    "--preset",
+                    repr(p),
+                    "a shifted site preset: " + ", ".join(k for k in PRESETS if k != "base"),
+                )
+        for a in self.ablations:
+            if a not in ABLATIONS:
+                raise InputError(None, "--ablation", repr(a), "one of " + ", ".join(ABLATIONS))
+        for h in self.heads:
+            if h not in HEADS:
+                raise InputError(None, "--head", repr(h), "one of " + ", ".join(HEADS))
+        if not self.presets or not self.seeds or not self.ablations:
+            raise InputError(
+                None, "benchmark", "an empty preset, seed or ablation list", "at least one of each"
+            )
+        if "none" not in self.ablations:
+            self.ablations.insert(0, "none")  # every reduction is relative to it
+
+
+Event = Callable[[str], None]
+
+
+def _site_logs(workdir: Path, site: str, seed: int, episodes: int, frames: int, size: int) -> Path:
+    """Simulator logs for (site, seed), generated once and reused (the file is complete only
+    once renamed into place)."""
+    from dynaflip_adapt.sim.generate import GenerateSpec, generate
+    from dynaflip_adapt.sim.sites import get_site
+
+    path = workdir / "logs" / f"{site}_s{seed}_n{episodes}_f{frames}_{size}px.h5"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial.h5")
+        spec = GenerateSpec(
+            site=get_site(site, None), episodes=episodes, frames=frames, seed=seed, size=size
+        )
+        spec.validate()
+        generate(tmp, spec, workers=2)
+        tmp.rename(path)
+    return path
+
+
+def _frames(bundle: Bundle, path: Path) -> Frames:
+    from dynaflip_adapt.data.logs import EpisodeReader, open_logs
+    from dynaflip_adapt.policies import collect
+
+    return collect(open_logs([path]), EpisodeReader(), bundle.model.cfg.image_size)
+
+
+def _ensure_extracted(path: Path, gap: int) -> None:
+    from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.flow.extract import ExtractConfig, extract_logs
+
+    src = extracted_source(gap)
+    if all(ep.flow(src, gap) is not None for ep in open_logs([path]).episodes):
+        return
+    extract_logs([path], ExtractConfig(stride=gap), overwrite=True)
+
+
+def run_benchmark(
+    bundle: Bundle,
+    recipe: FinetuneRecipe,
+    cfg: BenchmarkConfig,
+    workdir: str | Path,
+    *,
+    on_event: Event | None = None,
+) -> dict[str, Any]:
+    """Presets x seeds x ablations on simulator logs; returns runs (one row per preset, seed,
+    ablation) and their summary.
+
+    Per seed: base-site train logs (the policies' data) and held-out base logs; per preset: the
+    shifted site's train logs (what the adapter sees) and held-out logs rendered from the same
+    episode seeds as the held-out base logs (paired). Policies are trained on base features of
+    the base train logs, pinned to the base encoder.
+    """
+    from dynaflip_adapt.audit import policy_verdicts
+    from dynaflip_adapt.policies import fit_policy
+    from dynaflip_adapt.train.finetune import finetune
+
+    cfg.validate()
+    workdir = Path(workdir)
+    say = on_event or (lambda _m: None)
+    base_enc = bundle.model.image.eval()
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for seed in cfg.seeds:
+        s_train, s_test, s_site = 10_000 + 3 * seed, 10_000 + 3 * seed + 1, 10_000 + 3 * seed + 2
+        say(f"seed {seed}: base-site logs")
+        base_train = _frames(
+            bundle, _site_logs(workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size)
+        )
+        base_test = _frames(
+            bundle, _site_logs(workdir, "base", s_test, cfg.test_episodes, cfg.frames, cfg.size)
+        )
+        policies: dict[str, Policy] = {}
+        for h in cfg.heads:
+            say(f"seed {seed}: policy {h} on base features")
+            policies[h], _ = fit_policy(
+                base_enc,
+                bundle.model.preprocess,
+                base_train,
+                head=h,
+                tolerance=cfg.tolerance,
+                pin={"backbone_fingerprint": bundle.fingerprint},
+                steps=cfg.policy_steps,
+                seed=seed,
+            )
+        ref = encode_frames(base_enc, bundle.model.preprocess, base_test["rgb"])
+        audited = [(h, policies[h], None) for h in cfg.heads if h in IMAGE_HEADS]
+        for preset in cfg.presets:
+            train_path = _site_logs(
+                workdir, preset, s_site, cfg.train_episodes, cfg.frames, cfg.size
+            )
+            shifted = _frames(
+                bundle, _site_logs(workdir, preset, s_test, cfg.test_episodes, cfg.frames, cfg.size)
+            )
+            for ab_name in cfg.ablations:
+                ab = ABLATIONS[ab_name]
+                t0 = time.perf_counter()
+                probe: dict[str, torch.Tensor] = {}
+                if not ab.train:
+                    enc: nn.Module = base_enc
+                else:
+                    if ab.extracted_flow:
+                        say(f"seed {seed} {preset}: flow extract")
+                        _ensure_extracted(train_path, recipe.data.gap)
+                    say(f"seed {seed} {preset}: finetune {ab_name}")
+                    from dynaflip_adapt.data.logs import open_logs
+
+                    r = ablation_recipe(recipe, ab)
+                    r = r.model_copy(update={"run": r.run.model_copy(update={"seed": seed})})
+                    res = finetune(
+                        bundle,
+                        open_logs([train_path], r.data.source_settings()),
+                        r,
+                        workdir / "runs" / f"{preset}_s{seed}_{ab_name}",
+                        site=preset,
+                        max_steps=cfg.steps,
+                        full=ab.full,
+                    )
+                    enc, probe = res.encoder, res.probe
+                ev = evaluate_encoder(
+                    bundle, ab_name, enc, policies, shifted, base_test, base_test, ref
+                )
+                if probe:
+                    verdicts = policy_verdicts(bundle, enc, probe, audited)
+                    ev.audit = _worst([v.verdict for v in verdicts])
+                    ev.audit_detail = {
+                        v.policy: {
+                            c.name: c.value
+                            for c in v.checks
+                            if c.name.startswith("action_deviation.") or c.name.startswith("bct")
+                        }
+                        for v in verdicts
+                    }
+                else:
+                    ev.audit = "compatible"  # the base encoder itself
+                row = {
+                    "preset": preset,
+                    "seed": seed,
+                    "ablation": ab_name,
+                    "seconds": time.perf_counter() - t0,
+                    **ev.to_dict(),
+                }
+                rows.append(row)
+                say(
+                    f"seed {seed} {preset} {ab_name}: "
+                    + ", ".join(f"{h} {row['shifted'][h]['mse']:.3f}" for h in cfg.heads)
+                    + f"; drift {row['paired_drift']:.3f}; audit {row['audit']}"
+                )
+    return {
+        "config": asdict(cfg),
+        "recipe": json.loads(recipe.model_dump_json()),
+        "backbone": bundle.fingerprint,
+        "seconds": time.perf_counter() - t_start,
+        "runs": rows,
+        "summary": summarize(rows, cfg.heads),
+    }
+
+
+def _worst(verdicts: Sequence[str]) -> str:
+    for v in ("incompatible", "warning"):
+        if v in verdicts:
+            return v
+    return "compatible"
+
+
+def _mean_sd(xs: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(xs) if xs else math.nan,
+        "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "n": len(xs),
+    }
+
+
+GOAL_REDUCTION = 0.225  # the paper's +22.5% out of distribution
+GOAL_BASE_INCREASE = 0.03
+
+
+def summarize(rows: list[dict[str, Any]], heads: Sequence[str]) -> dict[str, Any]:
+    """Mean and spread over (preset, seed) of each ablation's numbers, reductions relative to
+    `none` on the same (preset, seed), and the goal check.
+
+    Per head: shifted-site MSE, its relative reduction vs no adaptation, base-site MSE and its
+    relative change (retention). `image_heads` averages the heads that read the image. The
+    proprio-only head reads no image: its error is the bar an image head must clear for the
+    image to help at all.
+    """
+    none = {(r["preset"], r["seed"]): r for r in rows if r["ablation"] == "none"}
+    image_heads = [h for h in heads if h in IMAGE_HEADS]
+    out: dict[str, Any] = {}
+    for ab in dict.fromkeys(r["ablation"] for r in rows):
+        mine = [r for r in rows if r["ablation"] == ab and (r["preset"], r["seed"]) in none]
+        s: dict[str, Any] = {"heads": {}}
+        red_img: list[float] = []
+        base_img: list[float] = []
+        for h in heads:
+            shift = [r["shifted"][h]["mse"] for r in mine]
+            red = [
+                1 - r["shifted"][h]["mse"] / none[(r["preset"], r["seed"])]["shifted"][h]["mse"]
+                for r in mine
+            ]
+            base = [r["base"][h]["mse"] for r in mine]
+            dbase = [
+                r["base"][h]["mse"] / none[(r["preset"], r["seed"])]["base"][h]["mse"] - 1
+                for r in mine
+            ]
+            s["heads"][h] = {
+                "shifted_mse": _mean_sd(shift),
+                "reduction": _mean_sd(red),
+                "base_mse": _mean_sd(base),
+                "base_change": _mean_sd(dbase),
+            }
+            if h in image_heads:
+                red_img.append(s["heads"][h]["reduction"]["mean"])
+                base_img.append(s["heads"][h]["base_change"]["mean"])
+        drift = [r["paired_drift"] for r in mine if r["paired_drift"] is not None]
+        verdicts = [r["audit"] for r in mine]
+        s["paired_drift"] = _mean_sd(drift)
+        s["audit_compatible"] = sum(v == "compatible" for v in verdicts)
+        s["audit_runs"] = len(verdicts)
+        s["image_heads_reduction"] = statistics.fmean(red_img) if red_img else math.nan
+        s["image_heads_base_change"] = statistics.fmean(base_img) if base_img else math.nan
+        if "proprio_only" in heads:
+            bar = s["heads"]["proprio_only"]["shifted_mse"]["mean"]
+            s["image_heads_beating_proprio_only"] = [
+                h for h in image_heads if s["heads"][h]["shifted_mse"]["mean"] < bar
+            ]
+        s["goal_met"] = bool(
+            s["image_heads_reduction"] >= GOAL_REDUCTION
+            and s["image_heads_base_change"] <= GOAL_BASE_INCREASE
+            and s["audit_compatible"] == s["audit_runs"]
+        )
+        out[ab] = s
+    return out
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path | None:
+    """A PNG of shifted-site and base-site error per ablation and head (None without
+    matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    summary = result["summary"]
+    heads = result["config"]["heads"]
+    abls = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(abls), 4), sharey=False)
+    width = 0.8 / max(len(heads), 1)
+    for ax, key, title in (
+        (axes[0], "shifted_mse", "shifted site (held out)"),
+        (axes[1], "base_mse", "base site (retention)"),
+    ):
+        for i, h in enumerate(heads):
+            m = [summary[a]["heads"][h][key]["mean"] for a in abls]
+            e = [summary[a]["heads"][h][key]["sd"] for a in abls]
+            ax.bar([j + i * width for j in range(len(abls))], m, width, yerr=e, label=h, capsize=2)
+        ax.set_xticks([j + width * (len(heads) - 1) / 2 for j in range(len(abls))])
+        ax.set_xticklabels(abls, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.set_ylabel("action MSE (action-std units)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

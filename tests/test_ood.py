@@ -1,0 +1,240 @@
+"""The OOD evaluation: metrics against closed forms, the diffusion head, the ablation modes of
+finetune, and the benchmark end to end on a tiny backbone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dynaflip_adapt.cli.app import app
+from dynaflip_adapt.losses import variance_floor
+from dynaflip_adapt.ood import (
+    ABLATIONS,
+    ablation_recipe,
+    action_error,
+    paired_drift,
+    summarize,
+)
+from dynaflip_adapt.policies import (
+    DiffusionHead,
+    MLPHead,
+    Policy,
+    action_chunks,
+    load_policy,
+    policy_spec,
+    save_policy,
+    train_head,
+)
+
+needs_sim = pytest.mark.skipif(
+    importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"
+)
+
+
+def test_paired_drift_is_zero_when_invariant_and_one_for_unrelated_frames():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(10, 6, generator=g)
+    assert paired_drift(ref, ref) == 0.0
+    # Shifted features equal to the base features of the frame N/2 away: exactly as far as the
+    # normaliser's unrelated pairs.
+    assert paired_drift(ref.roll(5, dims=0), ref) == pytest.approx(1.0, abs=1e-6)
+    # Hand computation on two frames.
+    ref2 = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    new2 = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    assert paired_drift(new2, ref2) == pytest.approx(0.5 / 5.0)
+
+
+def test_action_error_is_in_units_of_the_policys_action_std():
+    head = MLPHead(0, 0, 2)
+    for p in head.parameters():
+        torch.nn.init.zeros_(p)  # predicts the normalized action 0 = the action mean
+    stats = {
+        "feat_mean": torch.zeros(3),
+        "feat_std": torch.ones(3),
+        "prop_mean": torch.zeros(1),
+        "prop_std": torch.ones(1),
+        "act_mean": torch.tensor([1.0, -1.0]),
+        "act_std": torch.tensor([2.0, 0.5]),
+    }
+    spec = policy_spec("proprio_only", 3, 1, 2, 0.1, {})
+    spec["inputs"] = {"image": False, "proprio": False}
+    pol = Policy(None, spec, head, stats)
+    actions = torch.tensor([[3.0, -1.0], [1.0, 0.0]])
+    e = action_error(pol, torch.zeros(2, 3), torch.zeros(2, 1), actions)
+    # dim 0: ((3-1)/2)^2 = 1, 0 -> 0.5; dim 1: 0, ((0+1)/0.5)^2 = 4 -> 2
+    assert e["per_dim"] == pytest.approx([0.5, 2.0])
+    assert e["mse"] == pytest.approx(1.25)
+
+
+def test_action_chunks_hold_the_last_action_of_each_episode():
+    a = torch.arange(6.0)[:, None]
+    ep = torch.tensor([0, 0, 0, 1, 1, 1])
+    got = action_chunks(a, ep, 3).squeeze(-1)
+    want = torch.tensor([[0, 1, 2], [1, 2, 2], [2, 2, 2], [3, 4, 5], [4, 5, 5], [5, 5, 5]])
+    assert torch.equal(got, want.float())
+
+
+def test_variance_floor_matches_its_closed_form():
+    s, target = 0.2, 0.5
+    x = torch.tensor([[-s, 1.0], [s, 1.0]])  # dim 0: unbiased var 2 s^2; dim 1: constant
+    want = (max(0.0, target - math.sqrt(2 * s * s + 1e-4)) + (target - math.sqrt(1e-4))) / 2
+    assert float(variance_floor(x, target)) == pytest.approx(want, rel=1e-5)
+    assert float(variance_floor(torch.randn(512, 4) * 3, target)) == 0.0
+
+
+def _toy(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    f, p = torch.randn(n, 8, generator=g), torch.randn(n, 3, generator=g)
+    a = torch.stack([f[:, 0] + 0.5 * p[:, 1], torch.tanh(2 * f[:, 1]), f[:, 2] - p[:, 0]], 1)
+    return f, p, a
+
+
+def test_diffusion_head_learns_generalises_and_is_deterministic(tmp_path):
+    f, p, a = _toy(600, 0)
+    ep = torch.arange(600) // 50
+    model, stats, _ = train_head(f, p, a, head="diffusion", episode=ep, steps=1500, seed=0,
+                                 feature_noise=0.0)  # fmt: skip
+    assert isinstance(model, DiffusionHead)
+    spec = policy_spec("diffusion", 8, 3, 3, 0.1, {})
+    pol = Policy(None, spec, model, stats)
+    ft, pt, at = _toy(300, 1)
+    with torch.no_grad():
+        pred = pol.act(ft, pt)
+        # Held out, in units of the action variance: predicting the mean scores 1.
+        nmse = float(((pred - at) ** 2).mean(0).div(at.var(0)).mean())
+        assert nmse < 0.25
+        # Deterministic (one stored latent) and independent of the batch a frame comes in, up
+        # to float rounding of different matmul shapes.
+        assert torch.equal(pol.act(ft, pt), pred)
+        assert torch.allclose(pol.act(ft[:7], pt[:7]), pred[:7], atol=1e-5)
+    save_policy(tmp_path / "p", model, spec, stats)
+    again = load_policy(tmp_path / "p")
+    with torch.no_grad():
+        assert torch.allclose(again.act(ft, pt), pred, atol=1e-6)
+    assert again.spec["inputs"] == {"image": True, "proprio": True}
+
+
+def _row(preset, seed, ab, shifted, base, drift=0.5, audit="compatible"):
+    return {"preset": preset, "seed": seed, "ablation": ab, "paired_drift": drift, "audit": audit,
+            "shifted": {h: {"mse": v} for h, v in shifted.items()},
+            "base": {h: {"mse": v} for h, v in base.items()}}  # fmt: skip
+
+
+def test_summary_reductions_are_paired_per_preset_and_seed():
+    rows = [
+        _row("a", 0, "none", {"bc": 2.0, "proprio_only": 1.0}, {"bc": 0.5, "proprio_only": 1.0}),
+        _row("b", 0, "none", {"bc": 4.0, "proprio_only": 1.0}, {"bc": 1.0, "proprio_only": 1.0}),
+        _row("a", 0, "default", {"bc": 1.0, "proprio_only": 1.0}, {"bc": 0.5, "proprio_only": 1.0}),
+        _row("b", 0, "default", {"bc": 3.0, "proprio_only": 1.0}, {"bc": 1.1, "proprio_only": 1.0},
+             audit="incompatible"),
+    ]  # fmt: skip
+    s = summarize(rows, ["bc", "proprio_only"])
+    d = s["default"]["heads"]["bc"]
+    assert d["reduction"]["mean"] == pytest.approx((0.5 + 0.25) / 2)
+    assert d["reduction"]["sd"] == pytest.approx(math.sqrt(2 * 0.125**2))
+    assert d["base_change"]["mean"] == pytest.approx((0.0 + 0.1) / 2)
+    assert s["default"]["image_heads_reduction"] == pytest.approx(0.375)
+    assert s["default"]["audit_compatible"] == 1 and s["default"]["audit_runs"] == 2
+    assert s["default"]["goal_met"] is False  # base +5% and one incompatible audit
+    assert s["none"]["heads"]["bc"]["reduction"]["mean"] == 0.0
+    # The control: bc's shifted error (3.0 on average) is worse than proprio-only's (1.0).
+    assert s["none"]["image_heads_beating_proprio_only"] == []
+    assert s["default"]["image_heads_beating_proprio_only"] == []
+
+
+def test_ablations_change_only_what_they_name():
+    from dynaflip_adapt.config import load_recipe
+
+    rec = load_recipe("finetune/default")[0]
+    t = ablation_recipe(rec, ABLATIONS["teacher_only"])
+    assert (t.loss.area, t.loss.distill_replay, t.loss.distill_site) == (0.0, 0.0, 1.0)
+    assert t.optim == rec.optim and t.lora == rec.lora
+    e = ablation_recipe(rec, ABLATIONS["extracted_flow"])
+    assert e.data.flow_source == "dis_s4" and e.loss == rec.loss
+    assert ablation_recipe(rec, ABLATIONS["default"]) == rec
+
+
+@needs_sim
+def test_finetune_ablation_modes(tmp_path):
+    from dynaflip_adapt.config import load_recipe
+    from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.train.finetune import finetune
+    from dynaflip_adapt.train.pretrain import pretrain
+
+    r = CliRunner().invoke(app, ["sim", "generate", str(tmp_path / "s.h5"), "--site", "night_shift",
+                                 "-n", "2", "--frames", "12", "--size", "32", "--workers", "1",
+                                 "--flow-stride", "4"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    logs = open_logs(tmp_path / "s.h5")
+    pre = load_recipe("pretrain/tiny", ["data.num_workers=0", "optim.max_steps=5",
+                                        "replay.frames=8"])[0]  # fmt: skip
+    bundle = pretrain(logs, pre, tmp_path / "pre").bundle
+    from dynaflip_adapt.models.backbone import load_bundle
+
+    b = load_bundle(bundle)
+    before = {k: v.clone() for k, v in b.model.image.state_dict().items()}
+    base = ["data.num_workers=0", "optim.batch_size=4", "optim.warmup_steps=0", "ema.enabled=false"]
+    full_rec = load_recipe("finetune/default", base)[0]
+    res = finetune(b, logs, full_rec, tmp_path / "full", site="s", max_steps=3, full=True)
+    assert res.adapter is None and not (tmp_path / "full" / "adapter").exists()
+    changed = [k for k, v in res.encoder.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > 10  # every block trains, not only LoRA targets
+    assert all(torch.equal(v, before[k]) for k, v in b.model.image.state_dict().items())
+    assert res.probe["site_rgb0"].shape[0] > 0
+
+    for ab in ("teacher_only", "aug_only"):
+        rec = ablation_recipe(load_recipe("finetune/default", base)[0], ABLATIONS[ab])
+        out = finetune(b, logs, rec, tmp_path / ab, site="s", max_steps=2)
+        term = "distill_site" if ab == "teacher_only" else "consistency"
+        # The student sees augmented frames: the term is non-zero from the first step.
+        assert out.history[0][term] > 0
+        assert set(out.history[0]) >= {term} and "area" not in out.history[0]
+    std = load_recipe("finetune/default", [*base, "loss.distill_space=standardized"])[0]
+    out = finetune(b, logs, std, tmp_path / "std", site="s", max_steps=2)
+    assert "distill_replay" in out.history[0]
+
+
+@needs_sim
+@pytest.mark.slow
+def test_eval_benchmark_end_to_end(tmp_path):
+    runner = CliRunner()
+    d = tmp_path / "logs"
+    d.mkdir()
+    r = runner.invoke(app, ["sim", "generate", str(d / "b.h5"), "-n", "3", "--frames", "12",
+                            "--size", "32", "--workers", "1"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["pretrain", str(d / "b.h5"), "-r", "pretrain/tiny", "--set",
+                            "data.num_workers=0", "--set", "optim.max_steps=5", "--set-base",
+                            "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "res" / "ood.json"
+    r = runner.invoke(app, ["eval", "benchmark", "-p", "night_shift", "-s", "0", "-a", "default",
+                            "--steps", "2", "--episodes", "2", "--test-episodes", "2",
+                            "--frames", "12", "--size", "32", "--policy-steps", "20",
+                            "--set", "data.num_workers=0", "--set", "optim.batch_size=4",
+                            "--workdir", str(tmp_path / "w"), "--out", str(out), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert json.loads(out.read_text())["summary"] == res["summary"]
+    assert [row["ablation"] for row in res["runs"]] == ["none", "default"]
+    none, ad = res["runs"]
+    # The proprio-only control reads no image: identical under every encoder.
+    assert none["shifted"]["proprio_only"] == ad["shifted"]["proprio_only"]
+    assert res["summary"]["none"]["heads"]["bc"]["reduction"]["mean"] == 0.0
+    want = 1 - ad["shifted"]["bc"]["mse"] / none["shifted"]["bc"]["mse"]
+    assert res["summary"]["default"]["heads"]["bc"]["reduction"]["mean"] == pytest.approx(want)
+    assert ad["audit"] in ("compatible", "warning", "incompatible") and ad["audit_detail"]
+    # Logged to MLflow with the JSON (and the PNG when matplotlib is there).
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    reg = Registry(resolve_store(None))
+    arts = [a.path for a in reg.client.list_artifacts(res["mlflow_run_id"], "benchmark")]
+    assert "benchmark/ood.json" in arts
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "benchmark/ood.png" in arts and out.with_suffix(".png").stat().st_size > 1000
