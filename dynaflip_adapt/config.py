@@ -399,7 +399,7 @@ def validate_recipe_data(data: dict[str, Any], file: str | Path | None = None) -
         RecipeError: One or more problems.
     """
     kind = data.get("kind")
-    if kind not in RECIPE_KINDS:
+    if not isinstance(kind, str) or kind not in RECIPE_KINDS:
         raise RecipeError(
             file,
             [

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -139,8 +140,9 @@ class Registry:
         self, experiment: str, run_name: str, tags: dict[str, str] | None = None
     ) -> Iterator[RunHandle]:
         """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C / SIGTERM)."""
+        owner = {"dynaflip.host": socket.gethostname(), "dynaflip.pid": str(os.getpid())}
         run = self.client.create_run(
-            self.experiment_id(experiment), run_name=run_name, tags=tags or {}
+            self.experiment_id(experiment), run_name=run_name, tags={**(tags or {}), **owner}
         )
         handle = RunHandle(self.client, run.info.run_id)
         try:
@@ -157,6 +159,28 @@ class Registry:
             raise
         handle.flush()
         self.client.set_terminated(run.info.run_id, "FINISHED")
+
+    def reap_dead_runs(self, experiment: str, tags: dict[str, str]) -> list[str]:
+        """Marks KILLED the RUNNING runs with these tags whose process is gone.
+
+        A run killed with SIGKILL (or by power loss) cannot end itself; the next run on the same
+        work folder (a ``--resume``) reaps it. Only runs started on this host are judged.
+        """
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None or any("'" in v for v in tags.values()):
+            return []
+        clauses = ["attributes.status = 'RUNNING'"]
+        clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        host = socket.gethostname()
+        reaped = []
+        for r in self.client.search_runs([exp.experiment_id], " and ".join(clauses)):
+            t = r.data.tags
+            if t.get("dynaflip.host") != host or _alive(int(t.get("dynaflip.pid", "0"))):
+                continue
+            self.client.set_tag(r.info.run_id, "dynaflip.reaped", "process gone")
+            self.client.set_terminated(r.info.run_id, "KILLED")
+            reaped.append(r.info.run_id)
+        return reaped
 
     # ---------------------------------------------------------------------------- versions
 
@@ -266,3 +290,16 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cache
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

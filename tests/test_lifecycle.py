@@ -185,27 +185,31 @@ def _promote_worker(args):
     import os
 
     os.environ["DYNAFLIP_HOME"] = home
-    from dynaflip_adapt.lifecycle import promote
+    from dynaflip_adapt.lifecycle import promote, rollback
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
 
     reg = Registry(resolve_store())
-    ev = promote(reg, version, site, audit_verdict="compatible", reason=f"worker {i}")
-    return ev["seq"]
+    seqs = [promote(reg, version, site, audit_verdict="compatible", reason=f"worker {i}")["seq"]]
+    if i % 2 == 1:  # half of the workers also roll back (there is always an earlier promotion)
+        seqs.append(rollback(reg, site, reason=f"worker {i}")["seq"])
+    return seqs
 
 
-def test_concurrent_promotions_leave_a_consistent_alias_and_complete_history(fleet):
+def test_concurrent_promotions_and_rollbacks_leave_a_consistent_alias_and_history(fleet):
     import multiprocessing as mp
     import os
 
     home = os.environ["DYNAFLIP_HOME"]
     versions = [fleet["gentle"], fleet["wild"]]
-    jobs = [(home, versions[i % 2], "race", i) for i in range(6)]
-    with mp.get_context("spawn").Pool(3) as pool:
-        seqs = pool.map(_promote_worker, jobs)
-    assert sorted(seqs) == list(range(1, 7))  # no lost or duplicated event
+    ok(["promote", versions[0], "--site", "race", "--force", "--reason", "seed the stack"])
+    jobs = [(home, versions[i % 2], "race", i) for i in range(8)]
+    with mp.get_context("spawn").Pool(8) as pool:
+        seqs = [s for w in pool.map(_promote_worker, jobs) for s in w]
+    assert sorted(seqs) == list(range(2, 14))  # 8 promotions + 4 rollbacks: none lost
     h = ok(["history", "--site", "race"])
-    assert len(h["events"]) == 6
+    assert len(h["events"]) == 13
+    assert sorted(e["action"] for e in h["events"][1:]) == ["promote"] * 8 + ["rollback"] * 4
     last = h["events"][-1]
     assert h["current"] == last["version"]  # the alias agrees with the last recorded event
     # Every event's "previous" is the version the event before it set: a consistent chain.

@@ -159,7 +159,11 @@ def finetune(
         "recipe": str(rec_path),
         "data_fingerprint": fingerprint,
         "base_fingerprint": bundle.fingerprint,
+        "workdir": str(work),
     }
+    # A run on this work folder whose process died (SIGKILL, power loss) is still RUNNING.
+    for run_id in registry.reap_dead_runs(FINETUNE_EXPERIMENT, {"workdir": str(work)}):
+        err_console().print(f"marked run {run_id} KILLED (its process is gone)", highlight=False)
     with registry.run(FINETUNE_EXPERIMENT, f"finetune-{site}", tags) as run:
         run.log_params(
             {

@@ -727,49 +727,63 @@ def index_file(
         return None
     with f:
         try:
-            layout = settings.layout or detect_layout(f, p)
-        except InputError as exc:
-            problems.append(Problem(p, exc.key or "", exc.found, exc.expected))
+            return _index_open_file(f, p, settings, problems, chk)
+        except (OSError, RuntimeError, KeyError) as exc:
+            # h5py raises these on corrupt metadata met while walking the file (a damaged
+            # B-tree, heap or link table).
+            problems.append(
+                Problem(
+                    p, "/", f"corrupt HDF5 structure ({_short(str(exc))})", "a readable HDF5 file"
+                )
+            )
             return None
-        schema = load_schema(layout)
-        n_before = len(problems)
-        _check_file_attrs(f, schema, chk)
-        if len(problems) > n_before:
+
+
+def _index_open_file(
+    f: h5py.File, p: str, settings: SourceSettings, problems: list[Problem], chk: _Checker
+) -> LogFile | None:
+    try:
+        layout = settings.layout or detect_layout(f, p)
+    except InputError as exc:
+        problems.append(Problem(p, exc.key or "", exc.found, exc.expected))
+        return None
+    schema = load_schema(layout)
+    n_before = len(problems)
+    _check_file_attrs(f, schema, chk)
+    if len(problems) > n_before:
+        return None
+    episodes: list[Episode] = []
+    if schema.file_per_episode:
+        ep = _index_episode(f, f["/"], Path(p).stem, schema, settings, chk)
+        if ep is not None:
+            episodes.append(ep)
+    else:
+        data = f.get(schema.episode_group)
+        if not isinstance(data, h5py.Group):
+            chk.add(
+                "/" + schema.episode_group,
+                "missing" if data is None else "a dataset",
+                f"a '{schema.episode_group}' group of {schema.episode_prefix}N episodes",
+            )
             return None
-        episodes: list[Episode] = []
-        if schema.file_per_episode:
-            ep = _index_episode(f, f["/"], Path(p).stem, schema, settings, chk)
+        names = sorted((k for k in data if k.startswith(schema.episode_prefix)), key=_natural_key)
+        if not names:
+            chk.add(
+                data.name,
+                f"no episodes (keys: {sorted(data.keys())[:8]})",
+                f"groups named {schema.episode_prefix}N",
+            )
+            return None
+        for k in names:
+            g = data[k]
+            if not isinstance(g, h5py.Group):
+                chk.add(g.name, "a dataset", "an episode group")
+                continue
+            ep = _index_episode(f, g, k, schema, settings, chk)
             if ep is not None:
                 episodes.append(ep)
-        else:
-            data = f.get(schema.episode_group)
-            if not isinstance(data, h5py.Group):
-                chk.add(
-                    "/" + schema.episode_group,
-                    "missing" if data is None else "a dataset",
-                    f"a '{schema.episode_group}' group of {schema.episode_prefix}N episodes",
-                )
-                return None
-            names = sorted(
-                (k for k in data if k.startswith(schema.episode_prefix)), key=_natural_key
-            )
-            if not names:
-                chk.add(
-                    data.name,
-                    f"no episodes (keys: {sorted(data.keys())[:8]})",
-                    f"groups named {schema.episode_prefix}N",
-                )
-                return None
-            for k in names:
-                g = data[k]
-                if not isinstance(g, h5py.Group):
-                    chk.add(g.name, "a dataset", "an episode group")
-                    continue
-                ep = _index_episode(f, g, k, schema, settings, chk)
-                if ep is not None:
-                    episodes.append(ep)
-        attrs = {k: _attr(f, k) for k in f.attrs}
-        return LogFile(p, layout, schema.schema_version, episodes, attrs)
+    attrs = {k: _attr(f, k) for k in f.attrs}
+    return LogFile(p, layout, schema.schema_version, episodes, attrs)
 
 
 def open_logs(
@@ -902,7 +916,7 @@ class EpisodeReader:
         path = ep.paths[role]
         try:
             return np.asarray(self.dataset(ep.file, path)[index])
-        except OSError as exc:
+        except (OSError, RuntimeError, KeyError) as exc:
             raise InputError(
                 ep.file, f"{path}[{index}]", f"unreadable data ({_short(str(exc))})", "readable"
             ) from None

@@ -112,19 +112,33 @@ def _scan_file(lf: LogFile) -> list[Problem]:
     out: list[Problem] = []
     with open_h5(lf.path) as f:
         for ep in lf.episodes:
-            # Small arrays (actions, proprio, K, extrinsics) were checked when indexing.
-            for role in LARGE_ROLES:
-                spec = schema.fields.get(role)
-                if role not in ep.paths or spec is None:
-                    continue
-                out += _scan(
-                    f[ep.paths[role]], finite=spec.finite, minimum=spec.minimum, path=ep.file
+            try:
+                out += _scan_episode(f, ep, schema)
+            except (OSError, RuntimeError, KeyError) as exc:
+                out.append(
+                    Problem(
+                        ep.file,
+                        ep.group,
+                        f"unreadable data ({str(exc)[:120]})",
+                        "readable datasets",
+                    )
                 )
-            for ref in ep.flows:
-                for key in ("points", "delta"):
-                    out += _scan(f[ref.group][key], finite=True, minimum=None, path=ep.file)
-            if ep.jpeg_index is not None:
-                out += _check_jpeg(f, ep)
+    return out
+
+
+def _scan_episode(f: h5py.File, ep: Episode, schema: Any) -> list[Problem]:
+    out: list[Problem] = []
+    # Small arrays (actions, proprio, K, extrinsics) were checked when indexing.
+    for role in LARGE_ROLES:
+        spec = schema.fields.get(role)
+        if role not in ep.paths or spec is None:
+            continue
+        out += _scan(f[ep.paths[role]], finite=spec.finite, minimum=spec.minimum, path=ep.file)
+    for ref in ep.flows:
+        for key in ("points", "delta"):
+            out += _scan(f[ref.group][key], finite=True, minimum=None, path=ep.file)
+    if ep.jpeg_index is not None:
+        out += _check_jpeg(f, ep)
     return out
 
 
