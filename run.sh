@@ -30,7 +30,7 @@ setup() {
   local stamp="$VENV/.dynaflip-installed"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "==> installing dynaflip-adapt and its dependencies"
-    "$py" -m pip install -q --disable-pip-version-check -e ".[dev,sim,export,plots]"
+    "$py" -m pip install -q --disable-pip-version-check -e ".[dev,sim,export,plots,server]"
     touch "$stamp"
   fi
   export PATH="$PWD/$VENV/bin:$PATH"

@@ -101,6 +101,9 @@ class Registry:
 
     def __init__(self, store: Store) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # MLflow prints "View run ... at: URL" on stdout for server stores: stdout is ours
+        # (--json output must stay parseable).
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from filelock import FileLock
         from mlflow import MlflowClient
 
