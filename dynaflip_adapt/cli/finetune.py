@@ -93,6 +93,7 @@ def finetune(
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.train.distributed import init_from_env
     from dynaflip_adapt.train.finetune import finetune as run_finetune
 
     overrides = list(set_ or [])
@@ -112,8 +113,15 @@ def finetune(
     )
     site = site or _site_of(logs)
     store = resolve_store(state(ctx).tracking_uri)
+    # Under torchrun: rank 0 loads (and may bootstrap) the base backbone first; only rank 0
+    # logs to MLflow and registers the adapter.
+    dist = init_from_env()
+    if not dist.is_main:
+        dist.barrier()
     registry = Registry(store)
     bundle, base_info = load_backbone(registry, backbone)
+    if dist.is_main:
+        dist.barrier()
     parent_dir, parent_info = resolve_adapter(registry, from_) if from_ else (None, None)
     fingerprint = logs_fingerprint(logs)
     key = hashlib.sha256(
@@ -154,6 +162,12 @@ def finetune(
                 highlight=False,
             )
         return
+    if not dist.is_main:
+        run_finetune(
+            bundle, logset, rec, work, site=site, parent=parent_dir, resume=resume,
+            max_steps=total, lineage=lineage,
+        )  # fmt: skip
+        return
     tags = {
         "site": site,
         "recipe": str(rec_path),
@@ -171,6 +185,7 @@ def finetune(
                 "max_steps": total,
                 "site": site,
                 "workdir": str(work),
+                "world_size": dist.world,
             }
         )
         run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")

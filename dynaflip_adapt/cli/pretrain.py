@@ -51,8 +51,18 @@ def pretrain(
     Trains on (transition, language, 3D flow) triplets from site logs that carry flow, logs the
     run to MLflow and registers the bundle as a new backbone version.
     """
+    import os
     import shutil
 
+    from dynaflip_adapt.errors import InputError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(
+            None,
+            "WORLD_SIZE",
+            os.environ["WORLD_SIZE"],
+            "1: pretrain runs in one process for now (finetune runs under torchrun)",
+        )
     from dynaflip_adapt.backbones import register_backbone
     from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.config import PretrainRecipe, load_recipe, recipe_hash, recipe_to_dict

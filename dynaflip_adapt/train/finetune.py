@@ -51,6 +51,7 @@ from dynaflip_adapt.train.common import (
     to_device,
     warmup_cosine,
 )
+from dynaflip_adapt.train.distributed import ShardedBatches, check_batch, init_from_env
 from dynaflip_adapt.train.triplets import TripletDataset
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -242,6 +243,7 @@ def finetune(
 
     workdir = Path(workdir)
     total = max_steps or recipe.optim.max_steps
+    dist = init_from_env()
     seed_everything(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     ds, text, anchors, warnings = site_triplets(bundle, logs, recipe)
@@ -288,6 +290,8 @@ def finetune(
     text = text.to(device)
     replay = {k: v.to(device) for k, v in bundle.replay.items()}
     n_replay = round(recipe.replay.fraction * o.batch_size) if active["distill_replay"] > 0 else 0
+    check_batch(dist, o.batch_size, n_replay)
+    model = dist.wrap(student, device)
 
     def teacher(x: torch.Tensor) -> torch.Tensor:
         """The frozen base encoder (for LoRA: the student with its adapter disabled)."""
@@ -333,11 +337,11 @@ def finetune(
         start = int(ckpt["step"])
     loader = DataLoader(
         ds,
-        batch_size=o.batch_size,
-        sampler=ResumableSampler(len(ds), recipe.run.seed, start * o.batch_size),
+        batch_sampler=ShardedBatches(
+            ResumableSampler(len(ds), recipe.run.seed, start * o.batch_size), o.batch_size, dist
+        ),
         num_workers=recipe.data.num_workers,
         persistent_workers=recipe.data.num_workers > 0,
-        drop_last=len(ds) >= o.batch_size,
     )
     it = iter(loader)
     if resume:
@@ -346,8 +350,15 @@ def finetune(
 
     def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         r0, r1 = augment_pair(aug, batch["rgb0"], batch["rgb1"])
-        f = student(heads.preprocess(torch.cat([r0, r1])))
-        f0, f1 = f.chunk(2)
+        images = [r0, r1]
+        if n_replay > 0:
+            # Drawn for the global batch (same on every rank), then this rank's share.
+            sel = torch.randint(0, replay["rgb0"].shape[0], (n_replay,), device=device)
+            images.append(replay["rgb0"][dist.shard(sel)])
+        # One forward through the (DDP-wrapped) student per step.
+        f = model(heads.preprocess(torch.cat(images)))
+        n = r0.shape[0]
+        f0, f1, f_rep = f[:n], f[n : 2 * n], f[2 * n :]
         parts: dict[str, torch.Tensor] = {}
         if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
             a = heads.embed_transition(f0, f1)
@@ -355,7 +366,10 @@ def finetune(
             m = batch["flow_mask"]
             c = heads.embed_flow(flow_features(batch["flow_points"], batch["flow_delta"], m), m)
             parts["area"] = triangle_area(a, b, c).mean()
-            parts["contrastive"] = area_infonce(a, b, c, heads.logit_scale, w.label_smoothing)
+            # In-batch negatives over the global batch.
+            parts["contrastive"] = area_infonce(
+                dist.gather(a), dist.gather(b), dist.gather(c), heads.logit_scale, w.label_smoothing
+            )
             # Language and flow encoders are frozen here, so the language-flow cosine is a
             # constant; the cosine anchor pulls the image toward the midpoint of its anchors.
             parts["cosine"] = (
@@ -368,9 +382,7 @@ def finetune(
                 pred, batch["flow_delta"] * DELTA_SCALE, batch["flow_mask"]
             )
         if n_replay > 0:
-            sel = torch.randint(0, replay["rgb0"].shape[0], (n_replay,), device=device)
-            x = heads.preprocess(replay["rgb0"][sel])
-            parts["distill_replay"] = distill(student(x), teacher(x))
+            parts["distill_replay"] = distill(f_rep, teacher(heads.preprocess(images[2])))
         if active["distill_site"] > 0:
             # The student sees the augmented frame, the teacher the clean one: without the
             # augmentation the two agree at the start and the term has no gradient.
@@ -391,8 +403,9 @@ def finetune(
         return FinetuneResult(None, 0, {"loss": float(loss), **parts}, 0.0, 0.0, anchors, warnings)
 
     history: list[dict[str, float]] = []
-    images = 2 * o.batch_size + n_replay + (o.batch_size if active["distill_site"] > 0 else 0)
-    images += o.batch_size if active["consistency"] > 0 else 0
+    # Frames encoded per step by this process.
+    images = (2 * o.batch_size + n_replay) // dist.world
+    images += sum(o.batch_size // dist.world for k in ("distill_site", "consistency") if active[k])
     t0 = time.perf_counter()
     seen = 0
     student.train()
@@ -416,7 +429,7 @@ def finetune(
         history.append(metrics)
         if on_step is not None:
             on_step(step + 1, metrics)
-        if (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
+        if dist.is_main and (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(
                 workdir,
                 {
@@ -430,12 +443,18 @@ def finetune(
             )
     seconds = time.perf_counter() - t0
     student.eval()
+    if not dist.is_main:  # rank 0 writes the adapter
+        dist.barrier()
+        return FinetuneResult(
+            None, total, history[-1] if history else {}, seconds, 0.0, anchors, warnings
+        )
     heads.cpu()
     student.cpu()
     ctx = ema.average_parameters() if ema is not None else contextlib.nullcontext()
     if full:
         with ctx:
             encoder = copy.deepcopy(student).requires_grad_(False).eval()
+        dist.barrier()
         return FinetuneResult(
             None,
             total,
@@ -485,6 +504,7 @@ def finetune(
             "feature_dim": heads.cfg.width,
         },
     )
+    dist.barrier()
     return FinetuneResult(
         out,
         total,
