@@ -215,3 +215,40 @@ def test_concurrent_promotions_and_rollbacks_leave_a_consistent_alias_and_histor
     # Every event's "previous" is the version the event before it set: a consistent chain.
     for before, after in itertools.pairwise(h["events"]):
         assert after["previous"] == before["version"]
+
+
+def _hostile(kind: str, folder: Path) -> None:
+    m = folder / "manifest.json"
+    data = json.loads(m.read_text())
+    if kind == "traversal":
+        data["files"]["../../etc/passwd"] = data["files"].pop("adapter_config.json")
+        m.write_text(json.dumps(data))
+    elif kind == "symlink":
+        w = folder / "adapter_model.safetensors"
+        target = folder.parent / "elsewhere.safetensors"
+        w.rename(target)
+        w.symlink_to(target)
+    elif kind == "pickle":
+        torch.save({"x": 1}, folder / "adapter_model.bin")
+    elif kind == "checksum":
+        w = folder / "adapter_model.safetensors"
+        raw = bytearray(w.read_bytes())
+        raw[-1] ^= 0xFF
+        w.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind", ["traversal", "symlink", "pickle", "checksum"])
+def test_hostile_adapter_folders_are_refused(fleet, tmp_path, kind):
+    import shutil
+
+    info = ok(["adapters", "show", fleet["gentle"]])
+    folder = tmp_path / "adapter"
+    shutil.copytree(info["path"], folder)
+    _hostile(kind, folder)
+    for cmd in (["adapters", "show", str(folder)], ["audit", "--adapter", str(folder)],
+                ["export", str(folder), "--out", str(tmp_path / "x")]):  # fmt: skip
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 2, (kind, cmd, r.output)
+        line = r.stderr.strip().splitlines()[0]
+        assert "found" in line and "expected" in line, line
+        assert not (tmp_path / "x").exists()
