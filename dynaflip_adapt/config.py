@@ -137,6 +137,12 @@ class LossSection(_Section):
         "dimension in units of the teacher's spread over the replay set (what z-scoring policy "
         "heads see)",
     )
+    align: float = Field(
+        0.0,
+        ge=0,
+        description="moment alignment (CORAL-style, diagonal): the site batch's per-dimension "
+        "feature mean and spread match the teacher's on the source replay, in its units",
+    )
     consistency: float = Field(
         0.0,
         ge=0,

@@ -69,6 +69,11 @@ ABLATIONS: dict[str, Ablation] = {
         ),
         Ablation("default", "anchors + frozen teacher on source replay (the recipe)"),
         Ablation(
+            "default_align",
+            "the recipe + moment alignment of site features to the source replay",
+            {"align": 1.0},
+        ),
+        Ablation(
             "full_ft", "the recipe's losses, every encoder weight trained (no LoRA)", full=True
         ),
         Ablation(
@@ -270,9 +275,11 @@ def run_benchmark(
     workdir: str | Path,
     *,
     on_event: Event | None = None,
+    on_step: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Presets x seeds x ablations on simulator logs; returns runs (one row per preset, seed,
-    ablation) and their summary.
+    ablation) and their summary. `on_event(message)` reports stages, `on_step(run, step, total)`
+    finetune steps.
 
     Per seed: base-site train logs (the policies' data) and held-out base logs; per preset: the
     shifted site's train logs (what the adapter sees) and held-out logs rendered from the same
@@ -343,6 +350,7 @@ def run_benchmark(
                         site=preset,
                         max_steps=cfg.steps,
                         full=ab.full,
+                        on_step=_step_reporter(on_step, f"{preset} s{seed} {ab_name}", cfg.steps),
                     )
                     enc, probe = res.encoder, res.probe
                 ev = evaluate_encoder(
@@ -382,6 +390,15 @@ def run_benchmark(
         "runs": rows,
         "summary": summarize(rows, cfg.heads),
     }
+
+
+def _step_reporter(
+    on_step: Callable[[str, int, int], None] | None, name: str, total: int
+) -> Callable[[int, dict[str, float]], None] | None:
+    if on_step is None:
+        return None
+    report = on_step
+    return lambda step, _metrics: report(name, step, total)
 
 
 def _worst(verdicts: Sequence[str]) -> str:

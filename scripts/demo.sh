@@ -3,9 +3,9 @@
 # generated site logs, the shipped backbone). Idempotent: a second run redoes it in place and
 # adds new versions to the same registry.
 #
-#   base site logs -> reference policy on the shipped backbone -> shifted-site logs
-#   -> 3D flow check -> finetune a LoRA adapter -> attention maps -> audit -> promote -> history
-#   -> roll back
+#   base site logs -> reference policies on the shipped backbone -> shifted-site logs
+#   -> 3D flow check -> finetune a LoRA adapter -> attention maps -> audit -> promote
+#   -> evaluate on held-out episodes (the gain) -> history -> roll back
 #   -> export the merged encoder
 set -euo pipefail
 OUT=${DEMO_OUT:-$PWD/demo_out}
@@ -22,6 +22,10 @@ da backbones list
 echo "==> site logs in MuJoCo: the base site and a shifted site '$SITE'"
 da sim generate "$OUT/logs/base.h5" --site base -n "$EPISODES" --seed 100
 da sim generate "$OUT/logs/$SITE.h5" --site "$SITE" -n "$EPISODES" --seed 200
+echo "==> held-out episodes (never trained on), rendered at both sites from the same seeds"
+mkdir -p "$OUT/heldout"
+da sim generate "$OUT/heldout/base.h5" --site base -n 6 --seed 300
+da sim generate "$OUT/heldout/$SITE.h5" --site "$SITE" -n 6 --seed 300
 da data inspect "$OUT/logs"
 da data validate "$OUT/logs"
 
@@ -29,8 +33,11 @@ echo "==> 3D flow from RGB-D, scored against the simulator's ground truth"
 da flow extract "$OUT/logs/$SITE.h5" --overwrite
 da flow eval "$OUT/logs/$SITE.h5"
 
-echo "==> a reference policy (behaviour cloning on frozen features) pinned to the base backbone"
+echo "==> reference policies on frozen base features, pinned to the base backbone:"
+echo "    behaviour cloning, a diffusion policy, and a proprio-only control (reads no image)"
 da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-bc" --tolerance 0.25
+da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-diffusion" --head diffusion --tolerance 0.25
+da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-proprio" --head proprio_only --tolerance 0.25
 
 echo "==> finetune a LoRA adapter for the shifted site (anchors + teacher on source replay)"
 da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS"
@@ -42,6 +49,11 @@ da inspect "$OUT/logs/$SITE.h5" --adapter "$NEW" --out "$OUT/attention.png"
 echo "==> audit adapter v$NEW against the policies pinned to '$SITE', then promote"
 da audit --adapter "$NEW" || true
 da promote "$NEW" --site "$SITE" || da promote "$NEW" --site "$SITE" --force --reason "demo: promote despite the audit"
+
+echo "==> the gain: action error on held-out '$SITE' episodes, base encoder vs adapter v$NEW,"
+echo "    and on held-out base episodes (retention)"
+da eval logs "$OUT/heldout/$SITE.h5" --adapter "$NEW" --base-logs "$OUT/heldout/base.h5" \
+  --paired-logs "$OUT/heldout/base.h5"
 da history --site "$SITE"
 
 echo "==> roll back (to the previous promotion, if there is one)"

@@ -238,3 +238,16 @@ def test_eval_benchmark_end_to_end(tmp_path):
     assert "benchmark/ood.json" in arts
     if importlib.util.find_spec("matplotlib") is not None:
         assert "benchmark/ood.png" in arts and out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_sharded_batches_split_every_global_batch_evenly():
+    from dynaflip_adapt.train.distributed import Dist, ShardedBatches
+
+    order = list(range(20))
+    one = list(ShardedBatches(order, 8, Dist()))
+    two = [list(ShardedBatches(order, 8, Dist(rank=r, world=2))) for r in (0, 1)]
+    assert one == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+    for b, (r0, r1) in zip(one, zip(*two, strict=False), strict=False):
+        assert r0 + r1 == b  # rank 0 takes the first half, rank 1 the second
+    assert two[0][-1] == [16, 17] and two[1][-1] == [18, 19]
+    assert Dist(rank=1, world=2).shard(torch.arange(6)).tolist() == [3, 4, 5]

