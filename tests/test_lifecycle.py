@@ -252,3 +252,22 @@ def test_hostile_adapter_folders_are_refused(fleet, tmp_path, kind):
         line = r.stderr.strip().splitlines()[0]
         assert "found" in line and "expected" in line, line
         assert not (tmp_path / "x").exists()
+
+
+def test_eval_logs_compares_base_and_adapter_on_held_out_logs(fleet):
+    logs = fleet["logs"]
+    args = ["eval", "logs", logs, "--base-logs", logs, "--paired-logs", logs]
+    gentle = ok([*args, "--adapter", fleet["gentle"]])
+    base, adapted = gentle["encoders"]
+    assert base["encoder"] == "base" and set(base["shifted"]) == set(gentle["reduction"])
+    # Paired logs = the shifted logs themselves: the base encoder's drift is exactly 0, and a
+    # near-untrained adapter (lr 1e-9) changes neither features nor errors.
+    assert base["paired_drift"] == 0.0 and adapted["paired_drift"] < 1e-3
+    assert all(abs(r) < 1e-3 for r in gentle["reduction"].values())
+    wild = ok([*args, "--adapter", fleet["wild"]])
+    for p, r in wild["reduction"].items():
+        b, a = (e["shifted"][p]["mse"] for e in wild["encoders"])
+        assert r == pytest.approx(1 - a / b)
+        assert len(wild["encoders"][0]["shifted"][p]["per_dim"]) == 4  # dx, dy, dz, grip
+    assert wild["encoders"][1]["paired_drift"] > 0.01
+    assert wild["audit"] in ("compatible", "warning", "incompatible")

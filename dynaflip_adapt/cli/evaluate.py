@@ -70,8 +70,7 @@ def logs_cmd(
     if not pinfos:
         raise InputError(None, "--site", repr(site), "a site with registered policies")
     policies = {
-        f"{p.tags.get('name', 'policy')} (v{p.version})": load_policy_version(reg, p)
-        for p in pinfos
+        f"v{p.version} {p.tags.get('head', 'policy')}": load_policy_version(reg, p) for p in pinfos
     }
     size = bundle.model.cfg.image_size
 
@@ -117,32 +116,25 @@ def logs_cmd(
     if as_json:
         print_json(out)
         return
-    table = Table(title=f"{name} at site {site}: action MSE (units of action std)")
-    for col in (
-        "policy",
-        "shifted: base",
-        "shifted: adapted",
-        "reduction",
-        "base site: base",
-        "base site: adapted",
-        "change",
-    ):
-        table.add_column(col, justify="right" if col != "policy" else "left")
+    table = Table(
+        title=f"{name} at site {site}: action MSE in action-std units (change < 0: better)"
+    )
+    table.add_column("policy", no_wrap=True)
+    for col in ("shifted site\nbase -> adapted", "change", "base site\nbase -> adapted", "change"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def change(before: float, after: float) -> str:
+        d = after / before - 1
+        return f"[{'green' if d < 0 else 'red' if d > 0 else 'white'}]{100 * d:+.1f}%[/]"
+
     for p in policies:
-        row = [
-            p,
-            f"{evals[0].shifted[p]['mse']:.3f}",
-            f"{evals[1].shifted[p]['mse']:.3f}",
-            f"{100 * out['reduction'][p]:+.1f}%",
-        ]
+        b, a = evals[0].shifted[p]["mse"], evals[1].shifted[p]["mse"]
+        row = [p, f"{b:.3f} -> {a:.3f}", change(b, a)]
         if base is not None:
-            row += [
-                f"{evals[0].base[p]['mse']:.3f}",
-                f"{evals[1].base[p]['mse']:.3f}",
-                f"{100 * out['base_change'][p]:+.1f}%",
-            ]
+            bb, ba = evals[0].base[p]["mse"], evals[1].base[p]["mse"]
+            row += [f"{bb:.3f} -> {ba:.3f}", change(bb, ba)]
         else:
-            row += ["-", "-", "-"]
+            row += ["-", "-"]
         table.add_row(*row)
     c = console()
     c.print(table)
