@@ -500,9 +500,13 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
         for i, h in enumerate(heads):
             m = [summary[a]["heads"][h][key]["mean"] for a in abls]
             e = [summary[a]["heads"][h][key]["sd"] for a in abls]
-            ax.bar([j + i * width for j in range(len(abls))], m, width, yerr=e, label=h, capsize=2)
+            # Log scale (errors span orders of magnitude): clip the lower bar above zero.
+            lo = [min(sd, 0.9 * mu) for mu, sd in zip(m, e, strict=True)]
+            xs = [j + i * width for j in range(len(abls))]
+            ax.bar(xs, m, width, yerr=[lo, e], label=h, capsize=2)
         ax.set_xticks([j + width * (len(heads) - 1) / 2 for j in range(len(abls))])
         ax.set_xticklabels(abls, rotation=30, ha="right")
+        ax.set_yscale("log")
         ax.set_title(title)
         ax.set_ylabel("action MSE (action-std units)")
     axes[0].legend(fontsize=8)
