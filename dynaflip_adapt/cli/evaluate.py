@@ -107,10 +107,9 @@ def logs_cmd(
             p: evals[1].base[p]["mse"] / evals[0].base[p]["mse"] - 1 for p in policies
         }
     with reg.run(EXPERIMENT, f"eval {name} at {site}", {"site": str(site)}) as run:
-        metrics = {f"reduction.{i}": v for i, v in enumerate(out["reduction"].values())}
-        metrics |= {
-            f"base_change.{i}": v for i, v in enumerate(out.get("base_change", {}).values())
-        }
+        # Keyed by policy ("v3 bc"): MLflow metric names allow spaces.
+        metrics = {f"reduction.{p}": v for p, v in out["reduction"].items()}
+        metrics |= {f"base_change.{p}": v for p, v in out.get("base_change", {}).items()}
         run.log_metrics(0, metrics)
         run.log_dict(out, "eval.json")
     if as_json:
