@@ -329,6 +329,11 @@ def run_benchmark(
             )
             for ab_name in cfg.ablations:
                 ab = ABLATIONS[ab_name]
+                cached = _result_path(workdir, bundle, recipe, cfg, preset, seed, ab)
+                if cached.exists():
+                    rows.append(json.loads(cached.read_text()))
+                    say(f"seed {seed} {preset} {ab_name}: done in an earlier run ({cached.name})")
+                    continue
                 t0 = time.perf_counter()
                 probe: dict[str, torch.Tensor] = {}
                 if not ab.train:
@@ -377,6 +382,10 @@ def run_benchmark(
                     **ev.to_dict(),
                 }
                 rows.append(row)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(".tmp")
+                tmp.write_text(json.dumps(row, default=str))
+                tmp.replace(cached)
                 say(
                     f"seed {seed} {preset} {ab_name}: "
                     + ", ".join(f"{h} {row['shifted'][h]['mse']:.3f}" for h in cfg.heads)
@@ -390,6 +399,36 @@ def run_benchmark(
         "runs": rows,
         "summary": summarize(rows, cfg.heads),
     }
+
+
+def _result_path(
+    workdir: Path,
+    bundle: Bundle,
+    recipe: FinetuneRecipe,
+    cfg: BenchmarkConfig,
+    preset: str,
+    seed: int,
+    ablation: Ablation,
+) -> Path:
+    """Where one run's row is kept: keyed by everything that determines it (backbone, the
+    ablation's recipe, sizes, heads, steps), so an interrupted or repeated benchmark reuses
+    finished runs (policies and finetunes are deterministic under their seeds)."""
+    import hashlib
+
+    from dynaflip_adapt.config import recipe_hash
+
+    sizes = {k: v for k, v in asdict(cfg).items() if k not in ("presets", "seeds", "ablations")}
+    key = json.dumps(
+        [
+            bundle.fingerprint,
+            recipe_hash(ablation_recipe(recipe, ablation)),
+            sizes,
+            asdict(ablation),
+        ],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return workdir / "results" / f"{preset}_s{seed}_{ablation.name}_{digest}.json"
 
 
 def _step_reporter(

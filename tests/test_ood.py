@@ -213,14 +213,21 @@ def test_eval_benchmark_end_to_end(tmp_path):
                             "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     out = tmp_path / "res" / "ood.json"
-    r = runner.invoke(app, ["eval", "benchmark", "-p", "night_shift", "-s", "0", "-a", "default",
-                            "--steps", "2", "--episodes", "2", "--test-episodes", "2",
-                            "--frames", "12", "--size", "32", "--policy-steps", "20",
-                            "--set", "data.num_workers=0", "--set", "optim.batch_size=4",
-                            "--workdir", str(tmp_path / "w"), "--out", str(out), "--json"])  # fmt: skip
+    args = ["eval", "benchmark", "-p", "night_shift", "-s", "0", "-a", "default",
+            "--steps", "2", "--episodes", "2", "--test-episodes", "2",
+            "--frames", "12", "--size", "32", "--policy-steps", "20",
+            "--set", "data.num_workers=0", "--set", "optim.batch_size=4",
+            "--workdir", str(tmp_path / "w"), "--out", str(out), "--json"]  # fmt: skip
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert json.loads(out.read_text())["summary"] == res["summary"]
+    # A second invocation reuses the finished runs (kept per run under the work folder).
+    kept = sorted(p.name for p in (tmp_path / "w" / "results").iterdir())
+    assert len(kept) == 2 and "night_shift_s0_default_" in kept[0] and "_s0_none_" in kept[1]
+    r2 = runner.invoke(app, args)
+    assert r2.exit_code == 0, r2.output
+    assert json.loads(r2.stdout)["runs"] == res["runs"]
     assert [row["ablation"] for row in res["runs"]] == ["none", "default"]
     none, ad = res["runs"]
     # The proprio-only control reads no image: identical under every encoder.
