@@ -34,6 +34,15 @@ HORIZON = 4  # actions per diffusion chunk
 CLIP = 5.0  # |normalized action| bound when sampling
 
 
+def _mlp(dims: list[int]) -> nn.Sequential:
+    """Linear + GELU layers through `dims`, a plain Linear last."""
+    mods: list[nn.Module] = []
+    for i, o in itertools.pairwise(dims[:-1]):
+        mods += [nn.Linear(i, o), nn.GELU()]
+    mods.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*mods)
+
+
 class MLPHead(nn.Module):
     """features (B, F) ++ proprio (B, P) -> normalized action (B, A)."""
 
@@ -46,23 +55,10 @@ class MLPHead(nn.Module):
         layers: int = 2,
     ) -> None:
         super().__init__()
-        dims = [feature_dim + proprio_dim] + [hidden] * layers
-        mods: list[nn.Module] = []
-        for i, o in itertools.pairwise(dims):
-            mods += [nn.Linear(i, o), nn.GELU()]
-        mods.append(nn.Linear(dims[-1], action_dim))
-        self.net = nn.Sequential(*mods)
+        self.net = _mlp([feature_dim + proprio_dim] + [hidden] * layers + [action_dim])
 
     def forward(self, features: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([features, proprio], dim=-1))
-
-
-def _mlp(dims: list[int]) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for i, o in itertools.pairwise(dims[:-1]):
-        mods += [nn.Linear(i, o), nn.GELU()]
-    mods.append(nn.Linear(dims[-2], dims[-1]))
-    return nn.Sequential(*mods)
 
 
 class DiffusionHead(nn.Module):
