@@ -93,10 +93,11 @@ def check_batch(dist: Dist, batch_size: int, replay: int) -> None:
 
 
 class ShardedBatches(Sampler[list[int]]):
-    """Global batches of `batch` consecutive indices from `order`; yields this rank's slice."""
+    """Global batches of `batch` consecutive indices from `order`; yields this rank's slice (a
+    last, short batch of a finite order is split evenly too)."""
 
-    def __init__(self, order: Any, batch: int, dist: Dist, drop_last: bool = False) -> None:
-        self.order, self.batch, self.dist, self.drop_last = order, batch, dist, drop_last
+    def __init__(self, order: Any, batch: int, dist: Dist) -> None:
+        self.order, self.batch, self.dist = order, batch, dist
 
     def __iter__(self) -> Iterator[list[int]]:
         n = self.batch // self.dist.world
@@ -106,7 +107,7 @@ class ShardedBatches(Sampler[list[int]]):
             if len(buf) == self.batch:
                 yield buf[self.dist.rank * n : (self.dist.rank + 1) * n]
                 buf = []
-        if buf and not self.drop_last:
+        if buf:
             n = len(buf) // self.dist.world
             if n:
                 yield buf[self.dist.rank * n : (self.dist.rank + 1) * n]

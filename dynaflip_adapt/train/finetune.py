@@ -457,59 +457,49 @@ def finetune(
     heads.cpu()
     student.cpu()
     ctx = ema.average_parameters() if ema is not None else contextlib.nullcontext()
-    if full:
-        with ctx:
-            encoder = copy.deepcopy(student).requires_grad_(False).eval()
-        dist.barrier()
-        return FinetuneResult(
-            None,
-            total,
-            history[-1] if history else {},
-            seconds,
-            seen / max(seconds, 1e-9),
-            anchors,
-            warnings,
-            history=history,
-            encoder=encoder,
-            probe=_probe_set(bundle, ds, text.cpu(), trimodal),
-        )
-    out = workdir / "adapter"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out: Path | None = None
+    geometry: dict[str, float] = {}
     with ctx:
-        encoder = copy.deepcopy(student).merge_and_unload().requires_grad_(False).eval()
-        student.save_pretrained(str(out))
         probe = _probe_set(bundle, ds, text.cpu(), trimodal)
-        geometry = geometry_fingerprint(bundle, student, probe)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
-    from safetensors.torch import save_file
+        if full:  # the ablation: no adapter to write
+            encoder = copy.deepcopy(student).requires_grad_(False).eval()
+        else:
+            encoder = copy.deepcopy(student).merge_and_unload().requires_grad_(False).eval()
+            out = workdir / "adapter"
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            student.save_pretrained(str(out))
+            geometry = geometry_fingerprint(bundle, student, probe)
+    if out is not None:
+        (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+        from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in probe.items()}, str(out / PROBE_FILE))
-    import peft
+        save_file({k: v.contiguous() for k, v in probe.items()}, str(out / PROBE_FILE))
+        import peft
 
-    write_manifest(
-        out,
-        {
-            "site": site,
-            "lineage": {
-                "base_fingerprint": bundle.fingerprint,
-                "recipe_hash": recipe_hash(recipe),
-                "parent": str(parent) if parent else None,
-                "peft": peft.__version__,
-                "torch": torch.__version__,
-                "seed": recipe.run.seed,
-                "steps": total,
-                **(lineage or {}),
+        write_manifest(
+            out,
+            {
+                "site": site,
+                "lineage": {
+                    "base_fingerprint": bundle.fingerprint,
+                    "recipe_hash": recipe_hash(recipe),
+                    "parent": str(parent) if parent else None,
+                    "peft": peft.__version__,
+                    "torch": torch.__version__,
+                    "seed": recipe.run.seed,
+                    "steps": total,
+                    **(lineage or {}),
+                },
+                "recipe": recipe_to_dict(recipe),
+                "anchors": anchors,
+                "active_losses": active,
+                "geometry": geometry,
+                "preprocessing": heads.cfg.preprocessing(),
+                "feature_dim": heads.cfg.width,
             },
-            "recipe": recipe_to_dict(recipe),
-            "anchors": anchors,
-            "active_losses": active,
-            "geometry": geometry,
-            "preprocessing": heads.cfg.preprocessing(),
-            "feature_dim": heads.cfg.width,
-        },
-    )
+        )
     dist.barrier()
     return FinetuneResult(
         out,
