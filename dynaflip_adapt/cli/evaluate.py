@@ -90,7 +90,7 @@ def logs_cmd(
         evaluate_encoder(bundle, "base", bundle.model.image, policies, sh, base, paired),
         evaluate_encoder(bundle, name, ad.merged().eval(), policies, sh, base, paired),
     ]
-    report, _, audit_run = run_audit(reg, adapter, site, None)
+    report, _, audit_run = run_audit(reg, adapter, site, None, (bundle, ad, ainfo))
     evals[1].audit = report.verdict
     out = {
         "adapter": ainfo.to_dict() if ainfo else str(ad.path),

@@ -16,9 +16,14 @@ COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red"}
 
 
 def run_audit(
-    registry: Any, adapter_ref: str, site: str | None, policy: str | None
+    registry: Any,
+    adapter_ref: str,
+    site: str | None,
+    policy: str | None,
+    opened: tuple[Any, Any, Any] | None = None,
 ) -> tuple[Any, Any, str]:
-    """(report, adapter version info, audit run id) for an adapter against a site's policies."""
+    """(report, adapter version info, audit run id) for an adapter against a site's policies;
+    `opened` is ``open_adapter(registry, adapter_ref)`` when the caller already has it."""
     from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter, open_adapter
     from dynaflip_adapt.audit import audit
     from dynaflip_adapt.lifecycle import (
@@ -28,7 +33,7 @@ def run_audit(
         policies_for_site,
     )
 
-    bundle, adapter, ainfo = open_adapter(registry, adapter_ref)
+    bundle, adapter, ainfo = opened or open_adapter(registry, adapter_ref)
     site = site or adapter.manifest.get("site")
     if policy is not None:
         pinfos = [registry.resolve(POLICY_MODEL, policy)]
