@@ -168,3 +168,22 @@ def test_shipped_backbone_bootstraps_an_empty_registry():
     assert shipped.manifest["architecture"]["text_encoder"] == "minilm"
     assert shipped.replay["rgb0"].shape[1:] == (3, 64, 64)
     assert shipped.manifest["provenance"]["steps"] >= 1000
+
+
+def test_shipped_backbone_was_trained_with_the_shipped_recipe():
+    """The README's reproduce command runs `pretrain --recipe pretrain/small`: every setting the
+    shipped bundle recorded must still be what that recipe resolves to (keys added to the recipe
+    schema since then are not in the manifest and must keep their neutral defaults)."""
+    from dynaflip_adapt.backbones import SHIPPED
+    from dynaflip_adapt.config import recipe_to_dict
+
+    recorded = load_bundle(SHIPPED).manifest["provenance"]["recipe"]
+    recipe, _ = load_recipe("pretrain/small")
+    current = recipe_to_dict(recipe)
+    for section, values in recorded.items():
+        if not isinstance(values, dict):
+            assert current[section] == values, section
+            continue
+        for key, value in values.items():
+            assert current[section][key] == value, f"{section}.{key}"
+    assert current["loss"].get("variance", 0.0) == 0.0
