@@ -117,6 +117,12 @@ class LossSection(_Section):
     temperature_init: float = Field(0.07, gt=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     temporal: float = Field(0.0, ge=0, description="temporal contrastive (nearby frames)")
+    temporal_space: Literal["head", "features"] = Field(
+        "head",
+        description="where the temporal term compares frames: through the single-frame "
+        "projection head, or on the image encoder's own features (what policies read; the head "
+        "can tell frames apart from tiny feature differences, the features cannot hide behind it)",
+    )
     flow_prediction: float = Field(0.0, ge=0, description="one-step 3D-flow prediction head")
     single_frame: float = Field(0.0, ge=0, description="anchor on single-frame embeddings")
     variance: float = Field(

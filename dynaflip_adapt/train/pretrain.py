@@ -123,9 +123,12 @@ def trimodal_losses(
     parts["cosine"] = cosine_regularizer(b, c, weights.cosine_margin)
     parts["contrastive"] = area_infonce(a, b, c, model.logit_scale, weights.label_smoothing)
     if weights.temporal > 0:
-        parts["temporal"] = cosine_infonce(
-            model.embed_frame(f0), model.embed_frame(f1), model.temporal_scale
-        )
+        if weights.temporal_space == "features":
+            parts["temporal"] = cosine_infonce(f0, f1, model.temporal_scale)
+        else:
+            parts["temporal"] = cosine_infonce(
+                model.embed_frame(f0), model.embed_frame(f1), model.temporal_scale
+            )
     if weights.flow_prediction > 0:
         pred = model.predict_flow(f0, feats[..., :3])
         parts["flow_prediction"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, mask)
