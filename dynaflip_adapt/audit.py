@@ -204,19 +204,22 @@ def policy_deviation(
 ) -> dict[str, float]:
     """The policy's actions on old vs new features, relative to its action scale.
 
-    On the policy's own probe (its frames and proprio) and on the adapter's site frames (with
-    the policy's mean proprio).
+    On the policy's own probe (its frames, proprio and instructions) and on the adapter's site
+    frames (with the policy's mean proprio and instruction embedding).
     """
     out: dict[str, float] = {}
+    st = policy.stats
     sets = []
-    if "probe_rgb" in policy.stats:
-        sets.append(("policy_probe", policy.stats["probe_rgb"], policy.stats["probe_proprio"]))
+    if "probe_rgb" in st:
+        lang = st.get("probe_language")
+        sets.append(("policy_probe", st["probe_rgb"], st["probe_proprio"], lang))
     if "site_rgb0" in probe:
         rgb = probe["site_rgb0"]
-        sets.append(("adapter_probe", rgb, policy.stats["prop_mean"].expand(len(rgb), -1)))
-    for name, rgb, prop in sets:
-        a_old = policy.act(_features(bundle, old, rgb), prop)
-        a_new = policy.act(_features(bundle, new, rgb), prop)
+        lang = st["lang_mean"].expand(len(rgb), -1) if "lang_mean" in st else None
+        sets.append(("adapter_probe", rgb, st["prop_mean"].expand(len(rgb), -1), lang))
+    for name, rgb, prop, lang in sets:
+        a_old = policy.act(_features(bundle, old, rgb), prop, lang)
+        a_new = policy.act(_features(bundle, new, rgb), prop, lang)
         rel = ((a_new - a_old).abs() / policy.action_scale).mean(dim=1)
         out[f"{name}_mean"] = float(rel.mean())
         out[f"{name}_p95"] = float(rel.quantile(0.95))

@@ -111,10 +111,14 @@ def extracted_source(gap: int) -> str:
 
 @torch.no_grad()
 def action_error(
-    policy: Policy, features: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor
+    policy: Policy,
+    features: torch.Tensor,
+    proprio: torch.Tensor,
+    actions: torch.Tensor,
+    language: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """MSE of the policy's actions in units of its action std: overall and per dimension."""
-    z = (policy.act(features, proprio) - actions) / policy.action_scale
+    z = (policy.act(features, proprio, language) - actions) / policy.action_scale
     per_dim = (z**2).mean(0)
     return {"mse": float(per_dim.mean()), "per_dim": [float(v) for v in per_dim]}
 
@@ -162,14 +166,16 @@ def evaluate_encoder(
     out = EncoderEval(
         name,
         {
-            p: action_error(pol, fs, shifted["proprio"], shifted["actions"])
+            p: action_error(
+                pol, fs, shifted["proprio"], shifted["actions"], shifted.get("language")
+            )
             for p, pol in policies.items()
         },
     )
     if base is not None:
         fb = encode_frames(encoder, pre, base["rgb"])
         out.base = {
-            p: action_error(pol, fb, base["proprio"], base["actions"])
+            p: action_error(pol, fb, base["proprio"], base["actions"], base.get("language"))
             for p, pol in policies.items()
         }
     if paired is not None:
@@ -194,13 +200,14 @@ class BenchmarkConfig:
     heads: list[str] = field(
         default_factory=lambda: ["bc", "diffusion", "image_only", "proprio_only"]
     )
-    train_episodes: int = 12
-    test_episodes: int = 6
+    train_episodes: int = 96
+    test_episodes: int = 12
     frames: int = 50
     size: int = 128
     steps: int = 300
     policy_steps: int = 1500
     tolerance: float = 0.25
+    language: bool = True
 
     def validate(self) -> None:
         from dynaflip_adapt.errors import InputError
@@ -251,11 +258,12 @@ def _site_logs(workdir: Path, site: str, seed: int, episodes: int, frames: int, 
     return path
 
 
-def _frames(bundle: Bundle, path: Path) -> Frames:
+def _frames(bundle: Bundle, path: Path, language: bool) -> Frames:
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
-    from dynaflip_adapt.policies import collect
+    from dynaflip_adapt.policies import collect, instruction_embedder
 
-    return collect(open_logs([path]), EpisodeReader(), bundle.model.cfg.image_size)
+    embed = instruction_embedder(bundle) if language else None
+    return collect(open_logs([path]), EpisodeReader(), bundle.model.cfg.image_size, language=embed)
 
 
 def _ensure_extracted(path: Path, gap: int) -> None:
@@ -300,10 +308,14 @@ def run_benchmark(
         s_train, s_test, s_site = 10_000 + 3 * seed, 10_000 + 3 * seed + 1, 10_000 + 3 * seed + 2
         say(f"seed {seed}: base-site logs")
         base_train = _frames(
-            bundle, _site_logs(workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size)
+            bundle,
+            _site_logs(workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size),
+            cfg.language,
         )
         base_test = _frames(
-            bundle, _site_logs(workdir, "base", s_test, cfg.test_episodes, cfg.frames, cfg.size)
+            bundle,
+            _site_logs(workdir, "base", s_test, cfg.test_episodes, cfg.frames, cfg.size),
+            cfg.language,
         )
         policies: dict[str, Policy] = {}
         for h in cfg.heads:
@@ -325,7 +337,9 @@ def run_benchmark(
                 workdir, preset, s_site, cfg.train_episodes, cfg.frames, cfg.size
             )
             shifted = _frames(
-                bundle, _site_logs(workdir, preset, s_test, cfg.test_episodes, cfg.frames, cfg.size)
+                bundle,
+                _site_logs(workdir, preset, s_test, cfg.test_episodes, cfg.frames, cfg.size),
+                cfg.language,
             )
             for ab_name in cfg.ablations:
                 ab = ABLATIONS[ab_name]

@@ -4,7 +4,9 @@ A policy folder holds ``policy.json`` (head type and sizes, input spec, action s
 tolerance it declares, and its pin: backbone fingerprint + adapter) and ``policy.safetensors``.
 The reference heads read frozen image features and proprio: behaviour cloning (an MLP that
 predicts the action), a small diffusion policy (denoises an action chunk), and two controls, an
-image-only and a proprio-only MLP.
+image-only and a proprio-only MLP. Any head can also be conditioned on the episode's instruction
+(the backbone's own language embedding), as language-conditioned policies and VLAs are: then the
+instruction says which object and task, and only the image says where things are.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,11 +184,25 @@ class Policy:
     def uses_proprio(self) -> bool:
         return self.spec["inputs"]["proprio"]
 
-    def act(self, features: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
-        """Actions (B, A) in the logs' units from image features (B, F) and proprio (B, P)."""
+    @property
+    def uses_language(self) -> bool:
+        return bool(self.spec["inputs"].get("language", False))
+
+    def act(
+        self,
+        features: torch.Tensor,
+        proprio: torch.Tensor,
+        language: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Actions (B, A) in the logs' units from image features (B, F), proprio (B, P) and, for
+        a language-conditioned policy, instruction embeddings (B, L) (`instruction_embedder`)."""
         s = self.stats
         f = (features - s["feat_mean"]) / s["feat_std"] if self.uses_image else features[:, :0]
         p = (proprio - s["prop_mean"]) / s["prop_std"] if self.uses_proprio else proprio[:, :0]
+        if self.uses_language:
+            if language is None:
+                raise ValueError("this policy is language-conditioned: pass the instructions")
+            p = torch.cat([p, (language - s["lang_mean"]) / s["lang_std"]], dim=-1)
         return self.head(f, p) * s["act_std"] + s["act_mean"]
 
     @property
@@ -250,6 +267,7 @@ def load_policy(folder: str | Path) -> Policy:
     t = load_file(str(folder / WEIGHTS))
     f_in = spec["feature_dim"] if spec["inputs"]["image"] else 0
     p_in = spec["proprio_dim"] if spec["inputs"]["proprio"] else 0
+    p_in += spec.get("language_dim", 0) if spec["inputs"].get("language") else 0
     head = build_head(spec, f_in, p_in)
     head.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("head.")})
     head.eval()
@@ -270,12 +288,48 @@ def encode_frames(
     return torch.cat(out) if out else torch.zeros(0)
 
 
+Embedder = Callable[[Sequence[str]], torch.Tensor]
+
+
+def instruction_embedder(bundle: Any) -> Embedder:
+    """Instructions -> the backbone's unit language embeddings (B, embed_dim): its frozen
+    sentence encoder and projection, which adaptation never changes."""
+    from dynaflip_adapt.models.text import embed_instructions
+
+    @torch.no_grad()
+    def embed(texts: Sequence[str]) -> torch.Tensor:
+        table = embed_instructions(bundle.model.cfg.text_encoder, texts)
+        rows = torch.from_numpy(np.stack([table[t] for t in texts])).float()
+        return bundle.model.embed_text(rows)
+
+    return embed
+
+
 def collect(
-    logs: Any, reader: Any, image_size: int, max_frames: int | None = None
+    logs: Any,
+    reader: Any,
+    image_size: int,
+    max_frames: int | None = None,
+    language: Embedder | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Frames (at input size), proprio and actions of every episode, with episode ids."""
+    """Frames (at input size), proprio and actions of every episode, with episode ids; with
+    `language`, also each frame's instruction embedding (every episode needs an instruction).
+
+    Raises:
+        InputError: `language` given and an episode has no instruction.
+    """
     from dynaflip_adapt.train.triplets import resize_uint8
 
+    if language is not None:
+        for ep in logs.episodes:
+            if not ep.language:
+                raise InputError(
+                    ep.file,
+                    f"{ep.group} language",
+                    "no instruction",
+                    "an instruction for every episode (the policy is language-conditioned; "
+                    "train with --no-language otherwise)",
+                )
     rgb, prop, act, epi = [], [], [], []
     for i, ep in enumerate(logs.episodes):
         frames = torch.from_numpy(
@@ -291,6 +345,9 @@ def collect(
         "actions": torch.cat(act),
         "episode": torch.cat(epi),
     }
+    if language is not None:
+        texts = [str(ep.language) for ep in logs.episodes]
+        out["language"] = language(texts)[out["episode"]]
     if max_frames is not None and len(out["rgb"]) > max_frames:
         sel = torch.linspace(0, len(out["rgb"]) - 1, max_frames).round().long()
         out = {k: v[sel] for k, v in out.items()}
@@ -327,8 +384,10 @@ def train_head(
     weight_decay: float = 1e-2,
     episode: torch.Tensor | None = None,
     horizon: int = HORIZON,
+    language: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, torch.Tensor], float]:
     """Fits a head on z-scored inputs and actions; returns it, its stats and the final loss.
+    With `language` (N, L) the head is also conditioned on the instruction embeddings.
 
     Gaussian noise on the z-scored image features during training (and weight decay) keeps the
     head smooth: an unregularised head fitted to a few hundred frames turned a 5% feature change
@@ -337,13 +396,9 @@ def train_head(
     """
     torch.manual_seed(seed)
     eps = 1e-6
-    # A floor on the per-dimension std: z-scoring a nearly constant feature would turn a tiny
-    # drift into a large input change, making the policy (and its audit) hypersensitive.
-    feat_std = features.std(0)
-    feat_std = torch.maximum(feat_std, 0.1 * feat_std.median()) + eps
     stats = {
         "feat_mean": features.mean(0),
-        "feat_std": feat_std,
+        "feat_std": _floored_std(features),
         "prop_mean": proprio.mean(0),
         "prop_std": proprio.std(0) + eps,
         "act_mean": actions.mean(0),
@@ -352,6 +407,9 @@ def train_head(
     use_img, use_prop = head in IMAGE_HEADS, head in PROPRIO_HEADS
     f = (features - stats["feat_mean"]) / stats["feat_std"] if use_img else features[:, :0]
     p = (proprio - stats["prop_mean"]) / stats["prop_std"] if use_prop else proprio[:, :0]
+    if language is not None:
+        stats |= {"lang_mean": language.mean(0), "lang_std": _floored_std(language)}
+        p = torch.cat([p, (language - stats["lang_mean"]) / stats["lang_std"]], dim=-1)
     y = (actions - stats["act_mean"]) / stats["act_std"]
     model: nn.Module
     if head == "diffusion":
@@ -383,6 +441,13 @@ def train_head(
     return model, stats, float(loss.detach())
 
 
+def _floored_std(x: torch.Tensor) -> torch.Tensor:
+    # A floor on the per-dimension std: z-scoring a nearly constant feature would turn a tiny
+    # drift into a large input change, making the policy (and its audit) hypersensitive.
+    std = x.std(0)
+    return torch.maximum(std, 0.1 * std.median()) + 1e-6
+
+
 def policy_spec(
     head: str,
     feature_dim: int,
@@ -391,13 +456,19 @@ def policy_spec(
     tolerance: float,
     pin: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    language_dim: int = 0,
 ) -> dict[str, Any]:
-    """The JSON spec of a policy head."""
+    """The JSON spec of a policy head (`language_dim` > 0: conditioned on instructions)."""
     return {
         "head": head,
-        "inputs": {"image": head in IMAGE_HEADS, "proprio": head in PROPRIO_HEADS},
+        "inputs": {
+            "image": head in IMAGE_HEADS,
+            "proprio": head in PROPRIO_HEADS,
+            "language": language_dim > 0,
+        },
         "feature_dim": feature_dim,
         "proprio_dim": proprio_dim,
+        "language_dim": language_dim,
         "action_dim": action_dim,
         "hidden": 256,
         "layers": 3 if head == "diffusion" else 2,
@@ -426,8 +497,10 @@ def fit_policy(
     extra: dict[str, Any] | None = None,
 ) -> tuple[Policy, float]:
     """Trains a head on `encoder`'s features of `data` (from `collect`) -> an unsaved policy
-    (spec, weights, stats incl. a 64-frame probe of its own frames) and its final train loss."""
+    (spec, weights, stats incl. a 64-frame probe of its own frames) and its final train loss.
+    The policy is language-conditioned when `data` carries instruction embeddings."""
     feats = encode_frames(encoder, preprocess, data["rgb"])
+    language = data.get("language")
     model, stats, loss = train_head(
         feats,
         data["proprio"],
@@ -436,9 +509,12 @@ def fit_policy(
         steps=steps,
         seed=seed,
         episode=data["episode"],
+        language=language,
     )
     sel = torch.linspace(0, len(data["rgb"]) - 1, min(64, len(data["rgb"]))).round().long()
     stats |= {"probe_rgb": data["rgb"][sel], "probe_proprio": data["proprio"][sel]}
+    if language is not None:
+        stats["probe_language"] = language[sel]
     spec = policy_spec(
         head,
         feats.shape[1],
@@ -447,5 +523,6 @@ def fit_policy(
         tolerance,
         pin,
         {"train_loss": loss, "train_frames": len(feats), **(extra or {})},
+        language_dim=0 if language is None else language.shape[1],
     )
     return Policy(None, spec, model, stats), loss

@@ -79,7 +79,9 @@ def test_policy_is_registered_with_its_pin(fleet):
     spec = ok(["policies", "show", fleet["policy"]])["spec"]
     backbones = ok(["backbones", "list"])
     assert spec["pin"]["backbone_fingerprint"] == backbones[0]["tags"]["fingerprint"]
-    assert spec["inputs"] == {"image": True, "proprio": True}
+    # Simulator logs carry instructions: the policy is language-conditioned by default.
+    assert spec["inputs"] == {"image": True, "proprio": True, "language": True}
+    assert spec["language_dim"] == 32  # pretrain/tiny's embed_dim: the backbone's own embedding
 
 
 def test_audit_separates_a_gentle_adapter_from_a_wild_one(fleet):
@@ -112,10 +114,11 @@ def test_audit_deviation_is_the_policys_own_output_change(fleet, tmp_path):
     folder, _ = resolve_adapter(reg, fleet["wild"])
     ad = load_adapter(bundle, folder)
     rgb, prop = pol.stats["probe_rgb"], pol.stats["probe_proprio"]
+    lang = pol.stats["probe_language"]
     with torch.no_grad():
         x = bundle.model.preprocess(rgb)
-        old = pol.act(bundle.model.image(x), prop)
-        new = pol.act(ad.peft_model(x), prop)
+        old = pol.act(bundle.model.image(x), prop, lang)
+        new = pol.act(ad.peft_model(x), prop, lang)
     expected = float(((new - old).abs() / pol.action_scale).mean())
     report = json.loads(runner.invoke(app, ["audit", "--adapter", fleet["wild"], "--json"]).stdout)
     got = {c["name"]: c for c in report["policies"][0]["checks"]}["action_deviation.policy_probe"][

@@ -116,7 +116,7 @@ def test_diffusion_head_learns_generalises_and_is_deterministic(tmp_path):
     again = load_policy(tmp_path / "p")
     with torch.no_grad():
         assert torch.allclose(again.act(ft, pt), pred, atol=1e-6)
-    assert again.spec["inputs"] == {"image": True, "proprio": True}
+    assert again.spec["inputs"] == {"image": True, "proprio": True, "language": False}
 
 
 def _row(preset, seed, ab, shifted, base, drift=0.5, audit="compatible"):

@@ -61,7 +61,7 @@ def logs_cmd(
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
     from dynaflip_adapt.ood import evaluate_encoder
-    from dynaflip_adapt.policies import collect
+    from dynaflip_adapt.policies import collect, instruction_embedder
 
     reg = registry(ctx)
     bundle, ad, ainfo = open_adapter(reg, adapter)
@@ -73,9 +73,13 @@ def logs_cmd(
         f"v{p.version} {p.tags.get('head', 'policy')}": load_policy_version(reg, p) for p in pinfos
     }
     size = bundle.model.cfg.image_size
+    # Instructions are read (and embedded) only when some policy is conditioned on them.
+    embed = (
+        instruction_embedder(bundle) if any(p.uses_language for p in policies.values()) else None
+    )
 
     def frames(paths: list[Path] | None) -> Any:
-        return collect(open_logs(paths), EpisodeReader(), size) if paths else None
+        return collect(open_logs(paths), EpisodeReader(), size, language=embed) if paths else None
 
     sh, base, paired = frames(shifted), frames(base_logs), frames(paired_logs)
     if paired is not None and len(paired["rgb"]) != len(sh["rgb"]):
@@ -175,10 +179,18 @@ def benchmark_cmd(
     steps: Annotated[int, typer.Option("--steps", help="Finetune steps per run.")] = 300,
     episodes: Annotated[
         int, typer.Option("--episodes", help="Train episodes per site (policies, adapters).")
-    ] = 12,
+    ] = 96,
     test_episodes: Annotated[
         int, typer.Option("--test-episodes", help="Held-out episodes per site.")
-    ] = 6,
+    ] = 12,
+    language: Annotated[
+        bool,
+        typer.Option(
+            "--language/--no-language",
+            help="Condition the policies on the instruction (the tasks mix objects and goals: "
+            "without it a single frame cannot say which object to move).",
+        ),
+    ] = True,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="The policies' declared tolerance (audit).")
     ] = 0.25,
@@ -238,6 +250,7 @@ def benchmark_cmd(
         frames=frames,
         size=size,
         policy_steps=policy_steps,
+        language=language,
     )
     if head:
         cfg.heads = list(head)

@@ -62,6 +62,14 @@ def train(
         str | None, typer.Option("--name", help="Policy name (default: SITE-HEAD).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    language: Annotated[
+        bool | None,
+        typer.Option(
+            "--language/--no-language",
+            help="Condition the head on each episode's instruction (the backbone's language "
+            "embedding). Default: when every episode has one.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a reference policy head on frozen features and register it, pinned.
@@ -74,14 +82,25 @@ def train(
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import register_policy
-    from dynaflip_adapt.policies import HEADS, collect, fit_policy, save_policy
+    from dynaflip_adapt.policies import (
+        HEADS,
+        collect,
+        fit_policy,
+        instruction_embedder,
+        save_policy,
+    )
 
     if head not in HEADS:
         raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
     reg = registry(ctx)
     bundle, binfo, encoder, ainfo = encoder_for(reg, backbone, adapter)
     logset = open_logs(logs)
-    data = collect(logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000)
+    if language is None:
+        language = all(ep.language for ep in logset.episodes)
+    embed = instruction_embedder(bundle) if language else None
+    data = collect(
+        logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000, language=embed
+    )
     pin = {
         "backbone_fingerprint": bundle.fingerprint,
         "backbone_version": binfo.version if binfo else None,
@@ -110,7 +129,8 @@ def train(
         print_json(out)
     else:
         console().print(
-            f"registered dynaflip-policy version {info.version} ({info.tags['name']}, head {head}) "
+            f"registered dynaflip-policy version {info.version} ({info.tags['name']}, head {head}"
+            f"{', language-conditioned' if language else ''}) "
             f"pinned to backbone {pin['backbone_version']} adapter {pin['adapter_version']}; "
             f"final train loss {mse:.4f} on {frames} frames",
             highlight=False,
