@@ -129,7 +129,8 @@ def test_summary_reductions_are_paired_per_preset_and_seed():
     rows = [
         _row("a", 0, "none", {"bc": 2.0, "proprio_only": 1.0}, {"bc": 0.5, "proprio_only": 1.0}),
         _row("b", 0, "none", {"bc": 4.0, "proprio_only": 1.0}, {"bc": 1.0, "proprio_only": 1.0}),
-        _row("a", 0, "default", {"bc": 1.0, "proprio_only": 1.0}, {"bc": 0.5, "proprio_only": 1.0}),
+        _row("a", 0, "default", {"bc": 1.0, "proprio_only": 1.0}, {"bc": 0.5, "proprio_only": 1.0},
+             audit="warning"),
         _row("b", 0, "default", {"bc": 3.0, "proprio_only": 1.0}, {"bc": 1.1, "proprio_only": 1.0},
              audit="incompatible"),
     ]  # fmt: skip
@@ -139,8 +140,13 @@ def test_summary_reductions_are_paired_per_preset_and_seed():
     assert d["reduction"]["sd"] == pytest.approx(math.sqrt(2 * 0.125**2))
     assert d["base_change"]["mean"] == pytest.approx((0.0 + 0.1) / 2)
     assert s["default"]["image_heads_reduction"] == pytest.approx(0.375)
-    assert s["default"]["audit_compatible"] == 1 and s["default"]["audit_runs"] == 2
+    # A warning passes the promotion gate; an incompatible audit does not.
+    assert s["default"]["audit_compatible"] == 0 and s["default"]["audit_warning"] == 1
+    assert s["default"]["audit_passed"] == 1 and s["default"]["audit_runs"] == 2
     assert s["default"]["goal_met"] is False  # base +5% and one incompatible audit
+    ok = summarize([*rows[:3], {**rows[3], "audit": "compatible", "base": rows[2]["base"]}],
+                   ["bc", "proprio_only"])  # fmt: skip
+    assert ok["default"]["audit_passed"] == 2 and ok["default"]["goal_met"] is True
     assert s["none"]["heads"]["bc"]["reduction"]["mean"] == 0.0
     # The control: bc's shifted error (3.0 on average) is worse than proprio-only's (1.0).
     assert s["none"]["image_heads_beating_proprio_only"] == []
