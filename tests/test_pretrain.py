@@ -96,6 +96,8 @@ def test_cli_pretrain_registers_a_backbone_with_lineage(logs, tmp_path):
             "--recipe",
             "pretrain/tiny",
             *sets,
+            "--max-steps",
+            "6",
             "--workdir",
             str(tmp_path / "w"),
             "--json",
@@ -104,7 +106,11 @@ def test_cli_pretrain_registers_a_backbone_with_lineage(logs, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     tags = out["backbone"]["tags"]
-    assert tags["fingerprint"] == load_bundle(out["bundle"]).fingerprint
+    bundle = load_bundle(out["bundle"])
+    assert tags["fingerprint"] == bundle.fingerprint
+    # --max-steps is recorded in the bundle's recipe: the recipe reproduces the run.
+    prov = bundle.manifest["provenance"]
+    assert prov["steps"] == 6 and prov["recipe"]["optim"]["max_steps"] == 6
     assert tags["data_fingerprint"].startswith("sha256:") and tags["recipe_hash"].startswith(
         "sha256:"
     )

@@ -76,6 +76,9 @@ def pretrain(
     overrides = list(set_ or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")
+    if max_steps is not None:
+        # An override like any other, so the recipe recorded with the bundle is what ran.
+        overrides.append(f"optim.max_steps={max_steps}")
     rec, rec_path = load_recipe(recipe, overrides, kind="pretrain")
     assert isinstance(rec, PretrainRecipe)
     if resume and workdir is None:
@@ -84,7 +87,7 @@ def pretrain(
     fingerprint = logs_fingerprint(logs)
     registry = Registry(resolve_store(state(ctx).tracking_uri))
     work = workdir or Path(tempfile.mkdtemp(prefix="dynaflip-pretrain-"))
-    total = max_steps or rec.optim.max_steps
+    total = rec.optim.max_steps
     tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint}
     with registry.run(PRETRAIN_EXPERIMENT, f"pretrain-{rec_path.stem}", tags) as run:
         run.log_params(
