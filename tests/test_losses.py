@@ -168,3 +168,38 @@ def test_bf16_inputs_are_computed_in_fp32():
     a, b, c = (_unit(4, 8, seed=s) for s in (26, 27, 28))
     out = triangle_area(a.bfloat16(), b.bfloat16(), c.bfloat16())
     assert out.dtype == torch.float32
+
+
+def test_temporal_term_in_feature_space_is_infonce_on_the_encoder_outputs():
+    """temporal_space=features: symmetric InfoNCE of frames t and t+k on the image encoder's own
+    features (hand-computed here), not through the single-frame head."""
+    from dynaflip_adapt.config import LossSection
+    from dynaflip_adapt.models.backbone import Backbone, BackboneConfig
+    from dynaflip_adapt.train.pretrain import trimodal_losses
+
+    torch.manual_seed(0)
+    cfg = BackboneConfig(image_size=16, patch_size=8, width=16, depth=1, heads=2, embed_dim=8,
+                         text_encoder="hashed", flow_points=8, flow_width=8)  # fmt: skip
+    model = Backbone(cfg).eval()
+    B = 5
+    batch = {
+        "rgb0": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
+        "rgb1": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
+        "text": torch.arange(B) % 3,
+        "flow_points": torch.randn(B, 8, 3),
+        "flow_delta": 0.01 * torch.randn(B, 8, 3),
+        "flow_mask": torch.ones(B, 8, dtype=torch.bool),
+    }
+    text = torch.randn(3, 384)
+    with torch.no_grad():
+        _, feat = trimodal_losses(
+            model, batch, text, LossSection(temporal=1.0, temporal_space="features")
+        )
+        _, head = trimodal_losses(model, batch, text, LossSection(temporal=1.0))
+        f0 = F.normalize(model.features(batch["rgb0"]), dim=-1).double()
+        f1 = F.normalize(model.features(batch["rgb1"]), dim=-1).double()
+        logits = f0 @ f1.T * math.exp(float(model.temporal_scale))
+    target = torch.arange(B)
+    expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    assert feat["temporal"] == pytest.approx(float(expected), rel=1e-5)
+    assert abs(head["temporal"] - feat["temporal"]) > 1e-4
