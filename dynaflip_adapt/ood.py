@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from torch import nn
 
 from dynaflip_adapt.config import FinetuneRecipe
 from dynaflip_adapt.models.backbone import Bundle
-from dynaflip_adapt.policies import IMAGE_HEADS, Policy, encode_frames
+from dynaflip_adapt.policies import IMAGE_HEADS, Policy, encode_frames, load_policy, save_policy
 
 Frames = dict[str, torch.Tensor]  # rgb (N,3,S,S) uint8, proprio, actions, episode
 
@@ -319,6 +320,11 @@ def run_benchmark(
         )
         policies: dict[str, Policy] = {}
         for h in cfg.heads:
+            folder = _policy_path(workdir, bundle, cfg, seed, h)
+            if (folder / "policy.json").exists():
+                say(f"seed {seed}: policy {h} trained in an earlier run ({folder.name})")
+                policies[h] = load_policy(folder)
+                continue
             say(f"seed {seed}: policy {h} on base features")
             policies[h], _ = fit_policy(
                 base_enc,
@@ -330,6 +336,11 @@ def run_benchmark(
                 steps=cfg.policy_steps,
                 seed=seed,
             )
+            tmp = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_policy(tmp, policies[h].head, policies[h].spec, policies[h].stats)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
         ref = encode_frames(base_enc, bundle.model.preprocess, base_test["rgb"])
         audited = [(h, policies[h], None) for h in cfg.heads if h in IMAGE_HEADS]
         for preset in cfg.presets:
@@ -443,6 +454,19 @@ def _result_path(
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return workdir / "results" / f"{preset}_s{seed}_{ablation.name}_{digest}.json"
+
+
+def _policy_path(workdir: Path, bundle: Bundle, cfg: BenchmarkConfig, seed: int, head: str) -> Path:
+    """Where a seed's trained policy head is kept (keyed by what determines it: backbone, the
+    base-site data sizes, head, steps, tolerance, language), so reruns skip retraining."""
+    import hashlib
+
+    keep = ("train_episodes", "frames", "size", "policy_steps", "tolerance", "language")
+    key = json.dumps(
+        [bundle.fingerprint, seed, head, {k: getattr(cfg, k) for k in keep}], sort_keys=True
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return workdir / "policies" / f"{head}_s{seed}_{digest}"
 
 
 def _step_reporter(

@@ -234,6 +234,16 @@ def test_eval_benchmark_end_to_end(tmp_path):
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0, r2.output
     assert json.loads(r2.stdout)["runs"] == res["runs"]
+    # Trained policies are kept too; a run recomputed with the reloaded policies (the finetune
+    # and every score redone) gives the same row as with the freshly trained ones.
+    kept_policies = sorted(p.name.split("_s0_")[0] for p in (tmp_path / "w" / "policies").iterdir())
+    assert kept_policies == sorted(["bc", "diffusion", "image_only", "proprio_only"])
+    (tmp_path / "w" / "results" / kept[0]).unlink()
+    r3 = runner.invoke(app, args)
+    assert r3.exit_code == 0, r3.output
+    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in rr["runs"]]
+               for rr in (json.loads(r3.stdout), res)]  # fmt: skip
+    assert untimed[0] == untimed[1]
     assert [row["ablation"] for row in res["runs"]] == ["none", "default"]
     none, ad = res["runs"]
     # The proprio-only control reads no image: identical under every encoder.
