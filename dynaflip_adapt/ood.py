@@ -389,11 +389,13 @@ def run_benchmark(
                 if probe:
                     verdicts = policy_verdicts(bundle, enc, probe, audited)
                     ev.audit = _worst([v.verdict for v in verdicts])
+                    keep = ("action_deviation.", "bct_retrieval.", "trimodal_area.")
                     ev.audit_detail = {
-                        v.policy: {
-                            c.name: c.value
-                            for c in v.checks
-                            if c.name.startswith("action_deviation.") or c.name.startswith("bct")
+                        v.policy: {c.name: c.value for c in v.checks if c.name.startswith(keep)}
+                        | {
+                            "failed": [
+                                c.name for c in v.checks if not c.passed and c.severity == "error"
+                            ]
                         }
                         for v in verdicts
                     }
