@@ -10,7 +10,7 @@
 set -euo pipefail
 OUT=${DEMO_OUT:-$PWD/demo_out}
 export DYNAFLIP_HOME=${DYNAFLIP_HOME:-$OUT/home}
-EPISODES=${DEMO_EPISODES:-16}
+EPISODES=${DEMO_EPISODES:-64}
 STEPS=${DEMO_STEPS:-300}
 SITE=${DEMO_SITE:-night_shift}
 mkdir -p "$OUT/logs"
@@ -24,8 +24,8 @@ da sim generate "$OUT/logs/base.h5" --site base -n "$EPISODES" --seed 100
 da sim generate "$OUT/logs/$SITE.h5" --site "$SITE" -n "$EPISODES" --seed 200
 echo "==> held-out episodes (never trained on), rendered at both sites from the same seeds"
 mkdir -p "$OUT/heldout"
-da sim generate "$OUT/heldout/base.h5" --site base -n 6 --seed 300
-da sim generate "$OUT/heldout/$SITE.h5" --site "$SITE" -n 6 --seed 300
+da sim generate "$OUT/heldout/base.h5" --site base -n 12 --seed 300
+da sim generate "$OUT/heldout/$SITE.h5" --site "$SITE" -n 12 --seed 300
 da data inspect "$OUT/logs"
 da data validate "$OUT/logs"
 
