@@ -196,19 +196,40 @@ class Policy:
     ) -> torch.Tensor:
         """Actions (B, A) in the logs' units from image features (B, F), proprio (B, P) and, for
         a language-conditioned policy, instruction embeddings (B, L) (`instruction_embedder`)."""
+        if self.uses_language and language is None:
+            raise ValueError("this policy is language-conditioned: pass the instructions")
         s = self.stats
-        f = (features - s["feat_mean"]) / s["feat_std"] if self.uses_image else features[:, :0]
-        p = (proprio - s["prop_mean"]) / s["prop_std"] if self.uses_proprio else proprio[:, :0]
-        if self.uses_language:
-            if language is None:
-                raise ValueError("this policy is language-conditioned: pass the instructions")
-            p = torch.cat([p, (language - s["lang_mean"]) / s["lang_std"]], dim=-1)
+        f, p = _head_inputs(
+            s,
+            features,
+            proprio,
+            language if self.uses_language else None,
+            self.uses_image,
+            self.uses_proprio,
+        )
         return self.head(f, p) * s["act_std"] + s["act_mean"]
 
     @property
     def action_scale(self) -> torch.Tensor:
         """Per-dimension action standard deviation (what relative deviation is measured in)."""
         return self.stats["act_std"]
+
+
+def _head_inputs(
+    stats: dict[str, torch.Tensor],
+    features: torch.Tensor,
+    proprio: torch.Tensor,
+    language: torch.Tensor | None,
+    use_image: bool,
+    use_proprio: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a head reads, z-scored with the policy's stats: image features (or none) and
+    proprio (or none) followed by the instruction embedding when `language` is given."""
+    f = (features - stats["feat_mean"]) / stats["feat_std"] if use_image else features[:, :0]
+    p = (proprio - stats["prop_mean"]) / stats["prop_std"] if use_proprio else proprio[:, :0]
+    if language is not None:
+        p = torch.cat([p, (language - stats["lang_mean"]) / stats["lang_std"]], dim=-1)
+    return f, p
 
 
 def save_policy(
@@ -404,12 +425,11 @@ def train_head(
         "act_mean": actions.mean(0),
         "act_std": actions.std(0) + eps,
     }
-    use_img, use_prop = head in IMAGE_HEADS, head in PROPRIO_HEADS
-    f = (features - stats["feat_mean"]) / stats["feat_std"] if use_img else features[:, :0]
-    p = (proprio - stats["prop_mean"]) / stats["prop_std"] if use_prop else proprio[:, :0]
     if language is not None:
         stats |= {"lang_mean": language.mean(0), "lang_std": _floored_std(language)}
-        p = torch.cat([p, (language - stats["lang_mean"]) / stats["lang_std"]], dim=-1)
+    f, p = _head_inputs(
+        stats, features, proprio, language, head in IMAGE_HEADS, head in PROPRIO_HEADS
+    )
     y = (actions - stats["act_mean"]) / stats["act_std"]
     model: nn.Module
     if head == "diffusion":
