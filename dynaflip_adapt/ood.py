@@ -305,19 +305,16 @@ def run_benchmark(
     base_enc = bundle.model.image.eval()
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+
+    def frames(site: str, seed: int, episodes: int) -> Frames:
+        path = _site_logs(workdir, site, seed, episodes, cfg.frames, cfg.size)
+        return _frames(bundle, path, cfg.language)
+
     for seed in cfg.seeds:
         s_train, s_test, s_site = 10_000 + 3 * seed, 10_000 + 3 * seed + 1, 10_000 + 3 * seed + 2
         say(f"seed {seed}: base-site logs")
-        base_train = _frames(
-            bundle,
-            _site_logs(workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size),
-            cfg.language,
-        )
-        base_test = _frames(
-            bundle,
-            _site_logs(workdir, "base", s_test, cfg.test_episodes, cfg.frames, cfg.size),
-            cfg.language,
-        )
+        base_train = frames("base", s_train, cfg.train_episodes)
+        base_test = frames("base", s_test, cfg.test_episodes)
         policies: dict[str, Policy] = {}
         for h in cfg.heads:
             folder = _policy_path(workdir, bundle, cfg, seed, h)
@@ -347,11 +344,7 @@ def run_benchmark(
             train_path = _site_logs(
                 workdir, preset, s_site, cfg.train_episodes, cfg.frames, cfg.size
             )
-            shifted = _frames(
-                bundle,
-                _site_logs(workdir, preset, s_test, cfg.test_episodes, cfg.frames, cfg.size),
-                cfg.language,
-            )
+            shifted = frames(preset, s_test, cfg.test_episodes)
             for ab_name in cfg.ablations:
                 ab = ABLATIONS[ab_name]
                 cached = _result_path(workdir, bundle, recipe, cfg, preset, seed, ab)
@@ -440,35 +433,29 @@ def _result_path(
     """Where one run's row is kept: keyed by everything that determines it (backbone, the
     ablation's recipe, sizes, heads, steps), so an interrupted or repeated benchmark reuses
     finished runs (policies and finetunes are deterministic under their seeds)."""
-    import hashlib
-
     from dynaflip_adapt.config import recipe_hash
 
     sizes = {k: v for k, v in asdict(cfg).items() if k not in ("presets", "seeds", "ablations")}
-    key = json.dumps(
-        [
-            bundle.fingerprint,
-            recipe_hash(ablation_recipe(recipe, ablation)),
-            sizes,
-            asdict(ablation),
-        ],
-        sort_keys=True,
+    digest = _digest(
+        bundle.fingerprint, recipe_hash(ablation_recipe(recipe, ablation)), sizes, asdict(ablation)
     )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return workdir / "results" / f"{preset}_s{seed}_{ablation.name}_{digest}.json"
 
 
 def _policy_path(workdir: Path, bundle: Bundle, cfg: BenchmarkConfig, seed: int, head: str) -> Path:
     """Where a seed's trained policy head is kept (keyed by what determines it: backbone, the
     base-site data sizes, head, steps, tolerance, language), so reruns skip retraining."""
+    keep = ("train_episodes", "frames", "size", "policy_steps", "tolerance", "language")
+    digest = _digest(bundle.fingerprint, seed, head, {k: getattr(cfg, k) for k in keep})
+    return workdir / "policies" / f"{head}_s{seed}_{digest}"
+
+
+def _digest(*parts: Any) -> str:
+    """16 hex digits of the sha256 of `parts` as canonical JSON (a cache key)."""
     import hashlib
 
-    keep = ("train_episodes", "frames", "size", "policy_steps", "tolerance", "language")
-    key = json.dumps(
-        [bundle.fingerprint, seed, head, {k: getattr(cfg, k) for k in keep}], sort_keys=True
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return workdir / "policies" / f"{head}_s{seed}_{digest}"
+    key = json.dumps(list(parts), sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _step_reporter(
