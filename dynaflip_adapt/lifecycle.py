@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynaflip_adapt.adapters import ADAPTER_MODEL
+from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter
 from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import Policy, load_policy, read_policy_spec
 from dynaflip_adapt.registry import Registry, VersionInfo
 
@@ -71,6 +72,26 @@ def policies_for_site(registry: Registry, site: str) -> list[VersionInfo]:
 
 def load_policy_version(registry: Registry, info: VersionInfo) -> Policy:
     return load_policy(registry.download(info, "policies"))
+
+
+def audited_policies(
+    registry: Registry, bundle: Bundle, site: str | None, policy: str | None = None
+) -> list[tuple[str, Policy, Any]]:
+    """What an audit holds an adapter to: (name, policy, the encoder it was trained on or None
+    for the base) for one policy version/alias, or every active policy pinned to `site`."""
+    if policy is not None:
+        pinfos = [registry.resolve(POLICY_MODEL, policy)]
+    else:
+        pinfos = policies_for_site(registry, site) if site else []
+    out = []
+    for p in pinfos:
+        pol = load_policy_version(registry, p)
+        pinned = None
+        pinned_ref = pol.spec["pin"].get("adapter_version")
+        if pinned_ref:
+            pinned = load_registered_adapter(registry, str(pinned_ref), bundle)[0].merged().eval()
+        out.append((f"{p.tags.get('name', 'policy')} (v{p.version})", pol, pinned))
+    return out
 
 
 # -------------------------------------------------------------------------------------- events

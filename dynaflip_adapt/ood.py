@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from dynaflip_adapt.config import FinetuneRecipe
+from dynaflip_adapt.models.adapter import load_adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import IMAGE_HEADS, Policy, encode_frames, load_policy, save_policy
+from dynaflip_adapt.strength import StrengthFit, fit_strength, scaled_encoder
 
 Frames = dict[str, torch.Tensor]  # rgb (N,3,S,S) uint8, proprio, actions, episode
 
@@ -47,6 +49,9 @@ class Ablation:
     full: bool = False
     train: bool = True
     extracted_flow: bool = False
+    # Scale the trained adapter to the largest strength whose audit passes with each policy's
+    # own-frame deviation within this share of its tolerance (None: use it as trained).
+    fit_budget: float | None = None
 
 
 _NO_ANCHORS = {"area": 0.0, "contrastive": 0.0, "cosine": 0.0, "single_frame": 0.0}
@@ -70,9 +75,20 @@ ABLATIONS: dict[str, Ablation] = {
         ),
         Ablation("default", "anchors + frozen teacher on source replay (the recipe)"),
         Ablation(
+            "default_fit",
+            "the recipe, update scaled to the largest strength the audit passes",
+            fit_budget=1.0,
+        ),
+        Ablation(
             "default_align",
             "the recipe + moment alignment of site features to the source replay",
             {"align": 1.0},
+        ),
+        Ablation(
+            "default_align_fit",
+            "the recipe + moment alignment, scaled to the largest strength the audit passes",
+            {"align": 1.0},
+            fit_budget=1.0,
         ),
         Ablation(
             "full_ft", "the recipe's losses, every encoder weight trained (no LoRA)", full=True
@@ -354,28 +370,43 @@ def run_benchmark(
                     continue
                 t0 = time.perf_counter()
                 probe: dict[str, torch.Tensor] = {}
+                fit: StrengthFit | None = None
                 if not ab.train:
                     enc: nn.Module = base_enc
                 else:
                     if ab.extracted_flow:
                         say(f"seed {seed} {preset}: flow extract")
                         _ensure_extracted(train_path, recipe.data.gap)
-                    say(f"seed {seed} {preset}: finetune {ab_name}")
-                    from dynaflip_adapt.data.logs import open_logs
-
                     r = ablation_recipe(recipe, ab)
                     r = r.model_copy(update={"run": r.run.model_copy(update={"seed": seed})})
-                    res = finetune(
-                        bundle,
-                        open_logs([train_path], r.data.source_settings()),
-                        r,
-                        workdir / "runs" / f"{preset}_s{seed}_{ab_name}",
-                        site=preset,
-                        max_steps=cfg.steps,
-                        full=ab.full,
-                        on_step=_step_reporter(on_step, f"{preset} s{seed} {ab_name}", cfg.steps),
-                    )
-                    enc, probe = res.encoder, res.probe
+                    run_dir = workdir / "runs" / _run_name(preset, seed, r, cfg.steps, ab.full)
+                    adapter = None if ab.full else _finished_adapter(bundle, run_dir, r, cfg.steps)
+                    if adapter is not None:
+                        say(f"seed {seed} {preset} {ab_name}: adapter trained in an earlier run")
+                        enc, probe = adapter.merged().eval(), adapter.probe
+                    else:
+                        from dynaflip_adapt.data.logs import open_logs
+
+                        say(f"seed {seed} {preset}: finetune {ab_name}")
+                        res = finetune(
+                            bundle,
+                            open_logs([train_path], r.data.source_settings()),
+                            r,
+                            run_dir,
+                            site=preset,
+                            max_steps=cfg.steps,
+                            full=ab.full,
+                            on_step=_step_reporter(
+                                on_step, f"{preset} s{seed} {ab_name}", cfg.steps
+                            ),
+                        )
+                        enc, probe = res.encoder, res.probe
+                        if ab.fit_budget is not None and res.adapter is not None:
+                            adapter = load_adapter(bundle, res.adapter)
+                    if ab.fit_budget is not None and adapter is not None:
+                        fit = fit_strength(bundle, adapter, audited, budget=ab.fit_budget)
+                        enc = scaled_encoder(adapter.peft_model, fit.strength)
+                        say(f"seed {seed} {preset} {ab_name}: strength {fit.strength:.4f}")
                 ev = evaluate_encoder(
                     bundle, ab_name, enc, policies, shifted, base_test, base_test, ref
                 )
@@ -400,6 +431,8 @@ def run_benchmark(
                     "ablation": ab_name,
                     "seconds": time.perf_counter() - t0,
                     **ev.to_dict(),
+                    "strength": fit.strength if fit else (1.0 if ab.train else 0.0),
+                    "strength_fit": fit.to_dict() if fit else None,
                 }
                 rows.append(row)
                 cached.parent.mkdir(parents=True, exist_ok=True)
@@ -440,6 +473,33 @@ def _result_path(
         bundle.fingerprint, recipe_hash(ablation_recipe(recipe, ablation)), sizes, asdict(ablation)
     )
     return workdir / "results" / f"{preset}_s{seed}_{ablation.name}_{digest}.json"
+
+
+def _run_name(preset: str, seed: int, recipe: FinetuneRecipe, steps: int, full: bool) -> str:
+    """A finetune's work folder, keyed by what determines the adapter (the site's logs are keyed
+    by preset and seed), so ablations that train alike share one training."""
+    from dynaflip_adapt.config import recipe_hash
+
+    return f"{preset}_s{seed}_{_digest(recipe_hash(recipe), steps, full)}"
+
+
+def _finished_adapter(bundle: Bundle, run_dir: Path, recipe: FinetuneRecipe, steps: int) -> Any:
+    """The adapter a finished earlier finetune left in `run_dir`, if it was trained by exactly
+    this recipe for `steps` steps on this backbone (None otherwise)."""
+    from dynaflip_adapt.config import recipe_hash
+    from dynaflip_adapt.errors import InputError
+
+    folder = run_dir / "adapter"
+    if not (folder / "manifest.json").exists():
+        return None
+    try:
+        adapter = load_adapter(bundle, folder)
+    except InputError:
+        return None  # an incomplete or foreign folder: train again
+    lin = adapter.manifest.get("lineage", {})
+    if lin.get("recipe_hash") != recipe_hash(recipe) or lin.get("steps") != steps:
+        return None
+    return adapter
 
 
 def _policy_path(workdir: Path, bundle: Bundle, cfg: BenchmarkConfig, seed: int, head: str) -> Path:
@@ -527,6 +587,7 @@ def summarize(rows: list[dict[str, Any]], heads: Sequence[str]) -> dict[str, Any
         drift = [r["paired_drift"] for r in mine if r["paired_drift"] is not None]
         verdicts = [r["audit"] for r in mine]
         s["paired_drift"] = _mean_sd(drift)
+        s["strength"] = _mean_sd([r["strength"] for r in mine if r.get("strength") is not None])
         s["audit_compatible"] = sum(v == "compatible" for v in verdicts)
         s["audit_warning"] = sum(v == "warning" for v in verdicts)
         # The promotion gate: warnings (changes at the new site, where the old features are the

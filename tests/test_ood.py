@@ -234,8 +234,8 @@ def test_eval_benchmark_end_to_end(tmp_path):
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0, r2.output
     assert json.loads(r2.stdout)["runs"] == res["runs"]
-    # Trained policies are kept too; a run recomputed with the reloaded policies (the finetune
-    # and every score redone) gives the same row as with the freshly trained ones.
+    # Trained policies and adapters are kept too; a run recomputed with the reloaded policies
+    # and adapter (every score redone) gives the same row as with the freshly trained ones.
     kept_policies = sorted(p.name.split("_s0_")[0] for p in (tmp_path / "w" / "policies").iterdir())
     assert kept_policies == sorted(["bc", "diffusion", "image_only", "proprio_only"])
     (tmp_path / "w" / "results" / kept[0]).unlink()
@@ -261,6 +261,20 @@ def test_eval_benchmark_end_to_end(tmp_path):
     assert "benchmark/ood.json" in arts
     if importlib.util.find_spec("matplotlib") is not None:
         assert "benchmark/ood.png" in arts and out.with_suffix(".png").stat().st_size > 1000
+    # default_fit reuses default's training (one run folder) and scales it to the largest
+    # strength its audit passes; at strength 1 it is the default adapter itself.
+    i = args.index("default")
+    fit_args = [*args[: i + 1], "-a", "default_fit", "--tolerance", "1e-9", *args[i + 1 :]]
+    r4 = runner.invoke(app, fit_args)
+    assert r4.exit_code == 0, r4.output
+    assert len(list((tmp_path / "w" / "runs").iterdir())) == 1
+    rows = {row["ablation"]: row for row in json.loads(r4.stdout)["runs"]}
+    fit = rows["default_fit"]
+    assert fit["strength"] == fit["strength_fit"]["strength"] and fit["strength_fit"]["trials"]
+    # A tolerance nothing meets leaves strength 0: the base encoder, scored like `none`.
+    assert fit["strength"] == 0.0 and fit["audit"] == "compatible"
+    assert fit["shifted"]["bc"]["mse"] == pytest.approx(rows["none"]["shifted"]["bc"]["mse"])
+    assert rows["default"]["strength"] == 1.0 and rows["none"]["strength"] == 0.0
 
 
 def test_sharded_batches_split_every_global_batch_evenly():

@@ -1,4 +1,4 @@
-"""``dynaflip-adapt adapters``: list and show registered adapters."""
+"""``dynaflip-adapt adapters``: list, show and rescale registered adapters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.table import Table
 from dynaflip_adapt.cli.common import JsonOpt
 from dynaflip_adapt.cli.output import console, print_json, registry
 
-app = typer.Typer(help="Registered site adapters: list, show.", no_args_is_help=True)
+app = typer.Typer(help="Registered site adapters: list, show, rescale.", no_args_is_help=True)
 
 
 @app.command("list")
@@ -72,3 +72,135 @@ def show(
     c.print(f"lineage : {manifest.get('lineage')}", highlight=False)
     c.print(f"anchors : {manifest.get('anchors')}", highlight=False)
     c.print(f"geometry: {manifest.get('geometry')}", highlight=False)
+
+
+StrengthOpt = Annotated[
+    str,
+    typer.Option(
+        "--strength",
+        help="Share of the adapter's weight update to apply, in [0, 1], or 'auto': the largest "
+        "share at which the audit against the site's pinned policies passes.",
+    ),
+]
+BudgetOpt = Annotated[
+    float,
+    typer.Option(
+        "--budget",
+        help="With --strength auto: each policy's action deviation on its own frames may use at "
+        "most this share of its tolerance (0.5 also clears the audit's margin warning).",
+    ),
+]
+
+
+def print_fit(fit: object) -> None:
+    """The strengths tried by `fit_strength` and why each passed or failed."""
+    from dynaflip_adapt.strength import StrengthFit
+
+    assert isinstance(fit, StrengthFit)
+    table = Table(title=f"strength fit (budget {fit.budget:g} x tolerance)")
+    for col in ("strength", "passed", "verdict", "own-frame deviation", "failed"):
+        table.add_column(col)
+    for t in fit.trials:
+        table.add_row(
+            f"{t.strength:.4f}",
+            "yes" if t.passed else "[red]no[/]",
+            t.verdict,
+            ", ".join(f"{k} {v:.3f}" for k, v in t.own_deviation.items()),
+            "; ".join(t.failed),
+        )
+    console().print(table)
+
+
+@app.command("rescale")
+def rescale(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="Adapter version, alias or folder.")],
+    strength: StrengthOpt = "auto",
+    budget: BudgetOpt = 1.0,
+    site: Annotated[
+        str | None,
+        typer.Option("--site", help="Fit against this site's policies (default: the adapter's)."),
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="Fit against only this policy version.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a copy of an adapter with its weight update scaled (W0 + s * delta W).
+
+    --strength auto finds the largest s in [0, 1] at which the audit passes against the pinned
+    policies (bisection, 1/64 resolution). Exit code 1 when no s > 0 passes; nothing is
+    registered then, nor when s = 1 passes (the adapter is fine as it is).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, open_adapter, register_adapter
+    from dynaflip_adapt.errors import EXIT_CHECK_FAILED, InputError
+    from dynaflip_adapt.lifecycle import audited_policies
+    from dynaflip_adapt.strength import fit_strength, parse_strength, save_scaled
+
+    fixed = parse_strength(strength)
+    reg = registry(ctx)
+    bundle, adapter, info = open_adapter(reg, ref)
+    site = site or adapter.manifest.get("site")
+    fit = None
+    if fixed is None:
+        policies = audited_policies(reg, bundle, site, policy)
+        if not policies:
+            raise InputError(
+                None,
+                "--site",
+                f"no policies pinned to site {site!r}",
+                "a site with pinned policies for --strength auto (or give --strength S)",
+            )
+        fit = fit_strength(bundle, adapter, policies, budget=budget)
+        chosen = fit.strength
+    else:
+        chosen = fixed
+    out: dict[str, object] = {
+        "adapter": info.version if info else str(adapter.path),
+        "site": site,
+        "strength": chosen,
+        "fit": fit.to_dict() if fit else None,
+        "registered": None,
+    }
+    if fit is not None and not as_json:
+        print_fit(fit)
+    if chosen == 0.0 or (chosen == 1.0 and fit is not None):
+        if as_json:
+            print_json(out)
+        else:
+            console().print(
+                "no strength above 0 passes the audit: nothing registered"
+                if chosen == 0.0
+                else "the adapter passes at full strength: nothing registered",
+                highlight=False,
+            )
+        if chosen == 0.0:
+            raise typer.Exit(EXIT_CHECK_FAILED)
+        return
+    tags = {"site": str(site or ""), "parent_version": info.version if info else ""}
+    with tempfile.TemporaryDirectory(dir=reg.store.home) as tmp:
+        folder = save_scaled(
+            bundle,
+            adapter,
+            chosen,
+            Path(tmp) / "adapter",
+            fit=fit,
+            lineage={"parent": str(adapter.path), "parent_version": info.version if info else None},
+        )
+        with reg.run(FINETUNE_EXPERIMENT, f"rescale-{site}", tags) as run:
+            run.log_params({"strength": chosen, "budget": budget, "parent": out["adapter"]})
+            if fit is not None:
+                run.log_dict(fit.to_dict(), "strength_fit.json")
+            new = register_adapter(reg, run, folder)
+    out["registered"] = new.to_dict()
+    if as_json:
+        print_json(out)
+        return
+    console().print(
+        f"registered dynaflip-adapter version {new.version} for site {site}: "
+        f"v{out['adapter']} at strength {chosen:.4f}",
+        highlight=False,
+    )

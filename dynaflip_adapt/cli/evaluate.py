@@ -350,9 +350,13 @@ def print_summary(result: dict[str, Any]) -> None:
     c.print(table)
     for ab, s in result["summary"].items():
         ok = "[green]goal met[/]" if s["goal_met"] else "goal not met"
+        st = s.get("strength", {})
+        fitted = st.get("n") and (st["mean"] not in (0.0, 1.0) or st["sd"] > 0)
         c.print(
             f"{ab}: image heads reduction {100 * s['image_heads_reduction']:+.3g}%, base change "
-            f"{100 * s['image_heads_base_change']:+.3g}%, audit passed {_audit_cell(s)}: {ok}",
+            f"{100 * s['image_heads_base_change']:+.3g}%, audit passed {_audit_cell(s)}"
+            + (f", strength {st['mean']:.2f} ± {st['sd']:.2f}" if fitted else "")
+            + f": {ok}",
             highlight=False,
         )
     if "proprio_only" in heads:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from dynaflip_adapt.cli.adapters import BudgetOpt, StrengthOpt, print_fit
 from dynaflip_adapt.cli.common import (
     CameraOpt,
     DepthScaleOpt,
@@ -76,6 +77,8 @@ def finetune(
     orientation: OrientationOpt = None,
     depth_scale: DepthScaleOpt = None,
     language: LanguageOpt = None,
+    strength: StrengthOpt = "1",
+    budget: BudgetOpt = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a LoRA adapter for a site and register it.
@@ -83,7 +86,9 @@ def finetune(
     The base image encoder is wrapped with PEFT LoRA; the backbone's frozen language and flow
     encoders anchor the simplex geometry on the site's triplets, and a frozen teacher (the
     adapter disabled) keeps the source-replay frames encoded as before. The adapter (EMA
-    weights), a probe set and its lineage are versioned in MLflow.
+    weights), a probe set and its lineage are versioned in MLflow. With --strength auto the
+    adapter's update is scaled down to the largest share the site's pinned policies pass the
+    audit with (see `adapters rescale`).
     """
     from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, register_adapter, resolve_adapter
     from dynaflip_adapt.backbones import load_backbone
@@ -91,11 +96,14 @@ def finetune(
     from dynaflip_adapt.config import FinetuneRecipe, load_recipe, recipe_hash, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.models.adapter import read_adapter_manifest
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.strength import parse_strength
     from dynaflip_adapt.train.distributed import init_from_env
     from dynaflip_adapt.train.finetune import finetune as run_finetune
 
+    fixed = parse_strength(strength)  # bad input fails before any training
     overrides = list(set_ or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")
@@ -207,8 +215,16 @@ def finetune(
             )
         for w in res.warnings:
             err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
-        run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
         assert res.adapter is not None
+        fit, chosen = _apply_strength(registry, bundle, res.adapter, site, fixed, budget)
+        if fit is not None and not as_json:
+            print_fit(fit)
+        if chosen != 1.0:
+            run.log_params({"strength": chosen, "strength_budget": budget})
+            if fit is not None:
+                run.log_dict(fit.to_dict(), "strength_fit.json")
+            res.geometry = read_adapter_manifest(res.adapter)["geometry"]
+        run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
         info = register_adapter(registry, run, res.adapter)
         run.set_tags({"adapter_version": info.version})
     out = {
@@ -220,6 +236,8 @@ def finetune(
         "final": res.final,
         "geometry": res.geometry,
         "anchors": res.anchors,
+        "strength": chosen,
+        "strength_fit": fit.to_dict() if fit else None,
         "warnings": res.warnings,
     }
     if as_json:
@@ -229,6 +247,44 @@ def finetune(
         f"registered dynaflip-adapter version {info.version} for site {site}: {res.steps} steps in "
         f"{res.seconds:.0f} s ({res.frames_per_second:.0f} frames/s); replay CKA "
         f"{res.geometry.get('replay_cka', float('nan')):.3f}, "
-        f"site CKA {res.geometry.get('site_cka', float('nan')):.3f}",
+        f"site CKA {res.geometry.get('site_cka', float('nan')):.3f}"
+        + (f"; strength {chosen:.4f}" if chosen != 1.0 else ""),
         highlight=False,
     )
+
+
+def _apply_strength(
+    registry: Any, bundle: Any, folder: Path, site: str, fixed: float | None, budget: float
+) -> tuple[Any, float]:
+    """Scales the freshly trained adapter in `folder` in place: to `fixed`, or (None) to the
+    largest strength the site's pinned policies pass the audit with. Returns (fit, strength)."""
+    from dynaflip_adapt.lifecycle import audited_policies
+    from dynaflip_adapt.models.adapter import load_adapter
+    from dynaflip_adapt.strength import fit_strength, save_scaled
+
+    if fixed == 1.0:
+        return None, 1.0
+    adapter = load_adapter(bundle, folder)
+    fit = None
+    if fixed is None:
+        policies = audited_policies(registry, bundle, site)
+        if not policies:
+            err_console().print(
+                f"[yellow]warning:[/] --strength auto: no policies pinned to site {site}; "
+                "the adapter keeps its full strength",
+                highlight=False,
+            )
+            return None, 1.0
+        fit = fit_strength(bundle, adapter, policies, budget=budget)
+        chosen = fit.strength
+        if chosen == 0.0:
+            err_console().print(
+                "[yellow]warning:[/] --strength auto: no strength above 0 passes the audit; "
+                "the registered adapter leaves the encoder as it was",
+                highlight=False,
+            )
+    else:
+        chosen = fixed
+    if chosen != 1.0:
+        save_scaled(bundle, adapter, chosen, folder, fit=fit)
+    return fit, chosen

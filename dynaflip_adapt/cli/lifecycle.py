@@ -24,29 +24,13 @@ def run_audit(
 ) -> tuple[Any, Any, str]:
     """(report, adapter version info, audit run id) for an adapter against a site's policies;
     `opened` is ``open_adapter(registry, adapter_ref)`` when the caller already has it."""
-    from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter, open_adapter
+    from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
     from dynaflip_adapt.audit import audit
-    from dynaflip_adapt.lifecycle import (
-        POLICY_MODEL,
-        load_policy_version,
-        log_audit,
-        policies_for_site,
-    )
+    from dynaflip_adapt.lifecycle import audited_policies, log_audit
 
     bundle, adapter, ainfo = opened or open_adapter(registry, adapter_ref)
     site = site or adapter.manifest.get("site")
-    if policy is not None:
-        pinfos = [registry.resolve(POLICY_MODEL, policy)]
-    else:
-        pinfos = policies_for_site(registry, site) if site else []
-    policies = []
-    for p in pinfos:
-        pol = load_policy_version(registry, p)
-        pinned = None
-        pinned_ref = pol.spec["pin"].get("adapter_version")
-        if pinned_ref:
-            pinned = load_registered_adapter(registry, str(pinned_ref), bundle)[0].merged().eval()
-        policies.append((f"{p.tags.get('name', 'policy')} (v{p.version})", pol, pinned))
+    policies = audited_policies(registry, bundle, site, policy)
     name = f"{ADAPTER_MODEL} v{ainfo.version}" if ainfo else str(adapter.path)
     report = audit(bundle, adapter, policies, name=name, site=site)
     data = report.to_dict()
@@ -162,8 +146,10 @@ def promote_cmd(
         else:
             print_report(report)
             err_console().print(
-                f"[red]not promoted:[/] the audit is incompatible for site {site} "
-                "(--force --reason to override)"
+                f"[red]not promoted:[/] the audit is incompatible for site {site}; "
+                f"`adapters rescale {ainfo.version} --site {site}` registers the largest "
+                "strength of it that passes (or --force --reason to override)",
+                highlight=False,
             )
         raise typer.Exit(EXIT_CHECK_FAILED)
     event = promote(

@@ -1,0 +1,228 @@
+"""Adapter strength: how much of a LoRA adapter's weight update to apply.
+
+A LoRA adapter adds ``delta W = scaling * B @ A`` to each target layer; at strength ``s`` the
+encoder uses ``W0 + s * delta W`` (``s = 0`` is the base encoder, ``s = 1`` the adapter as
+trained; the weight-space interpolation of WiSE-FT, Wortsman et al. 2022). Scaling ``B`` by ``s``
+gives exactly that, so a scaled adapter is again a plain PEFT LoRA adapter.
+
+Measured on the OOD benchmark, a policy's action deviation on its own frames and the gain at
+the shifted site both grow roughly linearly with ``s``. `fit_strength` therefore picks the
+largest ``s`` at which the audit against the pinned policies still passes: the most adaptation
+the fleet's policies tolerate.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynaflip_adapt.audit import INCOMPATIBLE, PolicyVerdict, Thresholds, policy_verdicts
+from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.models.adapter import MANIFEST, PROBE_FILE, Adapter, write_manifest
+from dynaflip_adapt.models.backbone import Bundle
+from dynaflip_adapt.policies import Policy
+
+OWN_DEVIATION = "action_deviation.policy_probe"
+
+
+def _check_scalable(peft_model: Any, where: Any = None) -> None:
+    cfg = peft_model.peft_config["default"]
+    if getattr(cfg, "use_dora", False):
+        # DoRA renormalizes W0 + delta W by a trained magnitude: scaling B does not interpolate
+        # between the base and the adapted weights (s = 0 is not the base encoder).
+        raise InputError(
+            where, "adapter_config.use_dora", "a DoRA adapter", "a LoRA adapter (use_dora: false)"
+        )
+
+
+def parse_strength(text: str) -> float | None:
+    """``auto`` -> None (fit it), else a number in [0, 1].
+
+    Raises:
+        InputError: Anything else.
+    """
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise InputError(None, "--strength", repr(text), "'auto' or a number in [0, 1]")
+    return value
+
+
+def scaled_peft(peft_model: Any, strength: float) -> Any:
+    """A copy of a PEFT LoRA model whose update is scaled by `strength` (``lora_B *= s``).
+
+    Raises:
+        InputError: A DoRA adapter, or a strength outside [0, 1].
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(None, "--strength", repr(strength), "a number in [0, 1] or 'auto'")
+    _check_scalable(peft_model)
+    out = copy.deepcopy(peft_model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if ".lora_B." in name:
+                p.mul_(strength)
+    return out.eval()
+
+
+def scaled_encoder(peft_model: Any, strength: float) -> nn.Module:
+    """A plain image encoder ``W0 + s * delta W`` (merged, eval mode)."""
+    return scaled_peft(peft_model, strength).merge_and_unload().requires_grad_(False).eval()
+
+
+@dataclass
+class Trial:
+    strength: float
+    passed: bool
+    verdict: str
+    own_deviation: dict[str, float]  # policy -> mean action deviation on its own frames
+    failed: list[str] = field(default_factory=list)  # "policy: check" that decided it
+
+
+@dataclass
+class StrengthFit:
+    """The chosen strength and every strength tried (in the order tried)."""
+
+    strength: float
+    budget: float
+    trials: list[Trial]
+
+    @property
+    def chosen(self) -> Trial:
+        return next(t for t in self.trials if t.strength == self.strength)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strength": self.strength,
+            "budget": self.budget,
+            "trials": [asdict(t) for t in self.trials],
+        }
+
+
+def judge(verdicts: list[PolicyVerdict], budget: float) -> tuple[bool, dict[str, float], list[str]]:
+    """Whether an encoder passes: no policy incompatible, and each policy's deviation on its own
+    frames within `budget` x its tolerance. Returns (passed, own deviations, what failed)."""
+    own: dict[str, float] = {}
+    failed: list[str] = []
+    for v in verdicts:
+        for c in v.checks:
+            if c.name == OWN_DEVIATION:
+                own[v.policy] = float(c.value)
+                if float(c.value) > budget * float(c.limit):
+                    failed.append(f"{v.policy}: {c.name} {c.value:.3f} > {budget:g} x {c.limit:g}")
+            elif not c.passed and c.severity == "error":
+                failed.append(f"{v.policy}: {c.name}")
+    return not failed, own, failed
+
+
+def fit_strength(
+    bundle: Bundle,
+    adapter: Adapter,
+    policies: list[tuple[str, Policy, Any]],
+    *,
+    budget: float = 1.0,
+    iterations: int = 6,
+    thresholds: Thresholds | None = None,
+) -> StrengthFit:
+    """The largest strength in [0, 1] at which the audit of `adapter` against `policies` (name,
+    policy, pinned encoder or None) passes with each policy's own-frame action deviation within
+    `budget` x its tolerance.
+
+    Tries ``s = 1`` first; otherwise bisects on [0, 1] for `iterations` steps (resolution
+    ``2**-iterations``), assuming that deviation grows with ``s`` (it does on every adapter
+    measured; the returned strength was itself audited either way). With no policies, 1.
+
+    Raises:
+        InputError: A DoRA adapter, or a budget that is not positive.
+    """
+    if not budget > 0:
+        raise InputError(None, "--budget", repr(budget), "a positive fraction of the tolerance")
+    _check_scalable(adapter.peft_model, adapter.path)
+    trials: list[Trial] = []
+
+    def trial(s: float) -> Trial:
+        enc = scaled_encoder(adapter.peft_model, s)
+        verdicts = policy_verdicts(bundle, enc, adapter.probe, policies, thresholds)
+        ok, own, failed = judge(verdicts, budget)
+        worst = max((v.verdict for v in verdicts), key=_rank, default="compatible")
+        t = Trial(s, ok, worst, own, failed)
+        trials.append(t)
+        return t
+
+    if not policies or trial(1.0).passed:
+        return StrengthFit(1.0, budget, trials)
+    lo, hi = 0.0, 1.0  # lo passes (s = 0 is the encoder the policies were audited on)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if trial(mid).passed:
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0.0:
+        trial(0.0)  # recorded like every other strength (the base encoder's own audit)
+    return StrengthFit(lo, budget, trials)
+
+
+def _rank(verdict: str) -> int:
+    return {"compatible": 0, "warning": 1, INCOMPATIBLE: 2}.get(verdict, 2)
+
+
+def save_scaled(
+    bundle: Bundle,
+    adapter: Adapter,
+    strength: float,
+    out: Path,
+    *,
+    fit: StrengthFit | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> Path:
+    """Writes `adapter` at `strength` as adapter folder `out` (PEFT files, the same probe set,
+    a manifest whose lineage records the strength and `lineage`, geometry recomputed); `out`
+    may be the adapter's own folder.
+
+    The folder is written beside `out` and renamed into place, so a failure leaves `out` as it
+    was.
+    """
+    from dynaflip_adapt.train.finetune import geometry_fingerprint
+
+    model = scaled_peft(adapter.peft_model, strength)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+    if (adapter.path / PROBE_FILE).exists():
+        shutil.copyfile(adapter.path / PROBE_FILE, tmp / PROBE_FILE)
+    with torch.no_grad():
+        geometry = geometry_fingerprint(bundle, model, adapter.probe) if adapter.probe else {}
+    m = {k: v for k, v in adapter.manifest.items() if k not in ("files", MANIFEST)}
+    m.pop("kind", None)
+    m.pop("adapter_version", None)
+    prior = float(m.get("lineage", {}).get("strength", 1.0))
+    m["lineage"] = {
+        **m.get("lineage", {}),
+        **(lineage or {}),
+        # Relative to the update as trained: composes over repeated scaling.
+        "strength": prior * strength,
+    }
+    if fit is not None:
+        m["strength_fit"] = fit.to_dict()
+    m["geometry"] = geometry
+    write_manifest(tmp, m)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
