@@ -52,6 +52,8 @@ class Ablation:
     # Scale the trained adapter to the largest strength whose audit passes with each policy's
     # own-frame deviation within this share of its tolerance (None: use it as trained).
     fit_budget: float | None = None
+    # The teacher also holds frames of the base site's training logs (what the policies saw).
+    retain: bool = False
 
 
 _NO_ANCHORS = {"area": 0.0, "contrastive": 0.0, "cosine": 0.0, "single_frame": 0.0}
@@ -88,6 +90,17 @@ ABLATIONS: dict[str, Ablation] = {
             "default_align_fit",
             "the recipe + moment alignment, scaled to the largest strength the audit passes",
             {"align": 1.0},
+            fit_budget=1.0,
+        ),
+        Ablation(
+            "default_retain",
+            "the recipe, teacher also on the base site's training frames (finetune --retain)",
+            retain=True,
+        ),
+        Ablation(
+            "default_retain_fit",
+            "default_retain, scaled to the largest strength the audit passes",
+            retain=True,
             fit_budget=1.0,
         ),
         Ablation(
@@ -312,8 +325,9 @@ def run_benchmark(
     the base train logs, pinned to the base encoder.
     """
     from dynaflip_adapt.audit import policy_verdicts
+    from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.policies import fit_policy
-    from dynaflip_adapt.train.finetune import finetune
+    from dynaflip_adapt.train.finetune import finetune, retention_frames
 
     cfg.validate()
     workdir = Path(workdir)
@@ -379,15 +393,28 @@ def run_benchmark(
                         _ensure_extracted(train_path, recipe.data.gap)
                     r = ablation_recipe(recipe, ab)
                     r = r.model_copy(update={"run": r.run.model_copy(update={"seed": seed})})
-                    run_dir = workdir / "runs" / _run_name(preset, seed, r, cfg.steps, ab.full)
-                    adapter = None if ab.full else _finished_adapter(bundle, run_dir, r, cfg.steps)
+                    n_retain = RETAIN_FRAMES if ab.retain else 0
+                    run_dir = (
+                        workdir / "runs" / _run_name(preset, seed, r, cfg.steps, ab.full, n_retain)
+                    )
+                    adapter = (
+                        None
+                        if ab.full
+                        else _finished_adapter(bundle, run_dir, r, cfg.steps, n_retain)
+                    )
                     if adapter is not None:
                         say(f"seed {seed} {preset} {ab_name}: adapter trained in an earlier run")
                         enc, probe = adapter.merged().eval(), adapter.probe
                     else:
-                        from dynaflip_adapt.data.logs import open_logs
-
                         say(f"seed {seed} {preset}: finetune {ab_name}")
+                        retain = None
+                        if n_retain:
+                            base_path = _site_logs(
+                                workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size
+                            )
+                            retain = retention_frames(
+                                open_logs([base_path]), bundle.model.cfg.image_size, n_retain
+                            )
                         res = finetune(
                             bundle,
                             open_logs([train_path], r.data.source_settings()),
@@ -399,6 +426,8 @@ def run_benchmark(
                             on_step=_step_reporter(
                                 on_step, f"{preset} s{seed} {ab_name}", cfg.steps
                             ),
+                            retain=retain,
+                            lineage={"retain_frames": n_retain} if n_retain else None,
                         )
                         enc, probe = res.encoder, res.probe
                         if ab.fit_budget is not None and res.adapter is not None:
@@ -475,17 +504,23 @@ def _result_path(
     return workdir / "results" / f"{preset}_s{seed}_{ablation.name}_{digest}.json"
 
 
-def _run_name(preset: str, seed: int, recipe: FinetuneRecipe, steps: int, full: bool) -> str:
-    """A finetune's work folder, keyed by what determines the adapter (the site's logs are keyed
-    by preset and seed), so ablations that train alike share one training."""
+def _run_name(
+    preset: str, seed: int, recipe: FinetuneRecipe, steps: int, full: bool, retain: int = 0
+) -> str:
+    """A finetune's work folder, keyed by what determines the adapter (the site's and base
+    site's logs are keyed by preset and seed), so ablations that train alike share one run."""
     from dynaflip_adapt.config import recipe_hash
 
-    return f"{preset}_s{seed}_{_digest(recipe_hash(recipe), steps, full)}"
+    key = (recipe_hash(recipe), steps, full) + ((retain,) if retain else ())
+    return f"{preset}_s{seed}_{_digest(*key)}"
 
 
-def _finished_adapter(bundle: Bundle, run_dir: Path, recipe: FinetuneRecipe, steps: int) -> Any:
+def _finished_adapter(
+    bundle: Bundle, run_dir: Path, recipe: FinetuneRecipe, steps: int, retain: int = 0
+) -> Any:
     """The adapter a finished earlier finetune left in `run_dir`, if it was trained by exactly
-    this recipe for `steps` steps on this backbone (None otherwise)."""
+    this recipe for `steps` steps (retaining `retain` base-site frames) on this backbone (None
+    otherwise)."""
     from dynaflip_adapt.config import recipe_hash
     from dynaflip_adapt.errors import InputError
 
@@ -498,6 +533,8 @@ def _finished_adapter(bundle: Bundle, run_dir: Path, recipe: FinetuneRecipe, ste
         return None  # an incomplete or foreign folder: train again
     lin = adapter.manifest.get("lineage", {})
     if lin.get("recipe_hash") != recipe_hash(recipe) or lin.get("steps") != steps:
+        return None
+    if lin.get("retain_frames", 0) != retain:
         return None
     return adapter
 
@@ -541,6 +578,8 @@ def _mean_sd(xs: list[float]) -> dict[str, float]:
         "n": len(xs),
     }
 
+
+RETAIN_FRAMES = 512  # base-site frames the `retain` ablations add to the teacher's pool
 
 GOAL_REDUCTION = 0.225  # the paper's +22.5% out of distribution
 GOAL_BASE_INCREASE = 0.03

@@ -77,6 +77,17 @@ def finetune(
     orientation: OrientationOpt = None,
     depth_scale: DepthScaleOpt = None,
     language: LanguageOpt = None,
+    retain: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--retain",
+            help="Logs whose encoding must not change (e.g. what the site's policies were "
+            "trained on): their frames join the teacher's replay pool (repeatable).",
+        ),
+    ] = None,
+    retain_frames: Annotated[
+        int, typer.Option("--retain-frames", min=1, help="Frames taken from the --retain logs.")
+    ] = 512,
     strength: StrengthOpt = "1",
     budget: BudgetOpt = 1.0,
     as_json: JsonOpt = False,
@@ -102,6 +113,7 @@ def finetune(
     from dynaflip_adapt.strength import parse_strength
     from dynaflip_adapt.train.distributed import init_from_env
     from dynaflip_adapt.train.finetune import finetune as run_finetune
+    from dynaflip_adapt.train.finetune import retention_frames
 
     fixed = parse_strength(strength)  # bad input fails before any training
     overrides = list(set_ or [])
@@ -132,9 +144,23 @@ def finetune(
         dist.barrier()
     parent_dir, parent_info = resolve_adapter(registry, from_) if from_ else (None, None)
     fingerprint = logs_fingerprint(logs)
-    key = hashlib.sha256(
-        f"{fingerprint}|{recipe_hash(rec)}|{bundle.fingerprint}|{parent_dir}|{max_steps}".encode()
-    ).hexdigest()[:12]
+    held = None
+    retained: dict[str, Any] = {}
+    if retain:
+        held = retention_frames(
+            open_logs(retain, rec.data.source_settings()),
+            bundle.model.cfg.image_size,
+            retain_frames,
+        )
+        retained = {
+            "retain_logs": [str(p) for p in retain],
+            "retain_fingerprint": logs_fingerprint(retain),
+            "retain_frames": len(held),
+        }
+    key_parts = [fingerprint, recipe_hash(rec), bundle.fingerprint, str(parent_dir), str(max_steps)]
+    if retained:
+        key_parts += [retained["retain_fingerprint"], str(retained["retain_frames"])]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:12]
     work = workdir or store.home / "runs" / "finetune" / f"{site}-{key}"
     total = max_steps or rec.optim.max_steps
     lineage = {
@@ -143,11 +169,13 @@ def finetune(
         "parent_version": parent_info.version if parent_info else None,
         "parent_fingerprint": None,
         "logs": [str(p) for p in logs],
+        **retained,
     }
     if dry_run:
         res = run_finetune(
-            bundle, logset, rec, work, site=site, parent=parent_dir, dry_run=True, max_steps=total
-        )
+            bundle, logset, rec, work, site=site, parent=parent_dir, dry_run=True, max_steps=total,
+            retain=held,
+        )  # fmt: skip
         out = {
             "dry_run": True,
             "site": site,
@@ -173,7 +201,7 @@ def finetune(
     if not dist.is_main:
         run_finetune(
             bundle, logset, rec, work, site=site, parent=parent_dir, resume=resume,
-            max_steps=total, lineage=lineage,
+            max_steps=total, lineage=lineage, retain=held,
         )  # fmt: skip
         return
     tags = {
@@ -212,6 +240,7 @@ def finetune(
                 max_steps=total,
                 lineage=lineage,
                 on_step=on_step,
+                retain=held,
             )
         for w in res.warnings:
             err_console().print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -202,6 +202,30 @@ def geometry_fingerprint(
     return out
 
 
+def retention_frames(logs: LogSet, image_size: int, count: int) -> torch.Tensor:
+    """`count` frames spread evenly over every episode of `logs` (uint8, N x 3 x S x S at the
+    encoder's input size): frames whose encoding an adapter must keep, typically the logs the
+    fleet's policies were trained on."""
+    from dynaflip_adapt.data.logs import EpisodeReader
+    from dynaflip_adapt.train.triplets import resize_uint8
+
+    reader = EpisodeReader()
+    lengths = [ep.length for ep in logs.episodes]
+    total = sum(lengths)
+    if total == 0 or count <= 0:
+        return torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+    picks = torch.linspace(0, total - 1, min(count, total)).round().long().tolist()
+    starts = np.cumsum([0, *lengths])
+    out = []
+    for g in picks:
+        i = int(np.searchsorted(starts, g, side="right")) - 1
+        t = g - int(starts[i])
+        frame = reader.rgb(logs.episodes[i], slice(t, t + 1)).transpose(0, 3, 1, 2)
+        out.append(resize_uint8(torch.from_numpy(np.ascontiguousarray(frame)), image_size))
+    reader.close()
+    return torch.cat(out)
+
+
 def finetune(
     bundle: Bundle,
     logs: LogSet,
@@ -216,6 +240,7 @@ def finetune(
     lineage: dict[str, Any] | None = None,
     on_step: StepCallback | None = None,
     full: bool = False,
+    retain: torch.Tensor | None = None,
 ) -> FinetuneResult:
     """Trains a LoRA adapter for a site; writes it to ``workdir/adapter``.
 
@@ -233,6 +258,8 @@ def finetune(
         on_step: Called after every step.
         full: Train all image-encoder weights instead of a LoRA adapter (ablation only: writes
             no adapter folder; the result carries the encoder).
+        retain: Frames (uint8, N x 3 x S x S at input size; `retention_frames`) added to the
+            replay pool the teacher holds: sites whose policies must keep working.
 
     Raises:
         InputError: Missing required supervision, nothing to train, no checkpoint to resume.
@@ -249,17 +276,24 @@ def finetune(
     ds, text, anchors, warnings = site_triplets(bundle, logs, recipe)
     trimodal = anchors["flow"] and anchors["language"]
     w = recipe.loss
+    # The teacher's pool: the backbone's source replay plus the frames to retain.
+    pool = [t for t in (bundle.replay.get("rgb0"), retain) if t is not None and len(t)]
+    size = bundle.model.cfg.image_size
+    if retain is not None and tuple(retain.shape[1:]) != (3, size, size):
+        raise InputError(
+            None, "retain", f"frames of shape {tuple(retain.shape[1:])}", f"(3, {size}, {size})"
+        )
     active = {
         "area": w.area if trimodal else 0.0,
         "contrastive": w.contrastive if trimodal else 0.0,
         "cosine": w.cosine if trimodal else 0.0,
         "single_frame": w.single_frame if anchors["flow"] else 0.0,
-        "distill_replay": w.distill_replay if bundle.replay else 0.0,
+        "distill_replay": w.distill_replay if pool else 0.0,
         "distill_site": w.distill_site,
         "consistency": w.consistency,
         "align": w.align if bundle.replay else 0.0,
     }
-    if w.distill_replay > 0 and not bundle.replay:
+    if w.distill_replay > 0 and not pool:
         warnings.append("the backbone has no replay set: source-replay distillation is off")
     if not any(v > 0 for v in active.values()):
         raise InputError(
@@ -290,6 +324,7 @@ def finetune(
     aug = build_augment(recipe.augment, heads.cfg.image_size)
     text = text.to(device)
     replay = {k: v.to(device) for k, v in bundle.replay.items()}
+    held = torch.cat(pool).to(device) if pool else torch.zeros(0, dtype=torch.uint8)
     n_replay = round(recipe.replay.fraction * o.batch_size) if active["distill_replay"] > 0 else 0
     check_batch(dist, o.batch_size, n_replay)
     model = dist.wrap(student, device)
@@ -356,8 +391,8 @@ def finetune(
         images = [r0, r1]
         if n_replay > 0:
             # Drawn for the global batch (same on every rank), then this rank's share.
-            sel = torch.randint(0, replay["rgb0"].shape[0], (n_replay,), device=device)
-            images.append(replay["rgb0"][dist.shard(sel)])
+            sel = torch.randint(0, held.shape[0], (n_replay,), device=device)
+            images.append(held[dist.shard(sel)])
         # One forward through the (DDP-wrapped) student per step.
         f = model(heads.preprocess(torch.cat(images)))
         n = r0.shape[0]
