@@ -382,3 +382,12 @@ def test_finetune_strength_auto_registers_an_adapter_that_passes(fleet):
     v = out["adapter"]["version"]
     assert ok(["audit", "--adapter", v])["verdict"] in ("compatible", "warning")
     assert ok(["adapters", "show", v])["manifest"]["lineage"]["strength"] == out["strength"]
+
+
+def test_audit_table_is_complete_when_piped(fleet, monkeypatch):
+    """Written to a pipe (CI logs), the audit table keeps every value and limit whole."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    r = runner.invoke(app, ["audit", "--adapter", fleet["wild"]])
+    assert r.exit_code == 1
+    assert "…" not in r.stdout, r.stdout
+    assert "action_deviation.policy_probe" in r.stdout and "0.2000" in r.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +36,16 @@ def registry(ctx: typer.Context) -> Any:
     return Registry(resolve_store(state(ctx).tracking_uri))
 
 
+# Width of tables written to a pipe or file when COLUMNS is unset: rich would assume 80 and
+# truncate the audit's and benchmark's tables ("0.1…") in CI logs.
+PIPE_WIDTH = 160
+
+
 def console() -> Console:
     """A console on stdout (rebuilt each time so CliRunner's captured stdout is used)."""
-    return Console(file=sys.stdout, soft_wrap=True)
+    tty = hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
+    width = None if tty or os.environ.get("COLUMNS") else PIPE_WIDTH
+    return Console(file=sys.stdout, soft_wrap=True, width=width)
 
 
 def err_console() -> Console:
