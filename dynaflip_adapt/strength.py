@@ -98,8 +98,9 @@ class StrengthFit:
     trials: list[Trial]
 
     @property
-    def chosen(self) -> Trial:
-        return next(t for t in self.trials if t.strength == self.strength)
+    def chosen(self) -> Trial | None:
+        """The audit at the chosen strength (None when nothing was audited: no policies)."""
+        return next((t for t in self.trials if t.strength == self.strength), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -161,7 +162,9 @@ def fit_strength(
 
     if not policies or trial(1.0).passed:
         return StrengthFit(1.0, budget, trials)
-    lo, hi = 0.0, 1.0  # lo passes (s = 0 is the encoder the policies were audited on)
+    # lo: the largest strength seen to pass (0 = the base encoder, which passes for policies
+    # pinned to the base; one pinned to an older adapter may not, and the trial at 0 says so).
+    lo, hi = 0.0, 1.0
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if trial(mid).passed:
