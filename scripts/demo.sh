@@ -4,7 +4,8 @@
 # adds new versions to the same registry.
 #
 #   base site logs -> reference policies on the shipped backbone -> shifted-site logs
-#   -> 3D flow check -> finetune a LoRA adapter -> attention maps -> audit -> promote
+#   -> 3D flow check -> finetune a LoRA adapter (retaining the base site's encoding, at the
+#   strength the pinned policies accept) -> attention maps -> audit -> promote
 #   -> evaluate on held-out episodes (the gain) -> history -> roll back
 #   -> export the merged encoder
 set -euo pipefail
@@ -39,8 +40,11 @@ da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-bc" --toleran
 da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-diffusion" --head diffusion --tolerance 0.25
 da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-proprio" --head proprio_only --tolerance 0.25
 
-echo "==> finetune a LoRA adapter for the shifted site (anchors + teacher on source replay)"
-da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS"
+echo "==> finetune a LoRA adapter for the shifted site: anchors + the frozen teacher on source replay"
+echo "    and on the base-site logs the policies were trained on (--retain); --strength auto scales"
+echo "    the update down if the pinned policies would not pass the audit at full strength"
+da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS" \
+  --retain "$OUT/logs/base.h5" --strength auto
 NEW=$(da adapters list --site "$SITE" --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["version"])')
 
 echo "==> where the base and the adapted encoders attend (attention rollout)"
