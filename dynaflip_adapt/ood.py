@@ -394,9 +394,11 @@ def run_benchmark(
                     r = ablation_recipe(recipe, ab)
                     r = r.model_copy(update={"run": r.run.model_copy(update={"seed": seed})})
                     n_retain = RETAIN_FRAMES if ab.retain else 0
-                    run_dir = (
-                        workdir / "runs" / _run_name(preset, seed, r, cfg.steps, ab.full, n_retain)
+                    base_path = _site_logs(
+                        workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size
                     )
+                    data = [train_path.name] + ([base_path.name] if n_retain else [])
+                    run_dir = workdir / "runs" / _run_name(preset, seed, r, cfg, ab.full, data)
                     adapter = (
                         None
                         if ab.full
@@ -409,9 +411,6 @@ def run_benchmark(
                         say(f"seed {seed} {preset}: finetune {ab_name}")
                         retain = None
                         if n_retain:
-                            base_path = _site_logs(
-                                workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size
-                            )
                             retain = retention_frames(
                                 open_logs([base_path]), bundle.model.cfg.image_size, n_retain
                             )
@@ -505,14 +504,19 @@ def _result_path(
 
 
 def _run_name(
-    preset: str, seed: int, recipe: FinetuneRecipe, steps: int, full: bool, retain: int = 0
+    preset: str,
+    seed: int,
+    recipe: FinetuneRecipe,
+    cfg: BenchmarkConfig,
+    full: bool,
+    data: Sequence[str],
 ) -> str:
-    """A finetune's work folder, keyed by what determines the adapter (the site's and base
-    site's logs are keyed by preset and seed), so ablations that train alike share one run."""
+    """A finetune's work folder, keyed by what determines the adapter: the recipe, steps, full
+    or LoRA, and the logs it reads (their file names carry site, seed and sizes), so ablations
+    that train alike share one run and a benchmark at other sizes trains its own."""
     from dynaflip_adapt.config import recipe_hash
 
-    key = (recipe_hash(recipe), steps, full) + ((retain,) if retain else ())
-    return f"{preset}_s{seed}_{_digest(*key)}"
+    return f"{preset}_s{seed}_{_digest(recipe_hash(recipe), cfg.steps, full, list(data))}"
 
 
 def _finished_adapter(

@@ -275,6 +275,11 @@ def test_eval_benchmark_end_to_end(tmp_path):
     assert fit["strength"] == 0.0 and fit["audit"] == "compatible"
     assert fit["shifted"]["bc"]["mse"] == pytest.approx(rows["none"]["shifted"]["bc"]["mse"])
     assert rows["default"]["strength"] == 1.0 and rows["none"]["strength"] == 0.0
+    # Other sizes are other training data: the adapter is trained again, not reused.
+    j = fit_args.index("--episodes")
+    r5 = runner.invoke(app, [*fit_args[: j + 1], "3", *fit_args[j + 2 :]])
+    assert r5.exit_code == 0, r5.output
+    assert len(list((tmp_path / "w" / "runs").iterdir())) == 2
 
 
 def test_sharded_batches_split_every_global_batch_evenly():
