@@ -382,6 +382,12 @@ def test_finetune_strength_auto_registers_an_adapter_that_passes(fleet):
     v = out["adapter"]["version"]
     assert ok(["audit", "--adapter", v])["verdict"] in ("compatible", "warning")
     assert ok(["adapters", "show", v])["manifest"]["lineage"]["strength"] == out["strength"]
+    # DoRA cannot be scaled: refused before any training, nothing registered.
+    n = len(ok(["adapters", "list"]))
+    r = runner.invoke(app, ["finetune", fleet["logs"], "--site", "lab", *MEDIUM, "--set",
+                            "lora.use_dora=true", "--strength", "auto"])  # fmt: skip
+    assert r.exit_code == 2 and "use_dora" in r.stderr, r.output
+    assert len(ok(["adapters", "list"])) == n
 
 
 def test_audit_table_is_complete_when_piped(fleet, monkeypatch):

@@ -107,6 +107,7 @@ def finetune(
     from dynaflip_adapt.config import FinetuneRecipe, load_recipe, recipe_hash, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.models.adapter import read_adapter_manifest
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
@@ -121,6 +122,13 @@ def finetune(
         overrides.append(f"run.seed={seed}")
     rec, rec_path = load_recipe(recipe, overrides, kind="finetune")
     assert isinstance(rec, FinetuneRecipe)
+    if fixed != 1.0 and rec.lora.use_dora:
+        raise InputError(
+            rec_path,
+            "lora.use_dora",
+            f"true with --strength {strength}",
+            "a LoRA adapter (DoRA renormalizes: its update cannot be scaled)",
+        )
     logset = open_logs(
         logs,
         rec.data.source_settings(
@@ -248,10 +256,10 @@ def finetune(
         fit, chosen = _apply_strength(registry, bundle, res.adapter, site, fixed, budget)
         if fit is not None and not as_json:
             print_fit(fit)
+        if fit is not None:
+            run.log_dict(fit.to_dict(), "strength_fit.json")
         if chosen != 1.0:
             run.log_params({"strength": chosen, "strength_budget": budget})
-            if fit is not None:
-                run.log_dict(fit.to_dict(), "strength_fit.json")
             res.geometry = read_adapter_manifest(res.adapter)["geometry"]
         run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
         info = register_adapter(registry, run, res.adapter)
