@@ -134,6 +134,37 @@ def test_cli_pretrain_registers_a_backbone_with_lineage(logs, tmp_path):
     assert r.exit_code == 2 and "no version or alias '99'" in r.stderr
 
 
+def test_cli_default_work_folder_lives_under_home_and_resumes_a_killed_run(logs):
+    import tempfile
+    from pathlib import Path
+
+    from dynaflip_adapt.store import resolve_store
+
+    leaked = set(Path(tempfile.gettempdir()).glob("dynaflip-pretrain-*"))
+    runner = CliRunner()
+    sets = [arg for s in [*TINY, "run.checkpoint_every=4"] for arg in ("--set", s)]
+    args = ["pretrain", str(logs), "--recipe", "pretrain/tiny", *sets, "--max-steps", "6"]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    bundle = Path(json.loads(r.stdout)["bundle"])
+    # Keyed by logs + recipe under $DYNAFLIP_HOME, not a temp folder left behind per run.
+    assert bundle.parent.parent == resolve_store().home / "runs" / "pretrain"
+    assert bundle.parent.name.startswith("tiny-")
+    assert set(Path(tempfile.gettempdir()).glob("dynaflip-pretrain-*")) == leaked
+    straight = _weights(bundle)
+    # The step-4 checkpoint stands for a killed run: --resume needs no --workdir to find it,
+    # and finishing from it gives the uninterrupted run's weights.
+    r = runner.invoke(app, [*args, "--resume", "--json"])
+    assert r.exit_code == 0, r.output
+    resumed = json.loads(r.stdout)
+    assert Path(resumed["bundle"]) == bundle and len(resumed["final"]) > 0
+    w = _weights(bundle)
+    assert all(torch.equal(w[k], straight[k]) for k in w)
+    # Another recipe gets another folder: no run resumes a different run's checkpoint.
+    r = runner.invoke(app, [*args, "--set", "run.seed=1", "--resume"])
+    assert r.exit_code == 2 and "no checkpoint to resume from" in r.stderr
+
+
 def test_a_diverging_run_registers_nothing_and_is_marked_failed(logs, tmp_path):
     from mlflow import MlflowClient
 

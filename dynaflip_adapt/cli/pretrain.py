@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -23,10 +22,15 @@ def pretrain(
     ] = None,
     workdir: Annotated[
         Path | None,
-        typer.Option("--workdir", help="Checkpoints and bundle (default: a temp folder)."),
+        typer.Option(
+            "--workdir",
+            help="Checkpoints and bundle (default: under $DYNAFLIP_HOME/runs, keyed by logs,"
+            " recipe and --init-image).",
+        ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from --workdir's checkpoint.")
+        bool,
+        typer.Option("--resume", help="Continue a killed run from its work folder's checkpoint."),
     ] = False,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Override optim.max_steps.")
@@ -51,6 +55,7 @@ def pretrain(
     Trains on (transition, language, 3D flow) triplets from site logs that carry flow, logs the
     run to MLflow and registers the bundle as a new backbone version.
     """
+    import hashlib
     import os
     import shutil
 
@@ -68,7 +73,7 @@ def pretrain(
     from dynaflip_adapt.config import PretrainRecipe, load_recipe, recipe_hash, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
-    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.models.backbone import sha256_file
     from dynaflip_adapt.registry import PRETRAIN_EXPERIMENT, Registry
     from dynaflip_adapt.store import resolve_store
     from dynaflip_adapt.train.pretrain import pretrain as run_pretrain
@@ -81,12 +86,15 @@ def pretrain(
         overrides.append(f"optim.max_steps={max_steps}")
     rec, rec_path = load_recipe(recipe, overrides, kind="pretrain")
     assert isinstance(rec, PretrainRecipe)
-    if resume and workdir is None:
-        raise InputError(None, "--resume", "no --workdir", "the work folder of the run to resume")
     logset = open_logs(logs, rec.data.source_settings())
     fingerprint = logs_fingerprint(logs)
-    registry = Registry(resolve_store(state(ctx).tracking_uri))
-    work = workdir or Path(tempfile.mkdtemp(prefix="dynaflip-pretrain-"))
+    store = resolve_store(state(ctx).tracking_uri)
+    registry = Registry(store)
+    # Like finetune: a default work folder keyed by what the run reads, so `--resume` finds a
+    # killed run's checkpoint and nothing is left behind in the system's temp folder.
+    init = sha256_file(init_image) if init_image and init_image.is_file() else str(init_image)
+    key = hashlib.sha256(f"{fingerprint}|{recipe_hash(rec)}|{init}".encode()).hexdigest()[:12]
+    work = workdir or store.home / "runs" / "pretrain" / f"{rec_path.stem}-{key}"
     total = rec.optim.max_steps
     tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint}
     with registry.run(PRETRAIN_EXPERIMENT, f"pretrain-{rec_path.stem}", tags) as run:
