@@ -21,13 +21,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", default="small", choices=["tiny", "small"])
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument(
+        "--set", action="append", default=[], help="recipe override (e.g. model.width=256)"
+    )
     args = ap.parse_args()
     from dynaflip_adapt.config import load_recipe
     from dynaflip_adapt.models.backbone import Backbone
     from dynaflip_adapt.train.pretrain import backbone_config, trimodal_losses
 
     torch.manual_seed(0)
-    rec = load_recipe(f"pretrain/{args.size}", ["model.text_encoder=hashed"])[0]
+    rec = load_recipe(f"pretrain/{args.size}", ["model.text_encoder=hashed", *args.set])[0]
     model = Backbone(backbone_config(rec)).train()
     B, s, P = args.batch, model.cfg.image_size, model.cfg.flow_points
     batch = {
@@ -51,7 +54,10 @@ def main() -> None:
     sec = timed(step, 8)
     ceiling = matmul_flops_per_s()
     achieved = flops / sec
-    print(f"model {args.size}, batch {B}: {flops / 1e9:.2f} GFLOP per step, {sec * 1e3:.0f} ms")
+    shape = f"width {model.cfg.width}, depth {model.cfg.depth}, {s}x{s}"
+    print(
+        f"model {args.size} ({shape}), batch {B}: {flops / 1e9:.2f} GFLOP/step, {sec * 1e3:.0f} ms"
+    )
     print(f"throughput      : {B / sec:7.1f} triplets/s ({2 * B / sec:.0f} frames/s)")
     print(
         f"achieved        : {achieved / 1e9:7.1f} GFLOP/s; plain fp32 matmul {ceiling / 1e9:.1f} GFLOP/s"

@@ -134,6 +134,18 @@ class LossSection(_Section):
     )
     variance_target: float = Field(0.5, gt=0, description="per-dimension std floor")
     distill_replay: float = Field(0.0, ge=0, description="teacher distillation, source replay")
+    replay_area: float = Field(
+        0.0,
+        ge=0,
+        description="simplex area of the backbone's replay triplets (source transitions with "
+        "their language and flow) under the adapted encoder: the anchors on the source site too, "
+        "so the audit's replay geometry check holds",
+    )
+    replay_area_hinge: bool = Field(
+        False,
+        description="penalise only a replay triplet's area above the base encoder's (not worse "
+        "than before, the audit's criterion) instead of minimising it",
+    )
     distill_site: float = Field(
         0.0, ge=0, description="teacher distillation, new-site frames (student sees them augmented)"
     )

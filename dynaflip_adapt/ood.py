@@ -104,6 +104,25 @@ ABLATIONS: dict[str, Ablation] = {
             fit_budget=1.0,
         ),
         Ablation(
+            "default_retain_area",
+            "default_retain + the area anchor on the backbone's replay triplets",
+            {"replay_area": 1.0},
+            retain=True,
+        ),
+        Ablation(
+            "default_retain_area_fit",
+            "default_retain_area, scaled to the largest strength the audit passes",
+            {"replay_area": 1.0},
+            retain=True,
+            fit_budget=1.0,
+        ),
+        Ablation(
+            "default_retain_hinge",
+            "default_retain + a hinge on replay triplets' area above the base encoder's",
+            {"replay_area": 1.0, "replay_area_hinge": True},
+            retain=True,
+        ),
+        Ablation(
             "full_ft", "the recipe's losses, every encoder weight trained (no LoRA)", full=True
         ),
         Ablation(

@@ -268,3 +268,47 @@ def test_cli_retain_records_its_logs_in_the_lineage(world, tmp_path):
     fp = json.loads(runner.invoke(app, ["data", "fingerprint", base, "--json"]).stdout)
     assert lineage["retain_frames"] == 8 and lineage["retain_logs"] == [base]
     assert lineage["retain_fingerprint"] == fp["fingerprint"], fp
+
+
+def _replay_area(bundle, encoder):
+    """Mean simplex area of every replay triplet under `encoder` (independent of finetune)."""
+    heads, rp = bundle.model, bundle.replay
+    with torch.no_grad():
+        a = heads.embed_transition(
+            encoder(heads.preprocess(rp["rgb0"])), encoder(heads.preprocess(rp["rgb1"]))
+        )
+        m = rp["flow_mask"]
+        c = heads.embed_flow(flow_features(rp["flow_points"], rp["flow_delta"], m), m)
+        return float(triangle_area(a, heads.embed_text(rp["text"]), c).mean())
+
+
+def test_replay_area_anchor_holds_the_source_geometry(world, tmp_path):
+    """`loss.replay_area` puts the area anchor on the backbone's replay triplets: the same run
+    with it ends with a smaller replay area than without it; a replay set without triplets
+    turns it off with a warning."""
+    site = open_logs(world["site"])
+
+    def run(weight, bundle=None, name=None, extra=()):
+        rec = load_recipe(
+            "finetune/default", [*FT, "ema.enabled=false", f"loss.replay_area={weight}", *extra]
+        )[0]
+        b = bundle or load_bundle(world["backbone"])
+        return finetune(b, site, rec, tmp_path / (name or str(weight)), site="s")
+
+    bundle = load_bundle(world["backbone"])
+    runs = {w: run(w) for w in (0.0, 5.0)}
+    areas = {w: _replay_area(bundle, r.encoder) for w, r in runs.items()}
+    assert "replay_area" in runs[5.0].history[0] and "replay_area" not in runs[0.0].history[0]
+    assert areas[5.0] < areas[0.0] - 0.01, areas
+    # The hinge only penalises area above the base encoder's: zero while the adapter is still
+    # the base (LoRA B = 0 at step 0), and the replay area ends no worse than the base's.
+    hinge = run(5.0, name="hinge", extra=["loss.replay_area_hinge=true"])
+    assert hinge.history[0]["replay_area"] < 1e-4, hinge.history[0]
+    assert max(h["replay_area"] for h in hinge.history) > 0
+    base = _replay_area(bundle, bundle.model.image)
+    assert _replay_area(bundle, hinge.encoder) < min(areas[0.0], base + 0.01), areas
+    frames_only = load_bundle(world["backbone"])
+    frames_only.replay = {"rgb0": frames_only.replay["rgb0"]}
+    res = run(5.0, frames_only, "frames_only")
+    assert any("replay area anchor is off" in w for w in res.warnings)
+    assert "replay_area" not in res.history[0]

@@ -75,6 +75,10 @@ class FinetuneResult:
     probe: dict[str, torch.Tensor] = field(default_factory=dict)  # what audits probe with
 
 
+# What a replay triplet holds (a backbone's replay set; older bundles may carry frames only).
+REPLAY_TRIPLET = ("rgb0", "rgb1", "text", "flow_points", "flow_delta", "flow_mask")
+
+
 def build_augment(cfg: AugmentSection, size: int) -> Any:
     """The kornia pipeline for site frames (float in [0, 1], B x 3 x S x S), or None.
 
@@ -157,7 +161,7 @@ def _probe_set(
     if rp:
         n = min(PROBE_FRAMES, rp["rgb0"].shape[0])
         sel = torch.linspace(0, rp["rgb0"].shape[0] - 1, n).round().long()
-        for k in ("rgb0", "rgb1", "text", "flow_points", "flow_delta", "flow_mask"):
+        for k in REPLAY_TRIPLET:
             if k in rp:
                 probe[f"replay_{k}"] = rp[k][sel].contiguous()
     idx = np.unique(np.linspace(0, len(ds) - 1, min(PROBE_FRAMES, len(ds))).round().astype(int))
@@ -292,9 +296,12 @@ def finetune(
         "distill_site": w.distill_site,
         "consistency": w.consistency,
         "align": w.align if bundle.replay else 0.0,
+        "replay_area": w.replay_area if set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0,
     }
     if w.distill_replay > 0 and not pool:
         warnings.append("the backbone has no replay set: source-replay distillation is off")
+    if w.replay_area > 0 and not active["replay_area"]:
+        warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
     if not any(v > 0 for v in active.values()):
         raise InputError(
             None,
@@ -327,6 +334,9 @@ def finetune(
     held = torch.cat(pool).to(device) if pool else torch.zeros(0, dtype=torch.uint8)
     n_replay = round(recipe.replay.fraction * o.batch_size) if active["distill_replay"] > 0 else 0
     check_batch(dist, o.batch_size, n_replay)
+    # Replay triplets for the area anchor: as many per step as replay frames for the teacher.
+    n_area = max(1, round(recipe.replay.fraction * o.batch_size)) if active["replay_area"] else 0
+    check_batch(dist, o.batch_size, n_area)
     model = dist.wrap(student, device)
 
     def teacher(x: torch.Tensor) -> torch.Tensor:
@@ -352,6 +362,32 @@ def finetune(
         sd = ref.std(0)
         scale = torch.maximum(sd, 0.1 * sd.median()) + 1e-6
         center = ref.mean(0)
+
+    def replay_areas(f0: torch.Tensor, f1: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Simplex areas of replay triplets `idx` whose frames have the features `f0`, `f1`."""
+        m = replay["flow_mask"][idx]
+        return triangle_area(
+            heads.embed_transition(f0, f1),
+            heads.embed_text(replay["text"][idx]),
+            heads.embed_flow(
+                flow_features(replay["flow_points"][idx], replay["flow_delta"][idx], m), m
+            ),
+        )
+
+    # The base encoder's area on every replay triplet: the hinge's "not worse than before".
+    base_area = torch.zeros(0, device=device)
+    if active["replay_area"] and w.replay_area_hinge:
+        chunks = torch.arange(len(replay["rgb0"]), device=device).split(128)
+        base_area = torch.cat(
+            [
+                replay_areas(
+                    teacher(heads.preprocess(replay["rgb0"][i])),
+                    teacher(heads.preprocess(replay["rgb1"][i])),
+                    i,
+                )
+                for i in chunks
+            ]
+        ).detach()
 
     def distill(student_f: torch.Tensor, teacher_f: torch.Tensor) -> torch.Tensor:
         if w.distill_space == "standardized":
@@ -393,9 +429,15 @@ def finetune(
             # Drawn for the global batch (same on every rank), then this rank's share.
             sel = torch.randint(0, held.shape[0], (n_replay,), device=device)
             images.append(held[dist.shard(sel)])
+        if n_area > 0:
+            tri = dist.shard(torch.randint(0, replay["rgb0"].shape[0], (n_area,), device=device))
+            images += [replay["rgb0"][tri], replay["rgb1"][tri]]
         # One forward through the (DDP-wrapped) student per step.
         f = model(heads.preprocess(torch.cat(images)))
         n = r0.shape[0]
+        n_tri = len(tri) if n_area > 0 else 0
+        end = len(f) - 2 * n_tri
+        f, fa0, fa1 = f[:end], f[end : end + n_tri], f[end + n_tri :]
         f0, f1, f_rep = f[:n], f[n : 2 * n], f[2 * n :]
         parts: dict[str, torch.Tensor] = {}
         if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
@@ -421,6 +463,11 @@ def finetune(
             )
         if n_replay > 0:
             parts["distill_replay"] = distill(f_rep, teacher(heads.preprocess(images[2])))
+        if n_area > 0:
+            area = replay_areas(fa0, fa1, tri)
+            if w.replay_area_hinge:
+                area = (area - base_area[tri]).clamp_min(0)
+            parts["replay_area"] = area.mean()
         if active["distill_site"] > 0:
             # The student sees the augmented frame, the teacher the clean one: without the
             # augmentation the two agree at the start and the term has no gradient.
@@ -445,7 +492,7 @@ def finetune(
 
     history: list[dict[str, float]] = []
     # Frames encoded per step by this process.
-    images = (2 * o.batch_size + n_replay) // dist.world
+    images = (2 * o.batch_size + n_replay + 2 * n_area) // dist.world
     images += sum(o.batch_size // dist.world for k in ("distill_site", "consistency") if active[k])
     t0 = time.perf_counter()
     seen = 0
