@@ -46,6 +46,11 @@ class Check:
     detail: str = ""
     severity: str = "error"  # error -> incompatible, warning -> warning
 
+    @property
+    def blocks(self) -> bool:
+        """Failed with severity error: makes the verdict incompatible."""
+        return not self.passed and self.severity == "error"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -75,7 +80,7 @@ class AuditReport:
 
     @property
     def verdict(self) -> str:
-        if any(not c.passed and c.severity == "error" for c in self.static):
+        if any(c.blocks for c in self.static):
             return INCOMPATIBLE
         verdicts = [p.verdict for p in self.policies]
         if INCOMPATIBLE in verdicts:
@@ -97,7 +102,7 @@ class AuditReport:
 
 
 def _verdict(checks: list[Check]) -> str:
-    if any(not c.passed and c.severity == "error" for c in checks):
+    if any(c.blocks for c in checks):
         return INCOMPATIBLE
     if any(not c.passed for c in checks):
         return WARNING

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from dynaflip_adapt.config import FinetuneRecipe
-from dynaflip_adapt.models.adapter import load_adapter
+from dynaflip_adapt.models.adapter import Adapter, load_adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import IMAGE_HEADS, Policy, encode_frames, load_policy, save_policy
-from dynaflip_adapt.strength import StrengthFit, fit_strength, scaled_encoder
+from dynaflip_adapt.strength import StrengthFit, audit_at, fit_strength, scaled_encoder
 
 Frames = dict[str, torch.Tensor]  # rgb (N,3,S,S) uint8, proprio, actions, episode
 
@@ -54,6 +54,9 @@ class Ablation:
     fit_budget: float | None = None
     # The teacher also holds frames of the base site's training logs (what the policies saw).
     retain: bool = False
+    # Train this ablation; if the adapter fails the audit at full strength, use this other
+    # ablation instead (`finetune --fallback`).
+    fallback: str | None = None
 
 
 _NO_ANCHORS = {"area": 0.0, "contrastive": 0.0, "cosine": 0.0, "single_frame": 0.0}
@@ -121,6 +124,13 @@ ABLATIONS: dict[str, Ablation] = {
             "default_retain + a hinge on replay triplets' area above the base encoder's",
             {"replay_area": 1.0, "replay_area_hinge": True},
             retain=True,
+        ),
+        Ablation(
+            "default_retain_cascade",
+            "default_retain; when its audit fails at full strength, default_retain_area_fit "
+            "(finetune --retain --fallback finetune/replay_area --strength auto)",
+            retain=True,
+            fallback="default_retain_area_fit",
         ),
         Ablation(
             "full_ft", "the recipe's losses, every encoder weight trained (no LoRA)", full=True
@@ -359,6 +369,45 @@ def run_benchmark(
         path = _site_logs(workdir, site, seed, episodes, cfg.frames, cfg.size)
         return _frames(bundle, path, cfg.language)
 
+    def trained(
+        ab: Ablation, preset: str, seed: int, train_path: Path, s_train: int
+    ) -> tuple[nn.Module, dict[str, torch.Tensor], Adapter | None]:
+        """The ablation's adapted encoder (merged), its probe set and, for LoRA, the adapter:
+        trained now, or reused from a finished run with the same recipe, steps and data."""
+        if ab.extracted_flow:
+            say(f"seed {seed} {preset}: flow extract")
+            _ensure_extracted(train_path, recipe.data.gap)
+        r = ablation_recipe(recipe, ab)
+        r = r.model_copy(update={"run": r.run.model_copy(update={"seed": seed})})
+        n_retain = RETAIN_FRAMES if ab.retain else 0
+        base_path = _site_logs(workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size)
+        data = [train_path.name] + ([base_path.name] if n_retain else [])
+        run_dir = workdir / "runs" / _run_name(preset, seed, r, cfg, ab.full, data)
+        adapter = None if ab.full else _finished_adapter(bundle, run_dir, r, cfg.steps, n_retain)
+        if adapter is not None:
+            say(f"seed {seed} {preset} {ab.name}: adapter trained in an earlier run")
+            return adapter.merged().eval(), adapter.probe, adapter
+        say(f"seed {seed} {preset}: finetune {ab.name}")
+        retain = None
+        if n_retain:
+            retain = retention_frames(open_logs([base_path]), bundle.model.cfg.image_size, n_retain)
+        res = finetune(
+            bundle,
+            open_logs([train_path], r.data.source_settings()),
+            r,
+            run_dir,
+            site=preset,
+            max_steps=cfg.steps,
+            full=ab.full,
+            on_step=_step_reporter(on_step, f"{preset} s{seed} {ab.name}", cfg.steps),
+            retain=retain,
+            lineage={"retain_frames": n_retain} if n_retain else None,
+        )
+        loaded = None
+        if res.adapter is not None and (ab.fit_budget is not None or ab.fallback is not None):
+            loaded = load_adapter(bundle, res.adapter)
+        return res.encoder, res.probe, loaded
+
     for seed in cfg.seeds:
         s_train, s_test, s_site = 10_000 + 3 * seed, 10_000 + 3 * seed + 1, 10_000 + 3 * seed + 2
         say(f"seed {seed}: base-site logs")
@@ -404,54 +453,20 @@ def run_benchmark(
                 t0 = time.perf_counter()
                 probe: dict[str, torch.Tensor] = {}
                 fit: StrengthFit | None = None
+                used = ab
                 if not ab.train:
                     enc: nn.Module = base_enc
                 else:
-                    if ab.extracted_flow:
-                        say(f"seed {seed} {preset}: flow extract")
-                        _ensure_extracted(train_path, recipe.data.gap)
-                    r = ablation_recipe(recipe, ab)
-                    r = r.model_copy(update={"run": r.run.model_copy(update={"seed": seed})})
-                    n_retain = RETAIN_FRAMES if ab.retain else 0
-                    base_path = _site_logs(
-                        workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size
-                    )
-                    data = [train_path.name] + ([base_path.name] if n_retain else [])
-                    run_dir = workdir / "runs" / _run_name(preset, seed, r, cfg, ab.full, data)
-                    adapter = (
-                        None
-                        if ab.full
-                        else _finished_adapter(bundle, run_dir, r, cfg.steps, n_retain)
-                    )
-                    if adapter is not None:
-                        say(f"seed {seed} {preset} {ab_name}: adapter trained in an earlier run")
-                        enc, probe = adapter.merged().eval(), adapter.probe
-                    else:
-                        say(f"seed {seed} {preset}: finetune {ab_name}")
-                        retain = None
-                        if n_retain:
-                            retain = retention_frames(
-                                open_logs([base_path]), bundle.model.cfg.image_size, n_retain
-                            )
-                        res = finetune(
-                            bundle,
-                            open_logs([train_path], r.data.source_settings()),
-                            r,
-                            run_dir,
-                            site=preset,
-                            max_steps=cfg.steps,
-                            full=ab.full,
-                            on_step=_step_reporter(
-                                on_step, f"{preset} s{seed} {ab_name}", cfg.steps
-                            ),
-                            retain=retain,
-                            lineage={"retain_frames": n_retain} if n_retain else None,
-                        )
-                        enc, probe = res.encoder, res.probe
-                        if ab.fit_budget is not None and res.adapter is not None:
-                            adapter = load_adapter(bundle, res.adapter)
-                    if ab.fit_budget is not None and adapter is not None:
-                        fit = fit_strength(bundle, adapter, audited, budget=ab.fit_budget)
+                    enc, probe, adapter = trained(ab, preset, seed, train_path, s_train)
+                    if ab.fallback is not None and adapter is not None:
+                        # As `finetune --fallback`: the audit at full strength decides.
+                        first = audit_at(bundle, adapter, audited, budget=ab.fit_budget or 1.0)
+                        if not first.passed:
+                            used = ABLATIONS[ab.fallback]
+                            say(f"seed {seed} {preset} {ab_name}: audit failed, {used.name}")
+                            enc, probe, adapter = trained(used, preset, seed, train_path, s_train)
+                    if used.fit_budget is not None and adapter is not None:
+                        fit = fit_strength(bundle, adapter, audited, budget=used.fit_budget)
                         enc = scaled_encoder(adapter.peft_model, fit.strength)
                         say(f"seed {seed} {preset} {ab_name}: strength {fit.strength:.4f}")
                 ev = evaluate_encoder(
@@ -463,11 +478,7 @@ def run_benchmark(
                     keep = ("action_deviation.", "bct_retrieval.", "trimodal_area.")
                     ev.audit_detail = {
                         v.policy: {c.name: c.value for c in v.checks if c.name.startswith(keep)}
-                        | {
-                            "failed": [
-                                c.name for c in v.checks if not c.passed and c.severity == "error"
-                            ]
-                        }
+                        | {"failed": [c.name for c in v.checks if c.blocks]}
                         for v in verdicts
                     }
                 else:
@@ -478,6 +489,7 @@ def run_benchmark(
                     "ablation": ab_name,
                     "seconds": time.perf_counter() - t0,
                     **ev.to_dict(),
+                    "trained_as": used.name,
                     "strength": fit.strength if fit else (1.0 if ab.train else 0.0),
                     "strength_fit": fit.to_dict() if fit else None,
                 }
@@ -516,10 +528,16 @@ def _result_path(
     from dynaflip_adapt.config import recipe_hash
 
     sizes = {k: v for k, v in asdict(cfg).items() if k not in ("presets", "seeds", "ablations")}
-    digest = _digest(
-        bundle.fingerprint, recipe_hash(ablation_recipe(recipe, ablation)), sizes, asdict(ablation)
-    )
+    # Fields added to Ablation later count only when set, so earlier results keep their keys.
+    ab = {k: v for k, v in asdict(ablation).items() if not (k in _LATER_FIELDS and v is None)}
+    if ablation.fallback is not None:
+        # What the fallback does decides the row too.
+        ab["fallback"] = asdict(ABLATIONS[ablation.fallback])
+    digest = _digest(bundle.fingerprint, recipe_hash(ablation_recipe(recipe, ablation)), sizes, ab)
     return workdir / "results" / f"{preset}_s{seed}_{ablation.name}_{digest}.json"
+
+
+_LATER_FIELDS = ("fallback",)
 
 
 def _run_name(

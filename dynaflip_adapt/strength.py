@@ -121,9 +121,30 @@ def judge(verdicts: list[PolicyVerdict], budget: float) -> tuple[bool, dict[str,
                 own[v.policy] = float(c.value)
                 if float(c.value) > budget * float(c.limit):
                     failed.append(f"{v.policy}: {c.name} {c.value:.3f} > {budget:g} x {c.limit:g}")
-            elif not c.passed and c.severity == "error":
+            elif c.blocks:
                 failed.append(f"{v.policy}: {c.name}")
     return not failed, own, failed
+
+
+def audit_at(
+    bundle: Bundle,
+    adapter: Adapter,
+    policies: list[tuple[str, Policy, Any]],
+    strength: float = 1.0,
+    *,
+    budget: float = 1.0,
+    thresholds: Thresholds | None = None,
+) -> Trial:
+    """The audit of `adapter` scaled to `strength` against `policies`, judged as `fit_strength`
+    judges each strength it tries (at full strength also for DoRA adapters)."""
+    if strength == 1.0:
+        enc = adapter.merged().requires_grad_(False).eval()
+    else:
+        enc = scaled_encoder(adapter.peft_model, strength)
+    verdicts = policy_verdicts(bundle, enc, adapter.probe, policies, thresholds)
+    ok, own, failed = judge(verdicts, budget)
+    worst = max((v.verdict for v in verdicts), key=_rank, default="compatible")
+    return Trial(strength, ok, worst, own, failed)
 
 
 def fit_strength(
@@ -152,11 +173,7 @@ def fit_strength(
     trials: list[Trial] = []
 
     def trial(s: float) -> Trial:
-        enc = scaled_encoder(adapter.peft_model, s)
-        verdicts = policy_verdicts(bundle, enc, adapter.probe, policies, thresholds)
-        ok, own, failed = judge(verdicts, budget)
-        worst = max((v.verdict for v in verdicts), key=_rank, default="compatible")
-        t = Trial(s, ok, worst, own, failed)
+        t = audit_at(bundle, adapter, policies, s, budget=budget, thresholds=thresholds)
         trials.append(t)
         return t
 

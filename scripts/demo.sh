@@ -41,10 +41,11 @@ da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-diffusion" --
 da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-proprio" --head proprio_only --tolerance 0.25
 
 echo "==> finetune a LoRA adapter for the shifted site: anchors + the frozen teacher on source replay"
-echo "    and on the base-site logs the policies were trained on (--retain); --strength auto scales"
-echo "    the update down if the pinned policies would not pass the audit at full strength"
+echo "    and on the base-site logs the policies were trained on (--retain); if the pinned policies"
+echo "    would not pass the audit at full strength, --fallback trains finetune/replay_area instead"
+echo "    and --strength auto scales its update down until they do"
 da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS" \
-  --retain "$OUT/logs/base.h5" --strength auto
+  --retain "$OUT/logs/base.h5" --fallback finetune/replay_area --strength auto
 NEW=$(da adapters list --site "$SITE" --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["version"])')
 
 echo "==> where the base and the adapted encoders attend (attention rollout)"

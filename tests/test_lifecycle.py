@@ -397,3 +397,53 @@ def test_audit_table_is_complete_when_piped(fleet, monkeypatch):
     assert r.exit_code == 1
     assert "…" not in r.stdout, r.stdout
     assert "action_deviation.policy_probe" in r.stdout and "0.2000" in r.stdout
+
+
+def _recipe_file(path: Path, **changes: dict) -> str:
+    """recipes/finetune/default.yaml with some sections changed, written to `path`."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    rec = yaml.safe_load((root / "recipes" / "finetune" / "default.yaml").read_text())
+    for section, values in changes.items():
+        rec[section] = {**rec.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(rec))
+    return str(path)
+
+
+def test_finetune_fallback_trains_the_next_recipe_when_the_audit_fails(fleet, tmp_path):
+    """`--fallback`: the first recipe's adapter fails the audit at full strength, so it is set
+    aside (its run tagged, nothing registered) and the fallback's adapter, which passes, is
+    registered with the rejection in its lineage. A first recipe that passes trains alone."""
+    from mlflow import MlflowClient
+
+    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT
+    from dynaflip_adapt.store import resolve_store
+
+    fast = {"data": {"num_workers": 0}}
+    medium = _recipe_file(tmp_path / "medium.yaml", **fast, optim={"lr": 0.003, "batch_size": 8,
+                          "warmup_steps": 0}, loss={"distill_replay": 0.0}, ema={"enabled": False})  # fmt: skip
+    gentle = _recipe_file(tmp_path / "gentle.yaml", **fast, optim={"lr": 1e-9, "batch_size": 8})
+    n = len(ok(["adapters", "list"]))
+    r = runner.invoke(app, ["finetune", fleet["logs"], "--site", "lab", "-r", medium,
+                            "--fallback", "finetune/nope"])  # fmt: skip
+    assert r.exit_code == 2 and "nope" in r.stderr, r.output
+    assert len(ok(["adapters", "list"])) == n
+    args = ["finetune", fleet["logs"], "--site", "lab", "--max-steps", "25"]
+    out = ok([*args, "-r", medium, "--fallback", gentle])
+    assert Path(out["recipe"]).name == "gentle.yaml" and out["strength"] == 1.0
+    (rej,) = out["fallback_rejected"]
+    assert Path(rej["recipe"]).name == "medium.yaml"
+    assert "bc (v1): action_deviation.policy_probe" in " ".join(rej["failed"]), rej
+    v = out["adapter"]["version"]
+    assert len(ok(["adapters", "list"])) == n + 1
+    assert ok(["audit", "--adapter", v])["verdict"] in ("compatible", "warning")
+    assert ok(["adapters", "show", v])["manifest"]["lineage"]["fallback_rejected"] == [rej]
+    client = MlflowClient(resolve_store().tracking_uri)
+    exp = client.get_experiment_by_name(FINETUNE_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], "tags.fallback_rejected != ''")
+    assert len(runs) == 1 and "adapter_version" not in runs[0].data.tags
+    # The first recipe passes: the fallback never trains.
+    out = ok([*args, "-r", gentle, "--fallback", medium])
+    assert Path(out["recipe"]).name == "gentle.yaml" and out["fallback_rejected"] == []
+    assert len(ok(["adapters", "list"])) == n + 2

@@ -163,6 +163,11 @@ def test_ablations_change_only_what_they_name():
     e = ablation_recipe(rec, ABLATIONS["extracted_flow"])
     assert e.data.flow_source == "dis_s4" and e.loss == rec.loss
     assert ablation_recipe(rec, ABLATIONS["default"]) == rec
+    # The cascade's fallback trains what `finetune --fallback finetune/replay_area` trains.
+    area = ablation_recipe(rec, ABLATIONS[ABLATIONS["default_retain_cascade"].fallback])
+    shipped = load_recipe("finetune/replay_area")[0]
+    assert area.model_copy(update={"description": shipped.description}) == shipped
+    assert area.loss.replay_area == 1.0 and rec.loss.replay_area == 0.0
 
 
 @needs_sim

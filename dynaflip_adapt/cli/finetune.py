@@ -88,6 +88,15 @@ def finetune(
     retain_frames: Annotated[
         int, typer.Option("--retain-frames", min=1, help="Frames taken from the --retain logs.")
     ] = 512,
+    fallback: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fallback",
+            help="Recipe to train with when the adapter fails the audit of the site's pinned "
+            "policies at full strength (repeatable, tried in order; --set applies to each). The "
+            "first that passes is registered; the last is registered as --strength says.",
+        ),
+    ] = None,
     strength: StrengthOpt = "1",
     budget: BudgetOpt = 1.0,
     as_json: JsonOpt = False,
@@ -99,7 +108,9 @@ def finetune(
     adapter disabled) keeps the source-replay frames encoded as before. The adapter (EMA
     weights), a probe set and its lineage are versioned in MLflow. With --strength auto the
     adapter's update is scaled down to the largest share the site's pinned policies pass the
-    audit with (see `adapters rescale`).
+    audit with (see `adapters rescale`). With --fallback, an adapter that fails that audit at
+    full strength is set aside (its MLflow run tagged fallback_rejected) and the next recipe
+    trains.
     """
     from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, register_adapter, resolve_adapter
     from dynaflip_adapt.backbones import load_backbone
@@ -120,8 +131,14 @@ def finetune(
     overrides = list(set_ or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")
-    rec, rec_path = load_recipe(recipe, overrides, kind="finetune")
-    assert isinstance(rec, FinetuneRecipe)
+    # The recipe, then the --fallback recipes: all validated before any training.
+    candidates: list[tuple[FinetuneRecipe, Path]] = []
+    for name in [recipe, *(fallback or [])]:
+        loaded, loaded_path = load_recipe(name, overrides, kind="finetune")
+        assert isinstance(loaded, FinetuneRecipe)
+        candidates.append((loaded, loaded_path))
+    # Only the last candidate is ever scaled.
+    rec, rec_path = candidates[-1]
     if fixed != 1.0 and rec.lora.use_dora:
         raise InputError(
             rec_path,
@@ -129,21 +146,24 @@ def finetune(
             f"true with --strength {strength}",
             "a LoRA adapter (DoRA renormalizes: its update cannot be scaled)",
         )
-    logset = open_logs(
-        logs,
-        rec.data.source_settings(
-            layout=layout,
-            camera=camera,
-            orientation=orientation,
-            depth_scale=depth_scale,
-            language=language,
-        ),
-    )
+    settings = {
+        "layout": layout,
+        "camera": camera,
+        "orientation": orientation,
+        "depth_scale": depth_scale,
+        "language": language,
+    }
+    # Bad logs fail here, before the registry is touched.
+    logsets = [open_logs(logs, r.data.source_settings(**settings)) for r, _ in candidates]
     site = site or _site_of(logs)
     store = resolve_store(state(ctx).tracking_uri)
     # Under torchrun: rank 0 loads (and may bootstrap) the base backbone first; only rank 0
     # logs to MLflow and registers the adapter.
     dist = init_from_env()
+    if len(candidates) > 1 and dist.world > 1:
+        raise InputError(
+            None, "--fallback", f"with {dist.world} processes", "a single process (no torchrun)"
+        )
     if not dist.is_main:
         dist.barrier()
     registry = Registry(store)
@@ -156,7 +176,7 @@ def finetune(
     retained: dict[str, Any] = {}
     if retain:
         held = retention_frames(
-            open_logs(retain, rec.data.source_settings()),
+            open_logs(retain, candidates[0][0].data.source_settings()),
             bundle.model.cfg.image_size,
             retain_frames,
         )
@@ -165,105 +185,134 @@ def finetune(
             "retain_fingerprint": logs_fingerprint(retain),
             "retain_frames": len(held),
         }
-    key_parts = [fingerprint, recipe_hash(rec), bundle.fingerprint, str(parent_dir), str(max_steps)]
-    if retained:
-        key_parts += [retained["retain_fingerprint"], str(retained["retain_frames"])]
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:12]
-    work = workdir or store.home / "runs" / "finetune" / f"{site}-{key}"
-    total = max_steps or rec.optim.max_steps
-    lineage = {
-        "base_version": base_info.version if base_info else None,
-        "data_fingerprint": fingerprint,
-        "parent_version": parent_info.version if parent_info else None,
-        "parent_fingerprint": None,
-        "logs": [str(p) for p in logs],
-        **retained,
-    }
-    if dry_run:
-        res = run_finetune(
-            bundle, logset, rec, work, site=site, parent=parent_dir, dry_run=True, max_steps=total,
-            retain=held,
-        )  # fmt: skip
-        out = {
-            "dry_run": True,
+    rejected: list[dict[str, Any]] = []
+    for i, (rec, rec_path) in enumerate(candidates):
+        last = i == len(candidates) - 1
+        logset = logsets[i]
+        key_parts = [
+            fingerprint, recipe_hash(rec), bundle.fingerprint, str(parent_dir), str(max_steps)
+        ]  # fmt: skip
+        if retained:
+            key_parts += [retained["retain_fingerprint"], str(retained["retain_frames"])]
+        key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:12]
+        if workdir is not None:
+            work = workdir / f"fallback-{i}" if i else workdir
+        else:
+            work = store.home / "runs" / "finetune" / f"{site}-{key}"
+        total = max_steps or rec.optim.max_steps
+        lineage = {
+            "base_version": base_info.version if base_info else None,
+            "data_fingerprint": fingerprint,
+            "parent_version": parent_info.version if parent_info else None,
+            "parent_fingerprint": None,
+            "logs": [str(p) for p in logs],
+            **retained,
+            # Recipes whose adapters failed the audit before this one (--fallback).
+            **({"fallback_rejected": list(rejected)} if rejected else {}),
+        }
+        if dry_run:
+            res = run_finetune(
+                bundle, logset, rec, work, site=site, parent=parent_dir, dry_run=True,
+                max_steps=total, retain=held,
+            )  # fmt: skip
+            out = {
+                "dry_run": True,
+                "site": site,
+                "anchors": res.anchors,
+                "warnings": res.warnings,
+                "initial": res.final,
+                "backbone": bundle.fingerprint,
+                "episodes": len(logset.episodes),
+                "workdir": str(work),
+            }
+            if as_json:
+                print_json(out)
+            else:
+                for w in res.warnings:
+                    err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
+                console().print(
+                    f"dry run ok: site {site}, {len(logset.episodes)} episodes, supervision "
+                    f"{', '.join(k for k, v in res.anchors.items() if v) or 'none'}; "
+                    f"initial loss {res.final['loss']:.4f}",
+                    highlight=False,
+                )
+            return
+        if not dist.is_main:
+            run_finetune(
+                bundle, logset, rec, work, site=site, parent=parent_dir, resume=resume,
+                max_steps=total, lineage=lineage, retain=held,
+            )  # fmt: skip
+            return
+        tags = {
             "site": site,
-            "anchors": res.anchors,
-            "warnings": res.warnings,
-            "initial": res.final,
-            "backbone": bundle.fingerprint,
-            "episodes": len(logset.episodes),
+            "recipe": str(rec_path),
+            "data_fingerprint": fingerprint,
+            "base_fingerprint": bundle.fingerprint,
             "workdir": str(work),
         }
-        if as_json:
-            print_json(out)
-        else:
+        # A run on this work folder whose process died (SIGKILL, power loss) is still RUNNING.
+        for run_id in registry.reap_dead_runs(FINETUNE_EXPERIMENT, {"workdir": str(work)}):
+            err_console().print(
+                f"marked run {run_id} KILLED (its process is gone)", highlight=False
+            )
+        with registry.run(FINETUNE_EXPERIMENT, f"finetune-{site}", tags) as run:
+            run.log_params(
+                {
+                    "recipe_hash": recipe_hash(rec),
+                    "max_steps": total,
+                    "site": site,
+                    "workdir": str(work),
+                    "world_size": dist.world,
+                }
+            )
+            run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
+            keys = ("loss", "area", "distill_replay")
+            with logged_training(
+                f"finetune {site}", total, run, rec.run.log_every, enabled=not as_json, keys=keys
+            ) as on_step:
+                res = run_finetune(
+                    bundle,
+                    logset,
+                    rec,
+                    work,
+                    site=site,
+                    parent=parent_dir,
+                    # A fallback resumes only where the killed run had got to.
+                    resume=resume and (i == 0 or _has_checkpoint(work)),
+                    max_steps=total,
+                    lineage=lineage,
+                    on_step=on_step,
+                    retain=held,
+                )
             for w in res.warnings:
                 err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
-            console().print(
-                f"dry run ok: site {site}, {len(logset.episodes)} episodes, supervision "
-                f"{', '.join(k for k, v in res.anchors.items() if v) or 'none'}; "
-                f"initial loss {res.final['loss']:.4f}",
-                highlight=False,
-            )
-        return
-    if not dist.is_main:
-        run_finetune(
-            bundle, logset, rec, work, site=site, parent=parent_dir, resume=resume,
-            max_steps=total, lineage=lineage, retain=held,
-        )  # fmt: skip
-        return
-    tags = {
-        "site": site,
-        "recipe": str(rec_path),
-        "data_fingerprint": fingerprint,
-        "base_fingerprint": bundle.fingerprint,
-        "workdir": str(work),
-    }
-    # A run on this work folder whose process died (SIGKILL, power loss) is still RUNNING.
-    for run_id in registry.reap_dead_runs(FINETUNE_EXPERIMENT, {"workdir": str(work)}):
-        err_console().print(f"marked run {run_id} KILLED (its process is gone)", highlight=False)
-    with registry.run(FINETUNE_EXPERIMENT, f"finetune-{site}", tags) as run:
-        run.log_params(
-            {
-                "recipe_hash": recipe_hash(rec),
-                "max_steps": total,
-                "site": site,
-                "workdir": str(work),
-                "world_size": dist.world,
-            }
-        )
-        run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
-        keys = ("loss", "area", "distill_replay")
-        with logged_training(
-            f"finetune {site}", total, run, rec.run.log_every, enabled=not as_json, keys=keys
-        ) as on_step:
-            res = run_finetune(
-                bundle,
-                logset,
-                rec,
-                work,
-                site=site,
-                parent=parent_dir,
-                resume=resume,
-                max_steps=total,
-                lineage=lineage,
-                on_step=on_step,
-                retain=held,
-            )
-        for w in res.warnings:
-            err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
-        assert res.adapter is not None
-        fit, chosen = _apply_strength(registry, bundle, res.adapter, site, fixed, budget)
-        if fit is not None and not as_json:
-            print_fit(fit)
-        if fit is not None:
-            run.log_dict(fit.to_dict(), "strength_fit.json")
-        if chosen != 1.0:
-            run.log_params({"strength": chosen, "strength_budget": budget})
-            res.geometry = read_adapter_manifest(res.adapter)["geometry"]
-        run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
-        info = register_adapter(registry, run, res.adapter)
-        run.set_tags({"adapter_version": info.version})
+            assert res.adapter is not None
+            if not last:
+                trial = _full_strength_audit(registry, bundle, res.adapter, site, budget)
+                if trial is not None and not trial.passed:
+                    reason = "; ".join(trial.failed)
+                    run.set_tags({"fallback_rejected": reason[:4000]})
+                    rejected.append({"recipe": str(rec_path), "failed": trial.failed})
+                    err_console().print(
+                        f"recipe {rec_path.stem}: the audit fails at full strength ({reason}); "
+                        f"training fallback {candidates[i + 1][1].stem}",
+                        highlight=False,
+                    )
+                    continue
+            fit, chosen = _apply_strength(registry, bundle, res.adapter, site, fixed, budget)
+            if fit is not None and not as_json:
+                print_fit(fit)
+            if fit is not None:
+                run.log_dict(fit.to_dict(), "strength_fit.json")
+            if chosen != 1.0:
+                run.log_params({"strength": chosen, "strength_budget": budget})
+                res.geometry = read_adapter_manifest(res.adapter)["geometry"]
+            if rejected:
+                run.log_dict({"rejected": rejected}, "fallback_rejected.json")
+            run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
+            info = register_adapter(registry, run, res.adapter)
+            run.set_tags({"adapter_version": info.version})
+        break
     out = {
         "adapter": info.to_dict(),
         "site": site,
@@ -275,6 +324,8 @@ def finetune(
         "anchors": res.anchors,
         "strength": chosen,
         "strength_fit": fit.to_dict() if fit else None,
+        "recipe": str(rec_path),
+        "fallback_rejected": rejected,
         "warnings": res.warnings,
     }
     if as_json:
@@ -325,3 +376,27 @@ def _apply_strength(
     if chosen != 1.0:
         save_scaled(bundle, adapter, chosen, folder, fit=fit)
     return fit, chosen
+
+
+def _has_checkpoint(work: Path) -> bool:
+    from dynaflip_adapt.train.common import CHECKPOINT, PREVIOUS
+
+    return any((work / name).exists() for name in (CHECKPOINT, PREVIOUS))
+
+
+def _full_strength_audit(registry: Any, bundle: Any, folder: Path, site: str, budget: float) -> Any:
+    """The audit of the adapter in `folder` at full strength against the site's pinned policies
+    (a `strength.Trial`), judged as `--strength auto` judges; None when no policy is pinned."""
+    from dynaflip_adapt.lifecycle import audited_policies
+    from dynaflip_adapt.models.adapter import load_adapter
+    from dynaflip_adapt.strength import audit_at
+
+    policies = audited_policies(registry, bundle, site)
+    if not policies:
+        err_console().print(
+            f"[yellow]warning:[/] --fallback: no policies pinned to site {site}; "
+            "the first recipe's adapter is kept",
+            highlight=False,
+        )
+        return None
+    return audit_at(bundle, load_adapter(bundle, folder), policies, budget=budget)
