@@ -285,6 +285,23 @@ def test_eval_benchmark_end_to_end(tmp_path):
     r5 = runner.invoke(app, [*fit_args[: j + 1], "3", *fit_args[j + 2 :]])
     assert r5.exit_code == 0, r5.output
     assert len(list((tmp_path / "w" / "runs").iterdir())) == 2
+    # The cascade (`finetune --fallback`): default_retain, and as its audit fails at full
+    # strength (nothing meets this tolerance), default_retain_area_fit, here at strength 0.
+    k = fit_args.index("default_fit")
+    cascade = [*fit_args[: k + 1], "-a", "default_retain_cascade", *fit_args[k + 1 :]]
+    r6 = runner.invoke(app, cascade)
+    assert r6.exit_code == 0, r6.output
+    rows = {row["ablation"]: row for row in json.loads(r6.stdout)["runs"]}
+    c = rows["default_retain_cascade"]
+    assert c["trained_as"] == "default_retain_area_fit" and c["strength"] == 0.0
+    assert c["shifted"]["bc"]["mse"] == pytest.approx(rows["none"]["shifted"]["bc"]["mse"])
+    assert len(list((tmp_path / "w" / "runs").iterdir())) == 4  # + retain, + retain_area
+    # At a tolerance everything meets, the first recipe's adapter is kept at full strength.
+    easy = [a if a != "1e-9" else "1e9" for a in cascade]
+    r7 = runner.invoke(app, easy)
+    assert r7.exit_code == 0, r7.output
+    c = {row["ablation"]: row for row in json.loads(r7.stdout)["runs"]}["default_retain_cascade"]
+    assert c["trained_as"] == "default_retain_cascade" and c["strength"] == 1.0
 
 
 def test_sharded_batches_split_every_global_batch_evenly():
