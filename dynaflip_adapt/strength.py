@@ -102,10 +102,25 @@ class StrengthFit:
         """The audit at the chosen strength (None when nothing was audited: no policies)."""
         return next((t for t in self.trials if t.strength == self.strength), None)
 
+    @property
+    def hint(self) -> str | None:
+        """What to try when full strength failed on nothing but the replay triplets' area (the
+        OOD benchmark's textures case: the replay-area anchor passes it at full strength)."""
+        first = self.trials[0] if self.trials else None
+        if first is None or first.passed or first.strength != 1.0 or not first.failed:
+            return None
+        if all(f.endswith(": trimodal_area.replay") for f in first.failed):
+            return (
+                "at full strength only the replay triplets' simplex area failed: the recipe "
+                "finetune/replay_area anchors it (finetune ... --fallback finetune/replay_area)"
+            )
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "strength": self.strength,
             "budget": self.budget,
+            "hint": self.hint,
             "trials": [asdict(t) for t in self.trials],
         }
 

@@ -447,3 +447,19 @@ def test_finetune_fallback_trains_the_next_recipe_when_the_audit_fails(fleet, tm
     out = ok([*args, "-r", gentle, "--fallback", medium])
     assert Path(out["recipe"]).name == "gentle.yaml" and out["fallback_rejected"] == []
     assert len(ok(["adapters", "list"])) == n + 2
+
+
+def test_strength_fit_hints_the_replay_area_recipe_only_for_that_failure():
+    from dynaflip_adapt.strength import StrengthFit, Trial
+
+    def fit(*failed: str) -> StrengthFit:
+        first = Trial(1.0, not failed, "incompatible" if failed else "warning", {}, list(failed))
+        return StrengthFit(0.5 if failed else 1.0, 1.0, [first, Trial(0.5, True, "warning", {})])
+
+    area = fit("bc (v1): trimodal_area.replay", "diffusion (v2): trimodal_area.replay")
+    assert "--fallback finetune/replay_area" in area.hint
+    assert area.to_dict()["hint"] == area.hint
+    assert (
+        fit("bc (v1): trimodal_area.replay", "bc (v1): action_deviation.policy_probe").hint is None
+    )
+    assert fit().hint is None

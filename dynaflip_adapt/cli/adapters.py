@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import JsonOpt
-from dynaflip_adapt.cli.output import console, print_json, registry
+from dynaflip_adapt.cli.output import console, err_console, print_json, registry
 
 app = typer.Typer(help="Registered site adapters: list, show, rescale.", no_args_is_help=True)
 
@@ -109,6 +109,8 @@ def print_fit(fit: object) -> None:
             "; ".join(t.failed),
         )
     console().print(table)
+    if fit.hint:
+        err_console().print(f"[yellow]hint:[/] {fit.hint}", highlight=False)
 
 
 @app.command("rescale")
