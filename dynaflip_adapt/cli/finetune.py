@@ -94,7 +94,7 @@ def finetune(
             "--fallback",
             help="Recipe to train with when the adapter fails the audit of the site's pinned "
             "policies at full strength (repeatable, tried in order; --set applies to each). The "
-            "first that passes is registered; the last is registered as --strength says.",
+            "first that passes, or else the last, is registered, scaled as --strength says.",
         ),
     ] = None,
     strength: StrengthOpt = "1",
