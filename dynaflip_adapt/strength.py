@@ -170,6 +170,7 @@ def fit_strength(
     budget: float = 1.0,
     iterations: int = 6,
     thresholds: Thresholds | None = None,
+    first: Trial | None = None,
 ) -> StrengthFit:
     """The largest strength in [0, 1] at which the audit of `adapter` against `policies` (name,
     policy, pinned encoder or None) passes with each policy's own-frame action deviation within
@@ -178,6 +179,8 @@ def fit_strength(
     Tries ``s = 1`` first; otherwise bisects on [0, 1] for `iterations` steps (resolution
     ``2**-iterations``), assuming that deviation grows with ``s`` (it does on every adapter
     measured; the returned strength was itself audited either way). With no policies, 1.
+    `first`: the audit at ``s = 1`` when the caller already has it (`audit_at`, same budget and
+    thresholds), so it is not run twice.
 
     Raises:
         InputError: A DoRA adapter, or a budget that is not positive.
@@ -192,7 +195,9 @@ def fit_strength(
         trials.append(t)
         return t
 
-    if not policies or trial(1.0).passed:
+    if first is not None:
+        trials.append(first)
+    if not policies or (first or trial(1.0)).passed:
         return StrengthFit(1.0, budget, trials)
     # lo: the largest strength seen to pass (0 = the base encoder, which passes for policies
     # pinned to the base; one pinned to an older adapter may not, and the trial at 0 says so).

@@ -119,10 +119,11 @@ def finetune(
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.models.adapter import read_adapter_manifest
+    from dynaflip_adapt.lifecycle import audited_policies
+    from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
-    from dynaflip_adapt.strength import parse_strength
+    from dynaflip_adapt.strength import audit_at, parse_strength
     from dynaflip_adapt.train.distributed import init_from_env
     from dynaflip_adapt.train.finetune import finetune as run_finetune
     from dynaflip_adapt.train.finetune import retention_frames
@@ -186,6 +187,7 @@ def finetune(
             "retain_frames": len(held),
         }
     rejected: list[dict[str, Any]] = []
+    policies: list[Any] | None = None
     for i, (rec, rec_path) in enumerate(candidates):
         last = i == len(candidates) - 1
         logset = logsets[i]
@@ -287,9 +289,25 @@ def finetune(
             for w in res.warnings:
                 err_console().print(f"[yellow]warning:[/] {w}", highlight=False)
             assert res.adapter is not None
-            if not last:
-                trial = _full_strength_audit(registry, bundle, res.adapter, site, budget)
-                if trial is not None and not trial.passed:
+            if policies is None and (not last or fixed is None):
+                # What the audits below hold the adapter to, resolved once per finetune.
+                policies = audited_policies(registry, bundle, site)
+                if not policies:
+                    unused = []
+                    if not last:
+                        unused.append("--fallback: the first recipe's adapter is kept")
+                    if fixed is None:
+                        unused.append("--strength auto: the adapter keeps its full strength")
+                    err_console().print(
+                        f"[yellow]warning:[/] no policies pinned to site {site}; "
+                        + "; ".join(unused),
+                        highlight=False,
+                    )
+            trial = None
+            if not last and policies:
+                adapter = load_adapter(bundle, res.adapter)
+                trial = audit_at(bundle, adapter, policies, budget=budget)
+                if not trial.passed:
                     reason = "; ".join(trial.failed)
                     run.set_tags({"fallback_rejected": reason[:4000]})
                     rejected.append({"recipe": str(rec_path), "failed": trial.failed})
@@ -299,7 +317,9 @@ def finetune(
                         highlight=False,
                     )
                     continue
-            fit, chosen = _apply_strength(registry, bundle, res.adapter, site, fixed, budget)
+            fit, chosen = _apply_strength(
+                bundle, res.adapter, fixed, budget, policies or [], first=trial
+            )
             if fit is not None and not as_json:
                 print_fit(fit)
             if fit is not None:
@@ -342,28 +362,25 @@ def finetune(
 
 
 def _apply_strength(
-    registry: Any, bundle: Any, folder: Path, site: str, fixed: float | None, budget: float
+    bundle: Any,
+    folder: Path,
+    fixed: float | None,
+    budget: float,
+    policies: list[Any],
+    first: Any = None,
 ) -> tuple[Any, float]:
     """Scales the freshly trained adapter in `folder` in place: to `fixed`, or (None) to the
-    largest strength the site's pinned policies pass the audit with. Returns (fit, strength)."""
-    from dynaflip_adapt.lifecycle import audited_policies
+    largest strength `policies` pass the audit with (full strength when there are none; `first`:
+    its audit at full strength, if already done). Returns (fit, strength)."""
     from dynaflip_adapt.models.adapter import load_adapter
     from dynaflip_adapt.strength import fit_strength, save_scaled
 
-    if fixed == 1.0:
+    if fixed == 1.0 or (fixed is None and not policies):
         return None, 1.0
     adapter = load_adapter(bundle, folder)
     fit = None
     if fixed is None:
-        policies = audited_policies(registry, bundle, site)
-        if not policies:
-            err_console().print(
-                f"[yellow]warning:[/] --strength auto: no policies pinned to site {site}; "
-                "the adapter keeps its full strength",
-                highlight=False,
-            )
-            return None, 1.0
-        fit = fit_strength(bundle, adapter, policies, budget=budget)
+        fit = fit_strength(bundle, adapter, policies, budget=budget, first=first)
         chosen = fit.strength
         if chosen == 0.0:
             err_console().print(
@@ -382,21 +399,3 @@ def _has_checkpoint(work: Path) -> bool:
     from dynaflip_adapt.train.common import CHECKPOINT, PREVIOUS
 
     return any((work / name).exists() for name in (CHECKPOINT, PREVIOUS))
-
-
-def _full_strength_audit(registry: Any, bundle: Any, folder: Path, site: str, budget: float) -> Any:
-    """The audit of the adapter in `folder` at full strength against the site's pinned policies
-    (a `strength.Trial`), judged as `--strength auto` judges; None when no policy is pinned."""
-    from dynaflip_adapt.lifecycle import audited_policies
-    from dynaflip_adapt.models.adapter import load_adapter
-    from dynaflip_adapt.strength import audit_at
-
-    policies = audited_policies(registry, bundle, site)
-    if not policies:
-        err_console().print(
-            f"[yellow]warning:[/] --fallback: no policies pinned to site {site}; "
-            "the first recipe's adapter is kept",
-            highlight=False,
-        )
-        return None
-    return audit_at(bundle, load_adapter(bundle, folder), policies, budget=budget)
