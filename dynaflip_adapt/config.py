@@ -149,6 +149,13 @@ class LossSection(_Section):
     distill_site: float = Field(
         0.0, ge=0, description="teacher distillation, new-site frames (student sees them augmented)"
     )
+    invariance: float = Field(
+        0.0,
+        ge=0,
+        description="teacher distillation on the source-replay frames with the student seeing "
+        "them augmented and the teacher clean: invariance to the augmentation's shifts, anchored "
+        "at the features the source site's policies read",
+    )
     distill_space: Literal["relative", "standardized"] = Field(
         "relative",
         description="distillation error: relative to the teacher's feature norm, or per "
@@ -205,6 +212,11 @@ class AugmentSection(_Section):
     gamma_p: float = Field(0.3, ge=0, le=1)
     noise_std: float = Field(0.02, ge=0)
     crop_scale: tuple[float, float] = (0.85, 1.0)
+    invariance_crop: bool = Field(
+        False,
+        description="the invariance term (loss.invariance) also draws the resized crop; off: "
+        "photometric shifts only, so features keep where things are in the frame",
+    )
 
 
 class EmaSection(_Section):

@@ -126,6 +126,19 @@ ABLATIONS: dict[str, Ablation] = {
             retain=True,
         ),
         Ablation(
+            "default_retain_inv",
+            "default_retain + the teacher on augmented source frames (invariance term)",
+            {"invariance": 1.0},
+            retain=True,
+        ),
+        Ablation(
+            "default_retain_inv_fit",
+            "default_retain_inv, scaled to the largest strength the audit passes",
+            {"invariance": 1.0},
+            retain=True,
+            fit_budget=1.0,
+        ),
+        Ablation(
             "default_retain_cascade",
             "default_retain; when its audit fails at full strength, default_retain_area_fit "
             "(finetune --retain --fallback finetune/replay_area --strength auto)",

@@ -312,3 +312,40 @@ def test_replay_area_anchor_holds_the_source_geometry(world, tmp_path):
     res = run(5.0, frames_only, "frames_only")
     assert any("replay area anchor is off" in w for w in res.warnings)
     assert "replay_area" not in res.history[0]
+
+
+def test_invariance_term_maps_augmented_source_frames_to_their_clean_features(world, tmp_path):
+    """`loss.invariance`: the student sees replay frames augmented, the teacher sees them clean.
+    Trained with it, the adapted encoder puts augmented source frames closer to the base
+    encoder's features of the clean frames than the same run without it; without augmentation
+    the term is off with a warning."""
+    from dynaflip_adapt.metrics import relative_mse
+    from dynaflip_adapt.train.finetune import aug_frames, build_augment
+
+    site = open_logs(world["site"])
+    bundle = load_bundle(world["backbone"])
+    heads = bundle.model
+
+    def run(weight, name, extra=()):
+        rec = load_recipe(
+            "finetune/default", [*FT, "ema.enabled=false", f"loss.invariance={weight}", *extra]
+        )[0]
+        return rec, finetune(load_bundle(world["backbone"]), site, rec, tmp_path / name, site="s")
+
+    rec, off = run(0.0, "off")
+    _, on = run(5.0, "on")
+    assert "invariance" in on.history[0] and "invariance" not in off.history[0]
+    clean = bundle.replay["rgb0"]
+    torch.manual_seed(123)  # one augmentation draw, the same for both encoders
+    shifted = aug_frames(build_augment(rec.augment, heads.cfg.image_size, crop=False), clean)
+    assert not torch.equal(shifted, clean)
+    with torch.no_grad():
+        ref = heads.image(heads.preprocess(clean))
+        encoders = {"off": off.encoder, "on": on.encoder, "base": heads.image}
+        err = {
+            k: float(relative_mse(e(heads.preprocess(shifted)), ref)) for k, e in encoders.items()
+        }
+    assert err["on"] < 0.5 * min(err["off"], err["base"]), err
+    _, plain = run(5.0, "noaug", ["augment.enabled=false"])
+    assert any("invariance term" in w for w in plain.warnings)
+    assert "invariance" not in plain.history[0]

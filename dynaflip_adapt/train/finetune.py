@@ -79,18 +79,20 @@ class FinetuneResult:
 REPLAY_TRIPLET = ("rgb0", "rgb1", "text", "flow_points", "flow_delta", "flow_mask")
 
 
-def build_augment(cfg: AugmentSection, size: int) -> Any:
+def build_augment(cfg: AugmentSection, size: int, *, crop: bool = True) -> Any:
     """The kornia pipeline for site frames (float in [0, 1], B x 3 x S x S), or None.
 
     Photometric shifts (colour, white balance, shadows, gamma, noise) stand for lighting and
-    texture changes; a mild resized crop for small camera moves.
+    texture changes; a mild resized crop for small camera moves (``crop=False``: photometric
+    only).
     """
     import kornia.augmentation as K
 
     if not cfg.enabled:
         return None
+    geometric = [K.RandomResizedCrop((size, size), scale=cfg.crop_scale, ratio=(0.95, 1.05), p=1.0)]
     return K.AugmentationSequential(
-        K.RandomResizedCrop((size, size), scale=cfg.crop_scale, ratio=(0.95, 1.05), p=1.0),
+        *(geometric if crop else []),
         K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=0.8),
         K.RandomPlanckianJitter(mode="blackbody", p=cfg.planckian_p),
         K.RandomPlasmaShadow(roughness=(0.1, 0.7), shade_intensity=(-0.5, 0.0), p=cfg.shadow_p),
@@ -110,6 +112,11 @@ def augment_pair(
     x1 = aug(rgb1.float() / 255.0, params=aug._params)
     to8 = lambda x: (x.clamp(0, 1) * 255.0).round().to(torch.uint8)  # noqa: E731
     return to8(x0), to8(x1)
+
+
+def aug_frames(aug: Any, rgb: torch.Tensor) -> torch.Tensor:
+    """Single frames through the augmentation; uint8 in, uint8 out."""
+    return (aug(rgb.float() / 255.0).clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 def site_triplets(
@@ -294,12 +301,15 @@ def finetune(
         "single_frame": w.single_frame if anchors["flow"] else 0.0,
         "distill_replay": w.distill_replay if pool else 0.0,
         "distill_site": w.distill_site,
+        "invariance": w.invariance if pool and recipe.augment.enabled else 0.0,
         "consistency": w.consistency,
         "align": w.align if bundle.replay else 0.0,
         "replay_area": w.replay_area if set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0,
     }
     if w.distill_replay > 0 and not pool:
         warnings.append("the backbone has no replay set: source-replay distillation is off")
+    if w.invariance > 0 and not active["invariance"]:
+        warnings.append("the invariance term needs a replay pool and augment.enabled: it is off")
     if w.replay_area > 0 and not active["replay_area"]:
         warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
     if not any(v > 0 for v in active.values()):
@@ -329,10 +339,21 @@ def finetune(
     )
     ema = ExponentialMovingAverage(params, decay=recipe.ema.decay) if recipe.ema.enabled else None
     aug = build_augment(recipe.augment, heads.cfg.image_size)
+    # The invariance term's own draw: photometric unless told otherwise, since invariance to
+    # crops also erases where things are in the frame, which policies read.
+    inv_aug = (
+        build_augment(recipe.augment, heads.cfg.image_size, crop=recipe.augment.invariance_crop)
+        if active["invariance"] > 0
+        else None
+    )
     text = text.to(device)
     replay = {k: v.to(device) for k, v in bundle.replay.items()}
     held = torch.cat(pool).to(device) if pool else torch.zeros(0, dtype=torch.uint8)
-    n_replay = round(recipe.replay.fraction * o.batch_size) if active["distill_replay"] > 0 else 0
+    n_replay = (
+        round(recipe.replay.fraction * o.batch_size)
+        if active["distill_replay"] > 0 or active["invariance"] > 0
+        else 0
+    )
     check_batch(dist, o.batch_size, n_replay)
     # Replay triplets for the area anchor: as many per step as replay frames for the teacher.
     n_area = max(1, round(recipe.replay.fraction * o.batch_size)) if active["replay_area"] else 0
@@ -425,20 +446,28 @@ def finetune(
     def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         r0, r1 = augment_pair(aug, batch["rgb0"], batch["rgb1"])
         images = [r0, r1]
+        rep = held[:0]
         if n_replay > 0:
             # Drawn for the global batch (same on every rank), then this rank's share.
             sel = torch.randint(0, held.shape[0], (n_replay,), device=device)
-            images.append(held[dist.shard(sel)])
+            rep = held[dist.shard(sel)]
+            if active["distill_replay"] > 0:
+                images.append(rep)
+            if active["invariance"] > 0:
+                # The same frames as the student sees them at an augmented "site".
+                images.append(aug_frames(inv_aug, rep))
+        tri = torch.zeros(0, dtype=torch.long, device=device)
         if n_area > 0:
             tri = dist.shard(torch.randint(0, replay["rgb0"].shape[0], (n_area,), device=device))
             images += [replay["rgb0"][tri], replay["rgb1"][tri]]
         # One forward through the (DDP-wrapped) student per step.
+        sizes = [len(x) for x in images]
         f = model(heads.preprocess(torch.cat(images)))
-        n = r0.shape[0]
-        n_tri = len(tri) if n_area > 0 else 0
-        end = len(f) - 2 * n_tri
-        f, fa0, fa1 = f[:end], f[end : end + n_tri], f[end + n_tri :]
-        f0, f1, f_rep = f[:n], f[n : 2 * n], f[2 * n :]
+        outs = list(f.split(sizes))
+        f0, f1 = outs.pop(0), outs.pop(0)
+        f_rep = outs.pop(0) if n_replay > 0 and active["distill_replay"] > 0 else None
+        f_inv = outs.pop(0) if n_replay > 0 and active["invariance"] > 0 else None
+        fa0, fa1 = (outs.pop(0), outs.pop(0)) if n_area > 0 else (None, None)
         parts: dict[str, torch.Tensor] = {}
         if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
             a = heads.embed_transition(f0, f1)
@@ -461,9 +490,13 @@ def finetune(
             parts["single_frame"] = masked_mse(
                 pred, batch["flow_delta"] * DELTA_SCALE, batch["flow_mask"]
             )
-        if n_replay > 0:
-            parts["distill_replay"] = distill(f_rep, teacher(heads.preprocess(images[2])))
-        if n_area > 0:
+        if f_rep is not None or f_inv is not None:
+            t_rep = teacher(heads.preprocess(rep))
+            if f_rep is not None:
+                parts["distill_replay"] = distill(f_rep, t_rep)
+            if f_inv is not None:
+                parts["invariance"] = distill(f_inv, t_rep)
+        if fa0 is not None and fa1 is not None:
             area = replay_areas(fa0, fa1, tri)
             if w.replay_area_hinge:
                 area = (area - base_area[tri]).clamp_min(0)
@@ -492,7 +525,8 @@ def finetune(
 
     history: list[dict[str, float]] = []
     # Frames encoded per step by this process.
-    images = (2 * o.batch_size + n_replay + 2 * n_area) // dist.world
+    n_rep_images = n_replay * ((active["distill_replay"] > 0) + (active["invariance"] > 0))
+    images = (2 * o.batch_size + n_rep_images + 2 * n_area) // dist.world
     images += sum(o.batch_size // dist.world for k in ("distill_site", "consistency") if active[k])
     t0 = time.perf_counter()
     seen = 0
