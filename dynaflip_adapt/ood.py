@@ -60,6 +60,7 @@ class Ablation:
 
 
 _NO_ANCHORS = {"area": 0.0, "contrastive": 0.0, "cosine": 0.0, "single_frame": 0.0}
+_NO_TEACHER = {"distill_replay": 0.0, "invariance": 0.0}
 
 ABLATIONS: dict[str, Ablation] = {
     a.name: a
@@ -68,17 +69,23 @@ ABLATIONS: dict[str, Ablation] = {
         Ablation(
             "teacher_only",
             "frozen teacher on augmented site frames only",
-            {**_NO_ANCHORS, "distill_replay": 0.0, "distill_site": 1.0},
+            {**_NO_ANCHORS, **_NO_TEACHER, "distill_site": 1.0},
         ),
         Ablation(
             "aug_only",
             "augmentation consistency only (no teacher, no anchors)",
-            {**_NO_ANCHORS, "distill_replay": 0.0, "consistency": 1.0},
+            {**_NO_ANCHORS, **_NO_TEACHER, "consistency": 1.0},
+        ),
+        Ablation("anchors_only", "simplex/cosine/contrastive anchors only", _NO_TEACHER),
+        Ablation(
+            "default",
+            "anchors + frozen teacher on source replay, clean and augmented (the recipe)",
         ),
         Ablation(
-            "anchors_only", "simplex/cosine/contrastive anchors only", {"distill_replay": 0.0}
+            "default_noinv",
+            "the recipe without the teacher on augmented source frames (loss.invariance = 0)",
+            {"invariance": 0.0},
         ),
-        Ablation("default", "anchors + frozen teacher on source replay (the recipe)"),
         Ablation(
             "default_fit",
             "the recipe, update scaled to the largest strength the audit passes",
@@ -124,19 +131,6 @@ ABLATIONS: dict[str, Ablation] = {
             "default_retain + a hinge on replay triplets' area above the base encoder's",
             {"replay_area": 1.0, "replay_area_hinge": True},
             retain=True,
-        ),
-        Ablation(
-            "default_retain_inv",
-            "default_retain + the teacher on augmented source frames (invariance term)",
-            {"invariance": 1.0},
-            retain=True,
-        ),
-        Ablation(
-            "default_retain_inv_fit",
-            "default_retain_inv, scaled to the largest strength the audit passes",
-            {"invariance": 1.0},
-            retain=True,
-            fit_budget=1.0,
         ),
         Ablation(
             "default_retain_cascade",

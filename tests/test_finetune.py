@@ -235,7 +235,12 @@ def test_retained_frames_keep_their_encoding(world, tmp_path):
     assert torch.equal(keep, every[torch.linspace(0, len(every) - 1, 32).round().long()])
     assert len(retention_frames(base_logs, size, 10**6)) == len(every)
 
-    rec = load_recipe("finetune/default", [*FT, "replay.fraction=0.5", "ema.enabled=false"])[0]
+    # The clean replay teacher alone: the invariance term also distils (augmented) pool frames
+    # and, at this tiny scale, narrows the margin to noise (0.95x).
+    rec = load_recipe(
+        "finetune/default",
+        [*FT, "replay.fraction=0.5", "ema.enabled=false", "loss.invariance=0"],
+    )[0]
     site = open_logs(world["site"])
     runs = {
         name: finetune(

@@ -163,6 +163,14 @@ def test_ablations_change_only_what_they_name():
     e = ablation_recipe(rec, ABLATIONS["extracted_flow"])
     assert e.data.flow_source == "dis_s4" and e.loss == rec.loss
     assert ablation_recipe(rec, ABLATIONS["default"]) == rec
+    # The shipped recipe trains the invariance term; the ablations that drop the teacher drop
+    # it too, and default_noinv differs from the recipe by nothing else.
+    assert rec.loss.invariance > 0
+    for name in ("teacher_only", "aug_only", "anchors_only"):
+        assert ablation_recipe(rec, ABLATIONS[name]).loss.invariance == 0.0, name
+    noinv = ablation_recipe(rec, ABLATIONS["default_noinv"])
+    assert noinv.loss.invariance == 0.0
+    assert noinv.model_copy(update={"loss": rec.loss}) == rec
     # The cascade's fallback trains what `finetune --fallback finetune/replay_area` trains.
     area = ablation_recipe(rec, ABLATIONS[ABLATIONS["default_retain_cascade"].fallback])
     shipped = load_recipe("finetune/replay_area")[0]
