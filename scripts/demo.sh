@@ -41,7 +41,8 @@ da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-diffusion" --
 da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-proprio" --head proprio_only --tolerance 0.25
 
 echo "==> finetune a LoRA adapter for the shifted site: anchors + the frozen teacher on source replay"
-echo "    and on the base-site logs the policies were trained on (--retain); if the pinned policies"
+echo "    and on the base-site logs the policies were trained on (--retain), clean and as the student"
+echo "    sees them relit and recoloured (loss.invariance); if the pinned policies"
 echo "    would not pass the audit at full strength, --fallback trains finetune/replay_area instead"
 echo "    and --strength auto scales its update down until they do"
 da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS" \

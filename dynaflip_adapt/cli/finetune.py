@@ -268,7 +268,7 @@ def finetune(
                 }
             )
             run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
-            keys = ("loss", "area", "distill_replay")
+            keys = ("loss", "area", "distill_replay", "invariance", "replay_area")
             with logged_training(
                 f"finetune {site}", total, run, rec.run.log_every, enabled=not as_json, keys=keys
             ) as on_step:
