@@ -7,7 +7,10 @@ frames of a transition) and a batch of the backbone's source-replay frames:
   and a single-frame anchor (the frozen one-step flow head must predict the site's flow from
   f(I_t) alone, since policies read single frames);
 - teacher distillation (adapter disabled = base encoder) on the source replay (retention), and
-  optionally on the site's frames.
+  optionally on the site's frames;
+- invariance: the teacher's features of clean source-replay frames distilled into the student's
+  view of the same frames augmented (photometric by default), so a relit or recoloured frame
+  maps onto the base-site features that pinned policies read.
 
 Only the LoRA parameters train; the saved adapter is their EMA (torch-ema). ``full=True`` trains
 every encoder weight instead (an ablation: no adapter is written, the encoder is returned).
