@@ -340,6 +340,9 @@ def test_invariance_term_maps_augmented_source_frames_to_their_clean_features(wo
     rec, off = run(0.0, "off")
     _, on = run(5.0, "on")
     assert "invariance" in on.history[0] and "invariance" not in off.history[0]
+    # Without retained fleet frames the benchmark measured it costing gain: the run says so.
+    assert any("--retain" in w for w in on.warnings)
+    assert not any("--retain" in w for w in off.warnings)
     clean = bundle.replay["rgb0"]
     torch.manual_seed(123)  # one augmentation draw, the same for both encoders
     shifted = aug_frames(build_augment(rec.augment, heads.cfg.image_size, crop=False), clean)

@@ -313,6 +313,11 @@ def finetune(
         warnings.append("the backbone has no replay set: source-replay distillation is off")
     if w.invariance > 0 and not active["invariance"]:
         warnings.append("the invariance term needs a replay pool and augment.enabled: it is off")
+    if active["invariance"] and retain is None:
+        warnings.append(
+            "loss.invariance without --retain frames: on the OOD benchmark it then cost gain "
+            "(README, 'Does it help?'); pass --retain FLEET_LOGS or --set loss.invariance=0"
+        )
     if w.replay_area > 0 and not active["replay_area"]:
         warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
     if not any(v > 0 for v in active.values()):
