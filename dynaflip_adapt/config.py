@@ -152,9 +152,10 @@ class LossSection(_Section):
     invariance: float = Field(
         0.0,
         ge=0,
-        description="teacher distillation on the source-replay frames with the student seeing "
-        "them augmented and the teacher clean: invariance to the augmentation's shifts, anchored "
-        "at the features the source site's policies read",
+        description="teacher distillation on the teacher's pool (source replay + --retain "
+        "frames) with the student seeing the frames augmented and the teacher clean: invariance "
+        "to the augmentation's shifts, anchored at the features the fleet's policies read "
+        "(measured to help with --retain only)",
     )
     distill_space: Literal["relative", "standardized"] = Field(
         "relative",

@@ -170,6 +170,7 @@ def test_ablations_change_only_what_they_name():
         assert ablation_recipe(rec, ABLATIONS[name]).loss.invariance == 0.0, name
     noinv = ablation_recipe(rec, ABLATIONS["default_noinv"])
     assert noinv.loss.invariance == 0.0
+    assert noinv.loss.model_copy(update={"invariance": rec.loss.invariance}) == rec.loss
     assert noinv.model_copy(update={"loss": rec.loss}) == rec
     # The cascade's fallback trains what `finetune --fallback finetune/replay_area` trains.
     area = ablation_recipe(rec, ABLATIONS[ABLATIONS["default_retain_cascade"].fallback])
