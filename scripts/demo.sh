@@ -42,8 +42,8 @@ da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-proprio" --he
 
 echo "==> finetune a LoRA adapter for the shifted site: anchors + the frozen teacher on source replay"
 echo "    and on the base-site logs the policies were trained on (--retain), clean and as the student"
-echo "    sees them relit and recoloured (loss.invariance); if the pinned policies"
-echo "    would not pass the audit at full strength, --fallback trains finetune/replay_area instead"
+echo "    sees them relit and recoloured (loss.invariance); if the pinned policies would not pass"
+echo "    the audit at full strength, --fallback trains finetune/replay_area instead"
 echo "    and --strength auto scales its update down until they do"
 da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS" \
   --retain "$OUT/logs/base.h5" --fallback finetune/replay_area --strength auto
