@@ -107,19 +107,21 @@ def build_augment(cfg: AugmentSection, size: int, *, crop: bool = True) -> Any:
 def augment_pair(
     aug: Any, rgb0: torch.Tensor, rgb1: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same augmentation draw for both frames of each transition; uint8 in, uint8 out
-    (kornia can leave [0, 1]: clamp)."""
+    """Same augmentation draw for both frames of each transition; uint8 in, uint8 out."""
     if aug is None:
         return rgb0, rgb1
-    x0 = aug(rgb0.float() / 255.0)
-    x1 = aug(rgb1.float() / 255.0, params=aug._params)
-    to8 = lambda x: (x.clamp(0, 1) * 255.0).round().to(torch.uint8)  # noqa: E731
-    return to8(x0), to8(x1)
+    x0 = aug_frames(aug, rgb0)  # draws the parameters frame 1 reuses
+    return x0, _to_uint8(aug(rgb1.float() / 255.0, params=aug._params))
 
 
 def aug_frames(aug: Any, rgb: torch.Tensor) -> torch.Tensor:
-    """Single frames through the augmentation; uint8 in, uint8 out."""
-    return (aug(rgb.float() / 255.0).clamp(0, 1) * 255.0).round().to(torch.uint8)
+    """Single frames through the augmentation (a fresh draw); uint8 in, uint8 out."""
+    return _to_uint8(aug(rgb.float() / 255.0))
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats to uint8 (kornia can leave [0, 1]: clamp)."""
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 def site_triplets(
@@ -363,6 +365,9 @@ def finetune(
         else 0
     )
     check_batch(dist, o.batch_size, n_replay)
+    # Which views of the drawn teacher-pool frames the student encodes each step.
+    use_rep = n_replay > 0 and active["distill_replay"] > 0
+    use_inv = n_replay > 0 and active["invariance"] > 0
     # Replay triplets for the area anchor: as many per step as replay frames for the teacher.
     n_area = max(1, round(recipe.replay.fraction * o.batch_size)) if active["replay_area"] else 0
     check_batch(dist, o.batch_size, n_area)
@@ -459,9 +464,9 @@ def finetune(
             # Drawn for the global batch (same on every rank), then this rank's share.
             sel = torch.randint(0, held.shape[0], (n_replay,), device=device)
             rep = held[dist.shard(sel)]
-            if active["distill_replay"] > 0:
+            if use_rep:
                 images.append(rep)
-            if active["invariance"] > 0:
+            if use_inv:
                 # The same frames as the student sees them at an augmented "site".
                 images.append(aug_frames(inv_aug, rep))
         tri = torch.zeros(0, dtype=torch.long, device=device)
@@ -473,8 +478,8 @@ def finetune(
         f = model(heads.preprocess(torch.cat(images)))
         outs = list(f.split(sizes))
         f0, f1 = outs.pop(0), outs.pop(0)
-        f_rep = outs.pop(0) if n_replay > 0 and active["distill_replay"] > 0 else None
-        f_inv = outs.pop(0) if n_replay > 0 and active["invariance"] > 0 else None
+        f_rep = outs.pop(0) if use_rep else None
+        f_inv = outs.pop(0) if use_inv else None
         fa0, fa1 = (outs.pop(0), outs.pop(0)) if n_area > 0 else (None, None)
         parts: dict[str, torch.Tensor] = {}
         if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
@@ -533,8 +538,7 @@ def finetune(
 
     history: list[dict[str, float]] = []
     # Frames encoded per step by this process.
-    n_rep_images = n_replay * ((active["distill_replay"] > 0) + (active["invariance"] > 0))
-    images = (2 * o.batch_size + n_rep_images + 2 * n_area) // dist.world
+    images = (2 * o.batch_size + n_replay * (use_rep + use_inv) + 2 * n_area) // dist.world
     images += sum(o.batch_size // dist.world for k in ("distill_site", "consistency") if active[k])
     t0 = time.perf_counter()
     seen = 0
