@@ -325,7 +325,7 @@ def test_invariance_term_maps_augmented_source_frames_to_their_clean_features(wo
     encoder's features of the clean frames than the same run without it; without augmentation
     the term is off with a warning."""
     from dynaflip_adapt.metrics import relative_mse
-    from dynaflip_adapt.train.finetune import aug_frames, build_augment
+    from dynaflip_adapt.train.augment import aug_frames, build_augment
 
     site = open_logs(world["site"])
     bundle = load_bundle(world["backbone"])

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dynaflip_adapt.config import AugmentSection, FinetuneRecipe, recipe_hash, recipe_to_dict
+from dynaflip_adapt.config import FinetuneRecipe, recipe_hash, recipe_to_dict
 from dynaflip_adapt.data.dataset import FramePairDataset
 from dynaflip_adapt.data.logs import LogSet
 from dynaflip_adapt.errors import InputError, RuntimeFailure
@@ -42,6 +42,7 @@ from dynaflip_adapt.models.adapter import PROBE_FILE, lora_state, wrap_lora, wri
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
 from dynaflip_adapt.models.text import embed_instructions
+from dynaflip_adapt.train.augment import aug_frames, augment_pair, build_augment
 from dynaflip_adapt.train.common import (
     ResumableSampler,
     autocast,
@@ -80,48 +81,6 @@ class FinetuneResult:
 
 # What a replay triplet holds (a backbone's replay set; older bundles may carry frames only).
 REPLAY_TRIPLET = ("rgb0", "rgb1", "text", "flow_points", "flow_delta", "flow_mask")
-
-
-def build_augment(cfg: AugmentSection, size: int, *, crop: bool = True) -> Any:
-    """The kornia pipeline for site frames (float in [0, 1], B x 3 x S x S), or None.
-
-    Photometric shifts (colour, white balance, shadows, gamma, noise) stand for lighting and
-    texture changes; a mild resized crop for small camera moves (``crop=False``: photometric
-    only).
-    """
-    import kornia.augmentation as K
-
-    if not cfg.enabled:
-        return None
-    geometric = [K.RandomResizedCrop((size, size), scale=cfg.crop_scale, ratio=(0.95, 1.05), p=1.0)]
-    return K.AugmentationSequential(
-        *(geometric if crop else []),
-        K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=0.8),
-        K.RandomPlanckianJitter(mode="blackbody", p=cfg.planckian_p),
-        K.RandomPlasmaShadow(roughness=(0.1, 0.7), shade_intensity=(-0.5, 0.0), p=cfg.shadow_p),
-        K.RandomGamma(gamma=(0.7, 1.4), p=cfg.gamma_p),
-        K.RandomGaussianNoise(std=max(cfg.noise_std, 1e-6), p=0.5 if cfg.noise_std > 0 else 0.0),
-    )
-
-
-def augment_pair(
-    aug: Any, rgb0: torch.Tensor, rgb1: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same augmentation draw for both frames of each transition; uint8 in, uint8 out."""
-    if aug is None:
-        return rgb0, rgb1
-    x0 = aug_frames(aug, rgb0)  # draws the parameters frame 1 reuses
-    return x0, _to_uint8(aug(rgb1.float() / 255.0, params=aug._params))
-
-
-def aug_frames(aug: Any, rgb: torch.Tensor) -> torch.Tensor:
-    """Single frames through the augmentation (a fresh draw); uint8 in, uint8 out."""
-    return _to_uint8(aug(rgb.float() / 255.0))
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats to uint8 (kornia can leave [0, 1]: clamp)."""
-    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 def site_triplets(
