@@ -114,8 +114,19 @@ class LossSection(_Section):
         "null pulls them together",
     )
     contrastive: float = Field(1.0, ge=0, description="InfoNCE with the area as energy")
-    temperature_init: float = Field(0.07, gt=0)
+    temperature_init: float = Field(
+        0.07, gt=0, description="pretrain: initial temperature of the learnable InfoNCE scale"
+    )
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    pairwise: float = Field(
+        0.0,
+        ge=0,
+        description="CLIP-style cosine InfoNCE from the image transition to its flow (in-batch "
+        "negatives, both directions) and to its instruction (all instructions as negatives): "
+        "the area term is zero when the image sits on either other vertex, so on its own it "
+        "does not say which one the image lies near; this trains the retrieval that "
+        "`backbones eval` measures",
+    )
     temporal: float = Field(0.0, ge=0, description="temporal contrastive (nearby frames)")
     temporal_space: Literal["head", "features"] = Field(
         "head",
@@ -254,6 +265,11 @@ class PretrainRecipe(_Section):
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     loss: LossSection = LossSection()
+    augment: AugmentSection = Field(
+        AugmentSection(enabled=False),
+        description="the same kornia pipeline as finetune, one draw shared by both frames of a "
+        "transition (appearance diversity beyond the logs' sites)",
+    )
     replay: ReplaySection = ReplaySection()
     run: RunSection = RunSection()
 

@@ -115,6 +115,23 @@ def cosine_infonce(
     )
 
 
+def vocabulary_infonce(
+    x: torch.Tensor,
+    vocab: torch.Tensor,
+    target: torch.Tensor,
+    logit_scale: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy of each row of `x` against every entry of a small vocabulary (cosine
+    logits), target index `target`: InfoNCE whose negatives are all the other instructions
+    rather than the batch's (a batch repeats instructions, which in-batch InfoNCE would count
+    as negatives)."""
+    x, vocab = _f32(x, vocab)
+    x, vocab = F.normalize(x, dim=-1), F.normalize(vocab, dim=-1)
+    logits = (x @ vocab.T) * logit_scale.float().exp()
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the entries where `mask` (pred.shape[:-1]) is true."""
     pred, target = _f32(pred, target)

@@ -16,6 +16,7 @@ from dynaflip_adapt.losses import (
     masked_mse,
     pairwise_area,
     triangle_area,
+    vocabulary_infonce,
 )
 
 
@@ -203,3 +204,59 @@ def test_temporal_term_in_feature_space_is_infonce_on_the_encoder_outputs():
     expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     assert feat["temporal"] == pytest.approx(float(expected), rel=1e-5)
     assert abs(head["temporal"] - feat["temporal"]) > 1e-4
+
+
+def test_vocabulary_infonce_equals_a_hand_computation():
+    """Each query against every instruction (not the batch), duplicates in the batch allowed."""
+    x = _unit(4, 6, seed=40, dtype=torch.float64)
+    vocab = 3.0 * _unit(3, 6, seed=41, dtype=torch.float64)  # not unit: the loss normalizes
+    target = torch.tensor([2, 0, 2, 1])  # instruction 2 twice: both are positives
+    got = vocabulary_infonce(x, vocab, target, torch.tensor(math.log(5.0)), 0.0)
+    v = vocab / vocab.norm(dim=-1, keepdim=True)
+    total = 0.0
+    for i in range(4):
+        logits = [5.0 * float(x[i] @ v[k]) for k in range(3)]
+        total += math.log(sum(math.exp(z) for z in logits)) - logits[int(target[i])]
+    assert got.item() == pytest.approx(total / 4, rel=1e-9)
+    # A query on its instruction beats one on another.
+    aligned = vocabulary_infonce(v[target], vocab, target, torch.tensor(math.log(20.0)))
+    wrong = vocabulary_infonce(v[(target + 1) % 3], vocab, target, torch.tensor(math.log(20.0)))
+    assert aligned.item() < wrong.item()
+
+
+def test_pairwise_term_is_image_flow_and_image_instruction_infonce():
+    """loss.pairwise: the mean of in-batch cosine InfoNCE (transition <-> flow) and the
+    instruction-vocabulary InfoNCE of the transition, recomputed here from the embeddings."""
+    from dynaflip_adapt.config import LossSection
+    from dynaflip_adapt.models.backbone import Backbone, BackboneConfig
+    from dynaflip_adapt.models.flow_encoder import flow_features
+    from dynaflip_adapt.train.pretrain import trimodal_losses
+
+    torch.manual_seed(1)
+    cfg = BackboneConfig(image_size=16, patch_size=8, width=16, depth=1, heads=2, embed_dim=8,
+                         text_encoder="hashed", flow_points=8, flow_width=8)  # fmt: skip
+    model = Backbone(cfg).eval()
+    B = 6
+    batch = {
+        "rgb0": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
+        "rgb1": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
+        "text": torch.tensor([0, 1, 1, 2, 0, 2]),
+        "flow_points": torch.randn(B, 8, 3),
+        "flow_delta": 0.01 * torch.randn(B, 8, 3),
+        "flow_mask": torch.ones(B, 8, dtype=torch.bool),
+    }
+    text = torch.randn(3, 384)
+    with torch.no_grad():
+        _, parts = trimodal_losses(model, batch, text, LossSection(pairwise=1.0, label_smoothing=0))
+        _, off = trimodal_losses(model, batch, text, LossSection(label_smoothing=0))
+        f0, f1 = model.features(batch["rgb0"]), model.features(batch["rgb1"])
+        a = model.embed_transition(f0, f1).double()
+        feats = flow_features(batch["flow_points"], batch["flow_delta"], batch["flow_mask"])
+        c = model.embed_flow(feats, batch["flow_mask"]).double()
+        vocab = model.embed_text(text).double()
+        s = math.exp(float(model.logit_scale))
+    t = torch.arange(B)
+    flow = 0.5 * (F.cross_entropy(s * a @ c.T, t) + F.cross_entropy(s * c @ a.T, t))
+    lang = F.cross_entropy(s * a @ vocab.T, batch["text"])
+    assert parts["pairwise"] == pytest.approx(float(0.5 * (flow + lang)), rel=1e-5)
+    assert "pairwise" not in off

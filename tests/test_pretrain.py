@@ -224,3 +224,27 @@ def test_shipped_backbone_was_trained_with_the_shipped_recipe():
         for key, value in values.items():
             assert current[section][key] == value, f"{section}.{key}"
     assert current["loss"].get("variance", 0.0) == 0.0
+
+
+def test_temperature_init_sets_the_learnable_infonce_scale(logs, tmp_path):
+    """loss.temperature_init is where the learnable scale starts (it was once ignored)."""
+    import math
+
+    for t in (0.07, 0.02):
+        res = pretrain(open_logs(logs), _recipe([f"loss.temperature_init={t}"]), tmp_path / str(t))
+        scale = float(load_bundle(res.bundle).model.logit_scale)
+        # 12 steps of AdamW at lr <= 1e-3 move it by at most ~0.012.
+        assert scale == pytest.approx(math.log(1 / t), abs=0.02)
+
+
+def test_augmented_pretraining_is_seeded_and_changes_what_is_learned(logs, tmp_path):
+    """augment.enabled: kornia draws from the seeded torch RNG, so two runs give the same
+    weights, and a run without it gives other ones."""
+    aug = ["augment.enabled=true"]
+    r1 = pretrain(open_logs(logs), _recipe(aug), tmp_path / "a")
+    r2 = pretrain(open_logs(logs), _recipe(aug), tmp_path / "b")
+    plain = pretrain(open_logs(logs), _recipe(), tmp_path / "c")
+    w1, w2, w0 = _weights(r1.bundle), _weights(r2.bundle), _weights(plain.bundle)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not all(torch.equal(w1[k], w0[k]) for k in w1)
+    assert r1.history[0]["loss"] != plain.history[0]["loss"]

@@ -6,6 +6,7 @@ uninterrupted run would be (same batches, same optimizer state).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +28,13 @@ from dynaflip_adapt.losses import (
     masked_mse,
     triangle_area,
     variance_floor,
+    vocabulary_infonce,
 )
 from dynaflip_adapt.models.backbone import Backbone, BackboneConfig, save_bundle
 from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
 from dynaflip_adapt.models.text import embed_instructions
 from dynaflip_adapt.models.vit import load_timm_checkpoint
+from dynaflip_adapt.train.augment import augment_pair, build_augment
 from dynaflip_adapt.train.common import (
     ResumableSampler,
     autocast,
@@ -122,6 +125,12 @@ def trimodal_losses(
     parts["area"] = triangle_area(a, b, c).mean()
     parts["cosine"] = cosine_regularizer(b, c, weights.cosine_margin)
     parts["contrastive"] = area_infonce(a, b, c, model.logit_scale, weights.label_smoothing)
+    if weights.pairwise > 0:
+        vocab, ls = model.embed_text(text_table), weights.label_smoothing
+        parts["pairwise"] = 0.5 * (
+            cosine_infonce(a, c, model.logit_scale, ls)
+            + vocabulary_infonce(a, vocab, batch["text"], model.logit_scale, ls)
+        )
     if weights.temporal > 0:
         if weights.temporal_space == "features":
             parts["temporal"] = cosine_infonce(f0, f1, model.temporal_scale)
@@ -212,6 +221,8 @@ def pretrain(
     device = resolve_device(recipe.run.device)
     ds, text, instructions = build_triplets(logs, recipe, require_flow=objective == "trimodal")
     model = Backbone(backbone_config(recipe))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1.0 / recipe.loss.temperature_init))
     if isinstance(init_image, Backbone):
         model.image.load_state_dict(init_image.image.state_dict())
     elif init_image is not None:
@@ -247,6 +258,7 @@ def pretrain(
         drop_last=True,
     )
     it = iter(loader)
+    aug = build_augment(recipe.augment, recipe.model.image_size)
     if resume:
         # After creating the iterator: DataLoader draws a base seed from the global RNG then.
         set_rng_state(ckpt["rng"])
@@ -256,6 +268,8 @@ def pretrain(
     model.train()
     for step in range(start, total):
         batch = to_device(next(it), device)
+        if aug is not None:
+            batch["rgb0"], batch["rgb1"] = augment_pair(aug, batch["rgb0"], batch["rgb1"])
         with autocast(device):
             if objective == "trimodal":
                 loss, parts = trimodal_losses(
