@@ -38,6 +38,15 @@ class DataSection(_Section):
     flow_source: str | None = Field(None, description="flow/<source> group to use")
     gap: int = Field(4, ge=1, description="frames between the two images of a transition")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
+    batch_groups: int = Field(
+        0,
+        ge=0,
+        description="pretrain: each batch draws from this many log files (sites) in equal "
+        "chunks. A flow field's static points outline the surfaces its camera sees, so with "
+        "negatives from other sites the contrastive terms are solved by matching the camera "
+        "pose; within one site only the motion tells triplets apart (0: batches drawn at "
+        "random over all logs)",
+    )
 
     def source_settings(self, **cli: Any) -> Any:
         """`SourceSettings` from this section; non-None keyword arguments (CLI options) win."""

@@ -248,3 +248,46 @@ def test_augmented_pretraining_is_seeded_and_changes_what_is_learned(logs, tmp_p
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert not all(torch.equal(w1[k], w0[k]) for k in w1)
     assert r1.history[0]["loss"] != plain.history[0]["loss"]
+
+
+def test_grouped_sampler_fills_chunks_from_one_group_and_resumes_mid_epoch():
+    """data.batch_groups: each chunk comes from one group (log file), every index appears once
+    per epoch, and `start` continues the same stream (what --resume relies on)."""
+    import itertools
+
+    from dynaflip_adapt.train.common import ResumableSampler
+
+    groups = [0] * 7 + [1] * 5 + [2] * 9  # 21 pairs in 3 files
+    s = ResumableSampler(21, seed=3, groups=groups, chunk=4)
+    stream = list(itertools.islice(iter(s), 63))
+    for epoch in range(3):
+        assert sorted(stream[21 * epoch : 21 * (epoch + 1)]) == list(range(21))
+    first = stream[:21]
+    # Cut the epoch into runs of one group: each group's runs total its size and are at most
+    # 4 long; with chunks of 4, group 2 (9 pairs) needs at least 3 runs.
+    runs, i = [], 0
+    while i < 21:
+        j = i
+        while j < 21 and groups[first[j]] == groups[first[i]] and j - i < 4:
+            j += 1
+        runs.append((groups[first[i]], j - i))
+        i = j
+    assert all(n <= 4 for _, n in runs)
+    assert sorted(g for g, _ in runs).count(2) >= 3
+    assert sum(n for g, n in runs if g == 1) == 5
+    assert stream[21:42] != first  # a fresh draw per epoch
+    resumed = list(itertools.islice(iter(ResumableSampler(21, 3, 30, groups, 4)), 33))
+    assert resumed == stream[30:63]
+    plain = list(itertools.islice(iter(ResumableSampler(21, 3)), 21))
+    assert sorted(plain) == list(range(21)) and plain != first
+
+
+def test_file_groups_name_each_pairs_log_file(logs):
+    from dynaflip_adapt.data.dataset import FramePairDataset
+
+    pairs = FramePairDataset(open_logs(logs), gap=1, fields=[])
+    groups = pairs.file_groups()
+    assert len(groups) == len(pairs) and set(groups.tolist()) == {0, 1}
+    files = [str(pairs.episodes[int(pairs[i]["episode"])].file) for i in range(len(pairs))]
+    for g in (0, 1):
+        assert len({f for f, k in zip(files, groups, strict=True) if k == g}) == 1

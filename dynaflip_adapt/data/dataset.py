@@ -85,6 +85,12 @@ class FramePairDataset(Dataset[dict[str, Any]]):
         self._t_of = np.concatenate([np.arange(c) for c in counts])
         self.reader = EpisodeReader()
 
+    def file_groups(self) -> np.ndarray:
+        """For every pair, the index of its log file (one site's logs) among this set's files."""
+        files = {f: i for i, f in enumerate(dict.fromkeys(str(e.file) for e in self.episodes))}
+        per_episode = np.array([files[str(e.file)] for e in self.episodes], dtype=np.int64)
+        return per_episode[self._ep_of]
+
     def _has(self, ep: Episode, f: str) -> bool:
         if f == "flow":
             return ep.flow(self.flow_source, self.gap) is not None

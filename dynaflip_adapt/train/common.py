@@ -63,18 +63,35 @@ class ResumableSampler(Sampler[int]):
     """An endless stream of indices: a fresh seeded permutation per epoch.
 
     ``start`` skips the samples already consumed, so a resumed run sees exactly the batches an
-    uninterrupted run would have seen.
+    uninterrupted run would have seen. With ``groups`` (a group id per index, e.g. the log file
+    of each pair) and ``chunk``, each epoch is a shuffled sequence of chunks of ``chunk``
+    indices drawn from one group each, so a batch of ``k * chunk`` holds ``k`` groups.
     """
 
-    def __init__(self, n: int, seed: int, start: int = 0) -> None:
+    def __init__(
+        self, n: int, seed: int, start: int = 0, groups: Any = None, chunk: int = 0
+    ) -> None:
         self.n, self.seed, self.start = n, seed, start
+        self.groups = None if groups is None or chunk <= 0 else torch.as_tensor(groups)
+        self.chunk = chunk
+
+    def _epoch(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        if self.groups is None:
+            return perm.tolist()
+        chunks: list[list[int]] = []
+        members = self.groups[perm]
+        for gid in torch.unique(self.groups).tolist():
+            mine = perm[members == gid].tolist()
+            chunks += [mine[i : i + self.chunk] for i in range(0, len(mine), self.chunk)]
+        order = torch.randperm(len(chunks), generator=g).tolist()
+        return [i for k in order for i in chunks[k]]
 
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.n)
         while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-            yield from perm[offset:]
+            yield from self._epoch(epoch)[offset:]
             offset = 0
             epoch += 1
 

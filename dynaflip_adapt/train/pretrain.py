@@ -248,7 +248,14 @@ def pretrain(
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start = int(ckpt["step"])
-    sampler = ResumableSampler(len(ds), recipe.run.seed, start * o.batch_size)
+    k = recipe.data.batch_groups
+    sampler = ResumableSampler(
+        len(ds),
+        recipe.run.seed,
+        start * o.batch_size,
+        groups=ds.pairs.file_groups() if k else None,
+        chunk=-(-o.batch_size // k) if k else 0,
+    )
     loader = DataLoader(
         ds,
         batch_size=o.batch_size,
