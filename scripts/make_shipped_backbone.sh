@@ -4,11 +4,15 @@
 #   diversity: DESIGN.md §7 found 8 sites too few), then `pretrain --recipe pretrain/small`.
 # About 15 minutes on 2 CPU cores (logs ~4, pretraining ~11); deterministic (same fingerprint).
 # Usage: scripts/make_shipped_backbone.sh [WORKDIR [PRETRAIN OPTIONS]]
+# Other backbones the same way: SITES, EPISODES, RECIPE (default pretrain/small) and EXPORT
+# (default: the shipped bundle's folder) from the environment.
 set -euo pipefail
 WORK=${1:-$PWD/shipped_backbone_work}
 shift || true
 SITES=${SITES:-32}
 EPISODES=${EPISODES:-12}
+RECIPE=${RECIPE:-pretrain/small}
+EXPORT=${EXPORT:-dynaflip_adapt/assets/backbone}
 mkdir -p "$WORK/logs"
 export DYNAFLIP_HOME=${DYNAFLIP_HOME:-$WORK/home}
 dynaflip-adapt sim generate "$WORK/logs/base.h5" --site base -n "$EPISODES" --seed 1000 --workers 2
@@ -16,5 +20,5 @@ for s in $(seq 1 "$SITES"); do
   [ -f "$WORK/logs/site_$s.h5" ] || \
     dynaflip-adapt sim generate "$WORK/logs/site_$s.h5" --site random --site-seed "$s" -n "$EPISODES" --seed "$s" --workers 2
 done
-dynaflip-adapt pretrain "$WORK/logs" --recipe pretrain/small --seed 0 --workdir "$WORK/run" \
-  --export-bundle dynaflip_adapt/assets/backbone "$@"
+dynaflip-adapt pretrain "$WORK/logs" --recipe "$RECIPE" --seed 0 --workdir "$WORK/run" \
+  --export-bundle "$EXPORT" "$@"
