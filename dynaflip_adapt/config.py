@@ -41,11 +41,11 @@ class DataSection(_Section):
     batch_groups: int = Field(
         0,
         ge=0,
-        description="pretrain: each batch draws from this many log files (sites) in equal "
-        "chunks. A flow field's static points outline the surfaces its camera sees, so with "
-        "negatives from other sites the contrastive terms are solved by matching the camera "
-        "pose; within one site only the motion tells triplets apart (0: batches drawn at "
-        "random over all logs)",
+        description="pretrain: each batch draws from this many log files (sites), in chunks "
+        "of batch_size / batch_groups. A flow field's static points outline the surfaces its "
+        "camera sees, so with negatives from other sites the contrastive terms are solved by "
+        "matching the camera pose; within one site only the motion tells triplets apart (0: "
+        "batches drawn at random over all logs)",
     )
 
     def source_settings(self, **cli: Any) -> Any:
@@ -130,8 +130,9 @@ class LossSection(_Section):
     pairwise: float = Field(
         0.0,
         ge=0,
-        description="CLIP-style cosine InfoNCE from the image transition to its flow (in-batch "
-        "negatives, both directions) and to its instruction (all instructions as negatives): "
+        description="pretrain: CLIP-style cosine InfoNCE from the image transition to its flow "
+        "(in-batch negatives, both directions) and to its instruction (all instructions as "
+        "negatives): "
         "the area term is zero when the image sits on either other vertex, so on its own it "
         "does not say which one the image lies near; this trains the retrieval that "
         "`backbones eval` measures",
