@@ -171,26 +171,35 @@ def test_bf16_inputs_are_computed_in_fp32():
     assert out.dtype == torch.float32
 
 
-def test_temporal_term_in_feature_space_is_infonce_on_the_encoder_outputs():
-    """temporal_space=features: symmetric InfoNCE of frames t and t+k on the image encoder's own
-    features (hand-computed here), not through the single-frame head."""
-    from dynaflip_adapt.config import LossSection
+def _tiny_backbone_and_batch(seed: int, text_ids: torch.Tensor):
+    """A 16x16 backbone (eval mode) and a random triplet batch with instruction ids `text_ids`,
+    drawn from `seed`."""
     from dynaflip_adapt.models.backbone import Backbone, BackboneConfig
-    from dynaflip_adapt.train.pretrain import trimodal_losses
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = BackboneConfig(image_size=16, patch_size=8, width=16, depth=1, heads=2, embed_dim=8,
                          text_encoder="hashed", flow_points=8, flow_width=8)  # fmt: skip
     model = Backbone(cfg).eval()
-    B = 5
+    B = len(text_ids)
     batch = {
         "rgb0": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
         "rgb1": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
-        "text": torch.arange(B) % 3,
+        "text": text_ids,
         "flow_points": torch.randn(B, 8, 3),
         "flow_delta": 0.01 * torch.randn(B, 8, 3),
         "flow_mask": torch.ones(B, 8, dtype=torch.bool),
     }
+    return model, batch
+
+
+def test_temporal_term_in_feature_space_is_infonce_on_the_encoder_outputs():
+    """temporal_space=features: symmetric InfoNCE of frames t and t+k on the image encoder's own
+    features (hand-computed here), not through the single-frame head."""
+    from dynaflip_adapt.config import LossSection
+    from dynaflip_adapt.train.pretrain import trimodal_losses
+
+    B = 5
+    model, batch = _tiny_backbone_and_batch(0, torch.arange(B) % 3)
     text = torch.randn(3, 384)
     with torch.no_grad():
         _, feat = trimodal_losses(
@@ -228,23 +237,11 @@ def test_pairwise_term_is_image_flow_and_image_instruction_infonce():
     """loss.pairwise: the mean of in-batch cosine InfoNCE (transition <-> flow) and the
     instruction-vocabulary InfoNCE of the transition, recomputed here from the embeddings."""
     from dynaflip_adapt.config import LossSection
-    from dynaflip_adapt.models.backbone import Backbone, BackboneConfig
     from dynaflip_adapt.models.flow_encoder import flow_features
     from dynaflip_adapt.train.pretrain import trimodal_losses
 
-    torch.manual_seed(1)
-    cfg = BackboneConfig(image_size=16, patch_size=8, width=16, depth=1, heads=2, embed_dim=8,
-                         text_encoder="hashed", flow_points=8, flow_width=8)  # fmt: skip
-    model = Backbone(cfg).eval()
     B = 6
-    batch = {
-        "rgb0": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
-        "rgb1": torch.randint(0, 255, (B, 3, 16, 16), dtype=torch.uint8),
-        "text": torch.tensor([0, 1, 1, 2, 0, 2]),
-        "flow_points": torch.randn(B, 8, 3),
-        "flow_delta": 0.01 * torch.randn(B, 8, 3),
-        "flow_mask": torch.ones(B, 8, dtype=torch.bool),
-    }
+    model, batch = _tiny_backbone_and_batch(1, torch.tensor([0, 1, 1, 2, 0, 2]))
     text = torch.randn(3, 384)
     with torch.no_grad():
         _, parts = trimodal_losses(model, batch, text, LossSection(pairwise=1.0, label_smoothing=0))
