@@ -7,7 +7,11 @@ Candidates, all evaluated on held-out triplets (sites and episodes never seen in
   random init, and an image-only (time-contrastive) baseline pretrained on the same logs.
 Only the image encoder differs between probes, so the comparison isolates what it learned.
 
-Usage: python benchmarks/eval_backbone.py --train LOGS... --test LOGS... [--baseline-steps N]
+`--test` may be repeated: each is a held-out set (e.g. unseen sites; new episodes of the
+pretraining sites), scored with the same probes (trained once).
+
+Usage: python benchmarks/eval_backbone.py --train LOGS... --test LOGS... [--test LOGS...]
+       [--baseline-steps N]
 """
 
 from __future__ import annotations
@@ -17,16 +21,26 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from dynaflip_adapt.train.retrieval import RetrievalReport
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--backbone", default=str(ROOT / "dynaflip_adapt" / "assets" / "backbone"))
     ap.add_argument("--train", nargs="+", required=True)
-    ap.add_argument("--test", nargs="+", required=True)
+    ap.add_argument(
+        "--test",
+        nargs="+",
+        action="append",
+        required=True,
+        help="held-out logs (files or folders); repeat for several sets",
+    )
     ap.add_argument("--probe-steps", type=int, default=300)
     ap.add_argument(
         "--baseline-steps", type=int, default=None, help="default: the backbone's own steps"
@@ -46,9 +60,11 @@ def main() -> None:
     prov = bundle.manifest["provenance"]
     recipe = PretrainRecipe.model_validate(prov["recipe"])
     gap = recipe.data.gap
-    reports = [
-        heldout_retrieval(bundle, args.test, samples=args.samples, name="DynaFLIP (own heads)")
-    ]
+    sets = {_set_name(paths): paths for paths in args.test}
+    reports = {
+        key: [heldout_retrieval(bundle, paths, samples=args.samples, name="DynaFLIP (own heads)")]
+        for key, paths in sets.items()
+    }
     with tempfile.TemporaryDirectory() as tmp:
         base_steps = args.baseline_steps or int(prov["steps"])
         img_only = pretrain(
@@ -70,22 +86,37 @@ def main() -> None:
         }
         for i, (name, model) in enumerate(candidates.items()):
             probed = probe(model, args.train, recipe, Path(tmp) / f"probe{i}", args.probe_steps)
-            ds, text = test_triplets(probed, args.test, gap)
-            reports.append(retrieval(name, probed, ds, text, args.samples))
+            for key, paths in sets.items():
+                ds, text = test_triplets(probed, paths, gap)
+                reports[key].append(retrieval(name, probed, ds, text, args.samples))
+    for key, rows in reports.items():
+        _print_table(key, rows, gap)
+    if args.json:
+        out = {key: [r.to_dict() for r in rows] for key, rows in reports.items()}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+def _set_name(paths: list[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{Path(paths[0]).parent}/ ({len(paths)} logs)"
+
+
+def _print_table(key: str, reports: list[RetrievalReport], gap: int) -> None:
+    first = reports[0]
     print(
-        f"held-out tri-modal retrieval (gap {gap}, {reports[0].triplets} triplets, {reports[0].instructions} instructions)"
+        f"\n{key}: held-out tri-modal retrieval (gap {gap}, {first.triplets} triplets, "
+        f"{first.instructions} instructions)"
     )
     print("| encoder | img->flow top-1 | top-5 | img->language top-1 | top-5 | mean area |")
     print("|---|---|---|---|---|---|")
     for r in reports:
         print(
-            f"| {r.name} | {r.img_to_flow_top1:.3f} | {r.img_to_flow_top5:.3f} | {r.img_to_lang_top1:.3f} | {r.img_to_lang_top5:.3f} | {r.mean_area:.3f} |"
+            f"| {r.name} | {r.img_to_flow_top1:.3f} | {r.img_to_flow_top5:.3f} | "
+            f"{r.img_to_lang_top1:.3f} | {r.img_to_lang_top5:.3f} | {r.mean_area:.3f} |"
         )
     print(
-        f"| chance | {reports[0].chance_flow_top1:.3f} | {min(1.0, 5 * reports[0].chance_flow_top1):.3f} | {reports[0].chance_lang_top1:.3f} | {min(1.0, 5 * reports[0].chance_lang_top1):.3f} | |"
+        f"| chance | {first.chance_flow_top1:.3f} | {min(1.0, 5 * first.chance_flow_top1):.3f} | "
+        f"{first.chance_lang_top1:.3f} | {min(1.0, 5 * first.chance_lang_top1):.3f} | |"
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
 
 
 if __name__ == "__main__":
