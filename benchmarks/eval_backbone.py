@@ -60,7 +60,10 @@ def main() -> None:
     prov = bundle.manifest["provenance"]
     recipe = PretrainRecipe.model_validate(prov["recipe"])
     gap = recipe.data.gap
-    sets = {_set_name(paths): paths for paths in args.test}
+    sets: dict[str, list[str]] = {}
+    for i, paths in enumerate(args.test):
+        name = _set_name(paths)
+        sets[name if name not in sets else f"{name} #{i + 1}"] = paths
     reports = {
         key: [heldout_retrieval(bundle, paths, samples=args.samples, name="DynaFLIP (own heads)")]
         for key, paths in sets.items()
