@@ -52,7 +52,7 @@ def main() -> None:
     from dynaflip_adapt.config import PretrainRecipe
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.models.backbone import Backbone, load_bundle
-    from dynaflip_adapt.train.evaluation import heldout_retrieval, probe, test_triplets
+    from dynaflip_adapt.train.evaluation import probe, test_triplets
     from dynaflip_adapt.train.pretrain import backbone_config, pretrain
     from dynaflip_adapt.train.retrieval import retrieval
 
@@ -64,9 +64,12 @@ def main() -> None:
     for i, paths in enumerate(args.test):
         name = _set_name(paths)
         sets[name if name not in sets else f"{name} #{i + 1}"] = paths
+    # Every candidate shares the recipe's input size, flow points and text encoder, so each
+    # set's triplets (and instruction embeddings) are built once and scored for all of them.
+    tests = {key: test_triplets(bundle.model, paths, gap) for key, paths in sets.items()}
     reports = {
-        key: [heldout_retrieval(bundle, paths, samples=args.samples, name="DynaFLIP (own heads)")]
-        for key, paths in sets.items()
+        key: [retrieval("DynaFLIP (own heads)", bundle.model, ds, text, args.samples)]
+        for key, (ds, text) in tests.items()
     }
     with tempfile.TemporaryDirectory() as tmp:
         base_steps = args.baseline_steps or int(prov["steps"])
@@ -89,8 +92,7 @@ def main() -> None:
         }
         for i, (name, model) in enumerate(candidates.items()):
             probed = probe(model, args.train, recipe, Path(tmp) / f"probe{i}", args.probe_steps)
-            for key, paths in sets.items():
-                ds, text = test_triplets(probed, paths, gap)
+            for key, (ds, text) in tests.items():
                 reports[key].append(retrieval(name, probed, ds, text, args.samples))
     for key, rows in reports.items():
         _print_table(key, rows, gap)
