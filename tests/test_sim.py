@@ -180,6 +180,34 @@ def test_cli_rejects_bad_generate_options(tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
+def test_cli_camera_holds_one_rig_while_the_appearance_changes(tmp_path):
+    def gen(name, *opts):
+        r = CliRunner().invoke(
+            app,
+            ["sim", "generate", str(tmp_path / name), "-n", "1", "--frames", "8", "--size", "32",
+             "--workers", "1", "--seed", "5", "--task", "reach", *opts],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        ep = open_logs(tmp_path / name).episodes[0]
+        rd = EpisodeReader()
+        return rd.rgb(ep, 0).astype(int), rd.extrinsics(ep, 0), rd.intrinsics(ep, 0)
+
+    base = gen("base.h5", "--site", "base")
+    own = gen("own.h5", "--site", "random", "--site-seed", "3")
+    held = gen("held.h5", "--site", "random", "--site-seed", "3", "--camera", "base")
+    # The base rig exactly (pose and field of view), not the random site's own ...
+    np.testing.assert_allclose(held[1], base[1], atol=1e-6)
+    np.testing.assert_allclose(held[2], base[2], atol=1e-6)
+    assert np.abs(own[1] - base[1]).max() > 1e-2
+    # ... and the random site's appearance, not the base site's.
+    assert np.abs(held[0] - base[0]).mean() > 10, np.abs(held[0] - base[0]).mean()
+    r = CliRunner().invoke(
+        app, ["sim", "generate", str(tmp_path / "x.h5"), "--camera", "moon", "-n", "1"]
+    )
+    assert r.exit_code == 2 and "--camera" in r.stderr and "random-N" in r.stderr, r.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_objects_are_named_in_language():
     words = {f"{c} {s}" for _, s, c, _ in OBJECTS}
     _, spec = make_plan("reach", np.random.default_rng(0))

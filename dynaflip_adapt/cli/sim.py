@@ -38,6 +38,14 @@ def generate(
     site_seed: Annotated[
         int | None, typer.Option("--site-seed", help="Seed for --site random.")
     ] = None,
+    camera: Annotated[
+        str | None,
+        typer.Option(
+            "--camera",
+            help="Camera pose and field of view of this preset or random-N instead of the "
+            "site's own (one rig, new appearance: --site random --site-seed 3 --camera base).",
+        ),
+    ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", help="Episodes.")] = 20,
     frames: Annotated[int, typer.Option("--frames", help="Frames per episode.")] = 50,
     seed: Annotated[
@@ -71,10 +79,11 @@ def generate(
     from dynaflip_adapt.cli.progress import count_progress
     from dynaflip_adapt.sim.generate import GenerateSpec
     from dynaflip_adapt.sim.generate import generate as run
-    from dynaflip_adapt.sim.sites import get_site
+    from dynaflip_adapt.sim.sites import get_site, with_camera
 
+    chosen = get_site(site, site_seed)
     spec = GenerateSpec(
-        site=get_site(site, site_seed),
+        site=with_camera(chosen, camera) if camera else chosen,
         episodes=episodes,
         frames=frames,
         seed=seed,

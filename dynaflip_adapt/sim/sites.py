@@ -177,3 +177,20 @@ def get_site(name: str, seed: int | None = None) -> Site:
             None, "--site", repr(name), "one of " + ", ".join([*PRESETS, "random", "random-N"])
         )
     return PRESETS[name]
+
+
+def with_camera(site: Site, camera: str) -> Site:
+    """`site`'s appearance seen by the camera (pose and field of view) of site `camera`.
+
+    One rig, new lighting and textures: e.g. ``with_camera(random_site(3), "base")``.
+
+    Raises:
+        InputError: `camera` is not a preset or ``random-N``.
+    """
+    if camera == "random":
+        raise InputError(None, "--camera", "'random'", "a preset or random-N (a seeded camera)")
+    try:
+        rig = get_site(camera)
+    except InputError as e:
+        raise InputError(None, "--camera", repr(camera), e.expected) from None
+    return replace(site, name=f"{site.name}+camera-{rig.name}", camera=rig.camera)
