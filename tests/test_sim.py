@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -201,6 +202,8 @@ def test_cli_camera_holds_one_rig_while_the_appearance_changes(tmp_path):
     assert np.abs(own[1] - base[1]).max() > 1e-2
     # ... and the random site's appearance, not the base site's.
     assert np.abs(held[0] - base[0]).mean() > 10, np.abs(held[0] - base[0]).mean()
+    with h5py.File(tmp_path / "held.h5", "r") as f:  # the site name finetune --site defaults to
+        assert f.attrs["site"] == "random-3-camera-base"
     r = CliRunner().invoke(
         app, ["sim", "generate", str(tmp_path / "x.h5"), "--camera", "moon", "-n", "1"]
     )

@@ -193,4 +193,4 @@ def with_camera(site: Site, camera: str) -> Site:
         rig = get_site(camera)
     except InputError as e:
         raise InputError(None, "--camera", repr(camera), e.expected) from None
-    return replace(site, name=f"{site.name}+camera-{rig.name}", camera=rig.camera)
+    return replace(site, name=f"{site.name}-camera-{rig.name}", camera=rig.camera)
