@@ -208,7 +208,13 @@ def test_cli_camera_holds_one_rig_while_the_appearance_changes(tmp_path):
         app, ["sim", "generate", str(tmp_path / "x.h5"), "--camera", "moon", "-n", "1"]
     )
     assert r.exit_code == 2 and "--camera" in r.stderr and "random-N" in r.stderr, r.stderr
+    # It offers only what --camera takes: bare 'random' needs a seed it has no room for.
+    assert "random," not in r.stderr and "'random'" not in r.stderr, r.stderr
     assert not (tmp_path / "x.h5").exists()
+    r = CliRunner().invoke(
+        app, ["sim", "generate", str(tmp_path / "x.h5"), "--camera", "random", "-n", "1"]
+    )
+    assert r.exit_code == 2 and "random-N" in r.stderr and not (tmp_path / "x.h5").exists()
 
 
 def test_objects_are_named_in_language():
