@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Reproduces the backbone shipped in dynaflip_adapt/assets/backbone:
-#   generated simulator logs from the base site and 32 random sites (appearance and camera-pose
-#   diversity: DESIGN.md §7 found 8 sites too few), then `pretrain --recipe pretrain/small`.
-# About 15 minutes on 2 CPU cores (logs ~4, pretraining ~11); deterministic (same fingerprint).
+#   generated simulator logs from the base site and 24 random sites x 24 episodes (appearance and
+#   camera-pose diversity: DESIGN.md §7 found 8 sites too few; episodes per site: README "The
+#   backbone"), then `pretrain --recipe pretrain/small` (2400 steps, one site per batch).
+# About 43 minutes on 2 CPU cores (logs ~5, pretraining ~38); deterministic (same fingerprint).
 # Usage: scripts/make_shipped_backbone.sh [WORKDIR [PRETRAIN OPTIONS]]
 # Other backbones the same way: SITES, EPISODES, RECIPE (default pretrain/small) and EXPORT
 # (default: the shipped bundle's folder) from the environment.
 set -euo pipefail
 WORK=${1:-$PWD/shipped_backbone_work}
 shift || true
-SITES=${SITES:-32}
-EPISODES=${EPISODES:-12}
+SITES=${SITES:-24}
+EPISODES=${EPISODES:-24}
 RECIPE=${RECIPE:-pretrain/small}
 EXPORT=${EXPORT:-dynaflip_adapt/assets/backbone}
 mkdir -p "$WORK/logs"
