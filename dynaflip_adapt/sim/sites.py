@@ -160,6 +160,11 @@ def random_site(seed: int) -> Site:
     )
 
 
+def _seeded_name(name: str) -> int | None:
+    """N for a ``random-N`` site name, else None."""
+    return int(name[7:]) if name.startswith("random-") and name[7:].isdigit() else None
+
+
 def get_site(name: str, seed: int | None = None) -> Site:
     """A preset by name, or ``random`` drawn from `seed`.
 
@@ -170,8 +175,8 @@ def get_site(name: str, seed: int | None = None) -> Site:
         if seed is None:
             raise InputError(None, "--site random", "no --site-seed", "a seed for the random site")
         return random_site(seed)
-    if name.startswith("random-") and name[7:].isdigit():
-        return random_site(int(name[7:]))
+    if (n := _seeded_name(name)) is not None:
+        return random_site(n)
     if name not in PRESETS:
         raise InputError(
             None, "--site", repr(name), "one of " + ", ".join([*PRESETS, "random", "random-N"])
@@ -187,8 +192,7 @@ def with_camera(site: Site, camera: str) -> Site:
     Raises:
         InputError: `camera` is not a preset or ``random-N``.
     """
-    seeded = camera.startswith("random-") and camera[7:].isdigit()
-    if camera not in PRESETS and not seeded:
+    if camera not in PRESETS and _seeded_name(camera) is None:
         # Not get_site's error: it offers 'random', which needs a seed --camera has no room for.
         raise InputError(
             None, "--camera", repr(camera), "one of " + ", ".join([*PRESETS, "random-N"])
