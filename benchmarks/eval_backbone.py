@@ -10,6 +10,10 @@ Only the image encoder differs between probes, so the comparison isolates what i
 `--test` may be repeated: each is a held-out set (e.g. unseen sites; new episodes of the
 pretraining sites), scored with the same probes (trained once).
 
+Every encoder is scored on the same triplets, so each margin (backbone minus baseline) comes with
+a paired 95% interval from a bootstrap over episodes (a set's triplets are a few dozen episodes,
+not independent draws); a margin is printed in bold when its interval excludes zero.
+
 Usage: python benchmarks/eval_backbone.py --train LOGS... --test LOGS... [--test LOGS...]
        [--baseline-steps N]
 """
@@ -21,7 +25,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -94,11 +98,46 @@ def main() -> None:
             probed = probe(model, args.train, recipe, Path(tmp) / f"probe{i}", args.probe_steps)
             for key, (ds, text) in tests.items():
                 reports[key].append(retrieval(name, probed, ds, text, args.samples))
+    margins = {key: _margins(rows) for key, rows in reports.items()}
     for key, rows in reports.items():
         _print_table(key, rows, gap)
+        _print_margins(margins[key])
     if args.json:
-        out = {key: [r.to_dict() for r in rows] for key, rows in reports.items()}
+        out = {
+            key: {"encoders": [r.to_dict() for r in rows], "margins": margins[key]}
+            for key, rows in reports.items()
+        }
         Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+def _margins(reports: list[RetrievalReport]) -> list[dict[str, Any]]:
+    """DynaFLIP (own heads, probe) minus each baseline probe, per metric, with paired intervals."""
+    from dynaflip_adapt.train.retrieval import METRICS, paired_difference
+
+    ours, baselines = reports[:2], reports[2:]
+    out: list[dict[str, Any]] = []
+    for a in ours:
+        for b in baselines:
+            row: dict[str, Any] = {"backbone": a.name, "baseline": b.name}
+            for m in METRICS:
+                row[m] = list(paired_difference(a, b, m))
+            out.append(row)
+    return out
+
+
+def _print_margins(rows: list[dict[str, Any]]) -> None:
+    from dynaflip_adapt.train.retrieval import METRICS
+
+    print("\nmargins (backbone minus baseline; 95% paired interval, bootstrap over episodes):")
+    print("| backbone - baseline | img->flow top-1 | top-5 | img->language top-1 | top-5 |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        cells = []
+        for m in METRICS:
+            d, lo, hi = row[m]
+            cell = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            cells.append(f"**{cell}**" if lo > 0 else cell)
+        print(f"| {row['backbone']} - {row['baseline']} | " + " | ".join(cells) + " |")
 
 
 def _set_name(paths: list[str]) -> str:

@@ -130,6 +130,9 @@ def test_cli_pretrain_registers_a_backbone_with_lineage(logs, tmp_path):
     assert r.exit_code == 0, r.output
     ev = json.loads(r.stdout)
     assert ev["triplets"] == 25 and 0.0 <= ev["img_to_flow_top1"] <= 1.0
+    # 3 + 2 episodes in two files: the bootstrap clusters are episodes, not files or triplets.
+    assert ev["episodes"] == 5
+    assert all(0.0 <= lo <= hi <= 1.0 for lo, hi in ev["ci95"].values())
     r = runner.invoke(app, ["backbones", "show", "--backbone", "99", "--json"])
     assert r.exit_code == 2 and "no version or alias '99'" in r.stderr
 

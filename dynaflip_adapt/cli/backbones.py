@@ -105,19 +105,17 @@ def eval_(
 
 
 def print_retrieval_table(reports: list[Any]) -> None:
-    table = Table(title="held-out tri-modal retrieval")
+    from dynaflip_adapt.train.retrieval import METRICS
+
+    table = Table(title="held-out tri-modal retrieval (95% intervals: bootstrap over episodes)")
     for col in ("encoder", "n", "img->flow top1", "top5", "img->lang top1", "top5", "mean area"):
         table.add_column(col, justify="right")
     for r in reports:
-        table.add_row(
-            r.name,
-            str(r.triplets),
-            f"{r.img_to_flow_top1:.3f}",
-            f"{r.img_to_flow_top5:.3f}",
-            f"{r.img_to_lang_top1:.3f}",
-            f"{r.img_to_lang_top5:.3f}",
-            f"{r.mean_area:.3f}",
-        )
+        cells = []
+        for m in METRICS:
+            lo, hi = r.interval(m)
+            cells.append(f"{getattr(r, m):.3f} [{lo:.3f}, {hi:.3f}]")
+        table.add_row(r.name, f"{r.triplets} ({r.episodes} ep.)", *cells, f"{r.mean_area:.3f}")
     console().print(table)
     if reports:
         r = reports[0]
