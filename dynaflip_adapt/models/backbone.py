@@ -152,15 +152,33 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def canonical_safetensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> bytes:
+    """A safetensors file whose bytes depend only on the tensors and metadata.
+
+    safetensors serialises ``__metadata__`` from a Rust HashMap, whose order changes from call to
+    call: with two or more keys the same weights gave different files, hence different sha256
+    fingerprints. The header is rewritten with the metadata keys sorted (tensor entries keep
+    the library's own, deterministic order) and space-padded to 8 bytes as the library does.
+    """
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    text = json.dumps({**ordered, **header}, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
 def _atomic_save(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
-    )
+    tmp.write_bytes(canonical_safetensors(tensors, metadata))
     os.replace(tmp, path)
 
 
