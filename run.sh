@@ -59,6 +59,9 @@ case "$cmd" in
     python benchmarks/bench_data.py
     python benchmarks/bench_sim.py
     python benchmarks/bench_flow.py
+    python benchmarks/bench_pretrain.py
+    python benchmarks/bench_finetune.py
+    python benchmarks/bench_export.py
     ;;
   *)
     echo "usage: ./run.sh {demo|test|bench} [args...]" >&2
