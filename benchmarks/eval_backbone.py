@@ -58,6 +58,7 @@ def main() -> None:
     from dynaflip_adapt.models.backbone import Backbone, load_bundle
     from dynaflip_adapt.train.evaluation import probe, test_triplets
     from dynaflip_adapt.train.pretrain import backbone_config, pretrain
+    from dynaflip_adapt.train.retrieval import margins as retrieval_margins
     from dynaflip_adapt.train.retrieval import retrieval
 
     bundle = load_bundle(args.backbone)
@@ -98,7 +99,7 @@ def main() -> None:
             probed = probe(model, args.train, recipe, Path(tmp) / f"probe{i}", args.probe_steps)
             for key, (ds, text) in tests.items():
                 reports[key].append(retrieval(name, probed, ds, text, args.samples))
-    margins = {key: _margins(rows) for key, rows in reports.items()}
+    margins = {key: retrieval_margins(rows[:2], rows[2:]) for key, rows in reports.items()}
     for key, rows in reports.items():
         _print_table(key, rows, gap)
         _print_margins(margins[key])
@@ -108,21 +109,6 @@ def main() -> None:
             for key, rows in reports.items()
         }
         Path(args.json).write_text(json.dumps(out, indent=2))
-
-
-def _margins(reports: list[RetrievalReport]) -> list[dict[str, Any]]:
-    """DynaFLIP (own heads, probe) minus each baseline probe, per metric, with paired intervals."""
-    from dynaflip_adapt.train.retrieval import METRICS, paired_difference
-
-    ours, baselines = reports[:2], reports[2:]
-    out: list[dict[str, Any]] = []
-    for a in ours:
-        for b in baselines:
-            row: dict[str, Any] = {"backbone": a.name, "baseline": b.name}
-            for m in METRICS:
-                row[m] = list(paired_difference(a, b, m))
-            out.append(row)
-    return out
 
 
 def _print_margins(rows: list[dict[str, Any]]) -> None:

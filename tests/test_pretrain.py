@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dynaflip_adapt.cli.app import app
 from dynaflip_adapt.config import load_recipe
 from dynaflip_adapt.data.logs import open_logs
-from dynaflip_adapt.models.backbone import load_bundle
+from dynaflip_adapt.models.backbone import Backbone, load_bundle, save_bundle
 from dynaflip_adapt.train.pretrain import pretrain
 from tests.builders import write_native
 
@@ -133,6 +133,22 @@ def test_cli_pretrain_registers_a_backbone_with_lineage(logs, tmp_path):
     # 3 + 2 episodes in two files: the bootstrap clusters are episodes, not files or triplets.
     assert ev["episodes"] == 5
     assert all(0.0 <= lo <= hi <= 1.0 for lo, hi in ev["ci95"].values())
+    # --against: a random-init twin and the backbone itself, scored on the same triplets.
+    twin = save_bundle(Backbone(bundle.model.cfg), tmp_path / "twin")
+    r = runner.invoke(
+        app,
+        ["backbones", "eval", str(logs), "--backbone", mine[0]["version"], "--gap", "1",
+         "--against", str(twin), "--against", mine[0]["version"], "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cmp = json.loads(r.stdout)
+    first, other, same = cmp["encoders"]
+    assert first == ev == same and other["episodes"] == 5
+    vs_twin, vs_self = cmp["margins"]
+    for m in ("img_to_flow_top1", "img_to_flow_top5", "img_to_lang_top1", "img_to_lang_top5"):
+        d, lo, hi = vs_twin[m]
+        assert d == pytest.approx(first[m] - other[m]) and lo <= hi
+        assert vs_self[m] == [0.0, 0.0, 0.0]
     r = runner.invoke(app, ["backbones", "show", "--backbone", "99", "--json"])
     assert r.exit_code == 2 and "no version or alias '99'" in r.stderr
 

@@ -76,32 +76,69 @@ def eval_(
     ctx: typer.Context,
     logs: LogsArg,
     backbone: BackboneOpt = None,
+    against: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--against",
+            help="Another backbone (version, alias or folder) scored on the same triplets; "
+            "prints the margin with a paired 95% interval. Repeatable.",
+        ),
+    ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Held-out triplets.")] = 300,
     gap: Annotated[
         int | None, typer.Option("--gap", help="Frame gap (default: the backbone's).")
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Tri-modal retrieval on held-out logs.
+    """Tri-modal retrieval on held-out logs, with 95% intervals (bootstrap over episodes).
 
     Image transition -> its 3D flow among all test flows, and -> its instruction among the
-    distinct ones (top-1/top-5); mean simplex area.
+    distinct ones (top-1/top-5); mean simplex area. With --against, every backbone is scored on
+    the same triplets (the first one's gap) and the margins over the others are printed.
     """
     from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.train.evaluation import heldout_retrieval
+    from dynaflip_adapt.train.evaluation import heldout_gap, heldout_retrieval
+    from dynaflip_adapt.train.retrieval import margins
 
-    bundle, info = load_backbone(registry(ctx), backbone)
-    rep = heldout_retrieval(
-        bundle,
-        logs,
-        samples=samples,
-        gap=gap,
-        name=f"backbone {info.version if info else bundle.path}",
-    )
+    reg = registry(ctx)
+    loaded = [load_backbone(reg, spec) for spec in [backbone, *(against or [])]]
+    step = heldout_gap(loaded[0][0], gap)
+    reports = [
+        heldout_retrieval(
+            bundle,
+            logs,
+            samples=samples,
+            gap=step,
+            name=f"backbone {info.version if info else bundle.path}",
+        )
+        for bundle, info in loaded
+    ]
+    rows = margins(reports[:1], reports[1:])
     if as_json:
-        print_json(rep.to_dict())
+        if against:
+            print_json({"encoders": [r.to_dict() for r in reports], "margins": rows})
+        else:
+            print_json(reports[0].to_dict())
         return
-    print_retrieval_table([rep])
+    print_retrieval_table(reports)
+    if rows:
+        print_margin_table(rows)
+
+
+def print_margin_table(rows: list[dict[str, Any]]) -> None:
+    from dynaflip_adapt.train.retrieval import METRICS
+
+    table = Table(title="margin, first minus other (95% paired interval; * excludes zero)")
+    for col in ("backbone - other", "img->flow top1", "top5", "img->lang top1", "top5"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        cells = []
+        for m in METRICS:
+            d, lo, hi = row[m]
+            mark = "*" if lo > 0 or hi < 0 else " "
+            cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}")
+        table.add_row(f"{row['backbone']} - {row['baseline']}", *cells)
+    console().print(table)
 
 
 def print_retrieval_table(reports: list[Any]) -> None:

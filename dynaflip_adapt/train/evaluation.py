@@ -51,6 +51,11 @@ def test_triplets(
     ), text
 
 
+def heldout_gap(bundle: Bundle, gap: int | None = None) -> int:
+    """The frame gap to evaluate `bundle` at: `gap`, else the one it was pretrained with."""
+    return _gap(bundle, gap)
+
+
 def heldout_retrieval(
     bundle: Bundle,
     logs: Sequence[str | Path],

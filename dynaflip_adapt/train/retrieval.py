@@ -105,6 +105,21 @@ def paired_difference(
     return cluster_bootstrap(diff, a.clusters, level=level)
 
 
+def margins(
+    ours: list[RetrievalReport], baselines: list[RetrievalReport], level: float = 0.95
+) -> list[dict[str, Any]]:
+    """Each of `ours` minus each of `baselines`: ``{"backbone", "baseline", metric: [difference,
+    lo, hi]}`` rows, with paired episode-bootstrap intervals."""
+    rows: list[dict[str, Any]] = []
+    for a in ours:
+        for b in baselines:
+            row: dict[str, Any] = {"backbone": a.name, "baseline": b.name}
+            for m in METRICS:
+                row[m] = list(paired_difference(a, b, m, level))
+            rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def embed_triplets(
     model: Backbone, ds: TripletDataset, text_table: torch.Tensor, n: int, batch: int = 64
