@@ -122,7 +122,7 @@ def _print_margins(rows: list[dict[str, Any]]) -> None:
         for m in METRICS:
             d, lo, hi = row[m]
             cell = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-            cells.append(f"**{cell}**" if lo > 0 else cell)
+            cells.append(f"**{cell}**" if lo > 0 or hi < 0 else cell)
         print(f"| {row['backbone']} - {row['baseline']} | " + " | ".join(cells) + " |")
 
 
