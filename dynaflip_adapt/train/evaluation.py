@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,19 +20,6 @@ from dynaflip_adapt.models.backbone import Backbone, Bundle
 from dynaflip_adapt.models.text import embed_instructions
 from dynaflip_adapt.train.retrieval import RetrievalReport, retrieval
 from dynaflip_adapt.train.triplets import TripletDataset
-
-
-def _gap(bundle_or_recipe: Any, gap: int | None) -> int:
-    if gap is not None:
-        return gap
-    if isinstance(bundle_or_recipe, Bundle):
-        return int(
-            bundle_or_recipe.manifest.get("provenance", {})
-            .get("recipe", {})
-            .get("data", {})
-            .get("gap", 4)
-        )
-    return int(bundle_or_recipe.data.gap)
 
 
 def test_triplets(
@@ -53,7 +39,11 @@ def test_triplets(
 
 def heldout_gap(bundle: Bundle, gap: int | None = None) -> int:
     """The frame gap to evaluate `bundle` at: `gap`, else the one it was pretrained with."""
-    return _gap(bundle, gap)
+    if gap is not None:
+        return gap
+    return int(
+        bundle.manifest.get("provenance", {}).get("recipe", {}).get("data", {}).get("gap", 4)
+    )
 
 
 def heldout_retrieval(
@@ -65,7 +55,7 @@ def heldout_retrieval(
     name: str = "backbone",
 ) -> RetrievalReport:
     """Retrieval of a backbone with its own heads."""
-    ds, text = test_triplets(bundle.model, logs, _gap(bundle, gap))
+    ds, text = test_triplets(bundle.model, logs, heldout_gap(bundle, gap))
     return retrieval(name, bundle.model, ds, text, samples)
 
 

@@ -173,11 +173,12 @@ def retrieval(
     with torch.no_grad():
         lang = model.embed_text(text_table[instr])
     target = torch.searchsorted(instr, t)
+    to_flow, to_lang, own = a @ c.T, a @ lang.T, torch.arange(N)
     hits = {
-        "img_to_flow_top1": topk_hits(a @ c.T, torch.arange(N), 1),
-        "img_to_flow_top5": topk_hits(a @ c.T, torch.arange(N), 5),
-        "img_to_lang_top1": topk_hits(a @ lang.T, target, 1),
-        "img_to_lang_top5": topk_hits(a @ lang.T, target, 5),
+        "img_to_flow_top1": topk_hits(to_flow, own, 1),
+        "img_to_flow_top5": topk_hits(to_flow, own, 5),
+        "img_to_lang_top1": topk_hits(to_lang, target, 1),
+        "img_to_lang_top5": topk_hits(to_lang, target, 5),
     }
     return RetrievalReport(
         name=name,
