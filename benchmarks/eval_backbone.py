@@ -112,7 +112,7 @@ def main() -> None:
 
 
 def _print_margins(rows: list[dict[str, Any]]) -> None:
-    from dynaflip_adapt.train.retrieval import METRICS
+    from dynaflip_adapt.train.retrieval import METRICS, margin_cell
 
     print("\nmargins (backbone minus baseline; 95% paired interval, bootstrap over episodes):")
     print("| backbone - baseline | img->flow top-1 | top-5 | img->language top-1 | top-5 |")
@@ -120,9 +120,8 @@ def _print_margins(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         cells = []
         for m in METRICS:
-            d, lo, hi = row[m]
-            cell = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-            cells.append(f"**{cell}**" if lo > 0 or hi < 0 else cell)
+            cell, clear = margin_cell(row, m)
+            cells.append(f"**{cell}**" if clear else cell)
         print(f"| {row['backbone']} - {row['baseline']} | " + " | ".join(cells) + " |")
 
 

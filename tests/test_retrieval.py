@@ -12,6 +12,7 @@ from dynaflip_adapt.train.retrieval import (
     METRICS,
     RetrievalReport,
     cluster_bootstrap,
+    margin_cell,
     paired_difference,
     topk_accuracy,
     topk_hits,
@@ -111,3 +112,10 @@ def test_report_serialises_with_its_intervals():
     for m in METRICS:
         lo, hi = out["ci95"][m]
         assert lo <= out[m] <= hi
+
+
+def test_margin_cell_marks_intervals_that_exclude_zero_on_either_side():
+    row = {"up": [0.1, 0.05, 0.2], "down": [-0.1, -0.2, -0.01], "touch": [0.04, 0.0, 0.08]}
+    assert margin_cell(row, "up") == ("+0.100 [+0.050, +0.200]", True)
+    assert margin_cell(row, "down") == ("-0.100 [-0.200, -0.010]", True)
+    assert margin_cell(row, "touch") == ("+0.040 [+0.000, +0.080]", False)

@@ -126,7 +126,7 @@ def eval_(
 
 
 def print_margin_table(rows: list[dict[str, Any]]) -> None:
-    from dynaflip_adapt.train.retrieval import METRICS
+    from dynaflip_adapt.train.retrieval import METRICS, margin_cell
 
     table = Table(title="margin, first minus other (95% paired interval; * excludes zero)")
     for col in ("backbone - other", "img->flow top1", "top5", "img->lang top1", "top5"):
@@ -134,9 +134,8 @@ def print_margin_table(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         cells = []
         for m in METRICS:
-            d, lo, hi = row[m]
-            mark = "*" if lo > 0 or hi < 0 else " "
-            cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}")
+            cell, clear = margin_cell(row, m)
+            cells.append(cell + ("*" if clear else " "))
         table.add_row(f"{row['backbone']} - {row['baseline']}", *cells)
     console().print(table)
 

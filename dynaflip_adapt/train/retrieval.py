@@ -120,6 +120,12 @@ def margins(
     return rows
 
 
+def margin_cell(row: dict[str, Any], metric: str) -> tuple[str, bool]:
+    """A `margins` row's `metric` as ``+d [+lo, +hi]``, and whether its interval excludes zero."""
+    d, lo, hi = row[metric]
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", bool(lo > 0 or hi < 0)
+
+
 @torch.no_grad()
 def embed_triplets(
     model: Backbone, ds: TripletDataset, text_table: torch.Tensor, n: int, batch: int = 64
