@@ -126,7 +126,13 @@ def _print_margins(rows: list[dict[str, Any]]) -> None:
 
 
 def _set_name(paths: list[str]) -> str:
-    return paths[0] if len(paths) == 1 else f"{Path(paths[0]).parent}/ ({len(paths)} logs)"
+    """A set's label: its path; files of one folder as `folder/ (N logs)`; else joined by +."""
+    if len(paths) == 1:
+        return paths[0]
+    parents = {Path(p).parent for p in paths}
+    if len(parents) == 1 and all(Path(p).is_file() for p in paths):
+        return f"{parents.pop()}/ ({len(paths)} logs)"
+    return " + ".join(paths)
 
 
 def _print_table(key: str, reports: list[RetrievalReport], gap: int) -> None:
