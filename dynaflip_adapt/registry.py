@@ -53,25 +53,34 @@ class VersionInfo:
 
 
 class RunHandle:
-    """An active MLflow run: metrics are buffered and logged in batches."""
+    """An active MLflow run: metrics are buffered and logged in batches.
+
+    A batch goes out at 500 metrics or `FLUSH_SECONDS` after the last one, whichever comes
+    first, so a long run shows live curves in the tracking UI and a SIGKILL loses at most that
+    much (at 500 metrics alone a pretraining run logged nothing for its first ~1,200 steps).
+    """
+
+    FLUSH_SECONDS = 30.0
 
     def __init__(self, client: Any, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
         self._buffer: list[Any] = []
+        self._flushed = time.monotonic()
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self._buffer) >= 500:
+        if len(self._buffer) >= 500 or time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         if self._buffer:
             self.client.log_batch(self.run_id, metrics=self._buffer)
             self._buffer = []
+        self._flushed = time.monotonic()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

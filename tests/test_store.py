@@ -64,3 +64,26 @@ def test_cli_store_info(tmp_path, monkeypatch):
     assert not Path(tmp_path, "mlflow.db").exists()  # resolving creates nothing
     r = CliRunner().invoke(app, ["--tracking-uri", "sqlite:///x.db", "store", "info", "--json"])
     assert json.loads(r.stdout)["tracking_uri"] == f"sqlite:///{Path.cwd()}/x.db"
+
+
+def test_run_metrics_reach_the_store_within_the_flush_interval(monkeypatch):
+    """A long run's metrics are in the tracking store while it runs, not only at its end."""
+    from dynaflip_adapt.registry import Registry, RunHandle
+
+    reg = Registry(resolve_store(None))
+
+    def stored(run_id: str) -> list[int]:
+        return sorted(m.step for m in reg.client.get_metric_history(run_id, "loss"))
+
+    monkeypatch.setattr(RunHandle, "FLUSH_SECONDS", 3600.0)
+    with reg.run("flush-test", "r") as run:
+        run.log_metrics(1, {"loss": 1.0})
+        run.log_metrics(2, {"loss": 0.5})
+        assert stored(run.run_id) == []  # buffered: under 500 metrics and inside the interval
+        monkeypatch.setattr(RunHandle, "FLUSH_SECONDS", 0.0)
+        run.log_metrics(3, {"loss": 0.25})
+        assert stored(run.run_id) == [1, 2, 3]  # the interval passed: the batch went out
+        monkeypatch.setattr(RunHandle, "FLUSH_SECONDS", 3600.0)
+        run.log_metrics(4, {"loss": 0.125})
+        assert stored(run.run_id) == [1, 2, 3]
+    assert stored(run.run_id) == [1, 2, 3, 4]  # the rest at the end of the run
