@@ -52,6 +52,15 @@ def truncated(tmp: Path) -> Path:
     return p
 
 
+def non_utf8_name(tmp: Path) -> Path:
+    """One damaged byte in a link name: h5py hands the name back as bytes, not str."""
+    p = _native(tmp)
+    data = p.read_bytes()
+    assert data.count(b"demo_0") == 1
+    p.write_bytes(data.replace(b"demo_0", b"\x80emo_0"))
+    return p
+
+
 def empty(tmp: Path) -> Path:
     p = tmp / "empty.h5"
     p.write_bytes(b"")
@@ -222,6 +231,7 @@ CASES: list[tuple[str, Callable[[Path], Path], str, str]] = [
         "data/demo_0/actions",
         "dtype |S1",
     ),
+    ("non_utf8_link_name", non_utf8_name, "emo_0", "a link name that is not UTF-8"),
     ("folder_no_episodes", folder_without_episodes, "", "no episodes"),
     ("data_without_demos", data_group_without_demos, "/data", "no episodes"),
     ("does_not_exist", lambda tmp: tmp / "nope.h5", "", "no such file"),
@@ -313,3 +323,13 @@ def test_aloha_bad_jpeg_bytes(tmp_path):
     result = runner.invoke(app, ["data", "validate", str(files[0])])
     assert result.exit_code == 2
     assert "cam_high[2]" in result.stderr and "JPEG" in result.stderr
+
+
+def test_fingerprint_refuses_a_damaged_link_name(tmp_path):
+    path = non_utf8_name(tmp_path)
+    before = _snapshot(tmp_path)
+    result = runner.invoke(app, ["data", "fingerprint", str(path)])
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    line = result.stderr.strip()
+    assert "\n" not in line and path.name in line and "not UTF-8" in line, line
+    assert _snapshot(tmp_path) == before

@@ -263,7 +263,7 @@ def open_h5(path: str | Path) -> h5py.File:
     if head != _HDF5_MAGIC and size < 512:
         raise InputError(p, None, f"not an HDF5 file (starts with {head!r})", "an HDF5 file")
     try:
-        return h5py.File(p, "r")
+        f = h5py.File(p, "r")
     except OSError as exc:
         msg = str(exc)
         if "truncated" in msg or "eof" in msg.lower():
@@ -273,6 +273,45 @@ def open_h5(path: str | Path) -> h5py.File:
         else:
             found = f"an unreadable HDF5 file ({_short(msg)})"
         raise InputError(p, None, found, "a complete HDF5 file") from None
+    bad = _non_utf8_name(f)
+    if bad is not None:
+        f.close()
+        where = f" ({bad!r})" if bad else ""
+        raise InputError(
+            p,
+            bad.decode("utf-8", "replace") if bad else "/",
+            f"a link name that is not UTF-8{where}: a damaged name table?",
+            "UTF-8 group and dataset names",
+        )
+    return f
+
+
+def _non_utf8_name(f: h5py.File) -> bytes | None:
+    """The first link path whose bytes are not UTF-8 (b"" when only HDF5 saw it), or None.
+
+    h5py hands such a name back as `bytes` instead of `str` (and its `visit` raises on it), so
+    one damaged byte in a name table would otherwise surface later as a TypeError deep in the
+    indexing. HDF5's own error about such a link carries the name, which h5py then fails to
+    decode: a UnicodeDecodeError from the walk is the same damage. Other damage met on this
+    walk is left to the readers, which report it.
+    """
+    found: list[bytes] = []
+
+    def check(name: bytes) -> int | None:
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            found.append(b"/" + name)
+            return 1  # stops the walk before it descends into the damaged link
+        return None
+
+    try:
+        f.id.links.visit(check)
+    except UnicodeDecodeError:
+        found.append(b"")  # the name is in HDF5's message, not in hand
+    except (OSError, RuntimeError, KeyError, ValueError):
+        pass
+    return found[0] if found else None
 
 
 def iter_blocks(ds: h5py.Dataset, block_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
