@@ -56,7 +56,7 @@ def main() -> None:
     from dynaflip_adapt.config import PretrainRecipe
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.models.backbone import Backbone, load_bundle
-    from dynaflip_adapt.train.evaluation import probe, test_triplets
+    from dynaflip_adapt.train.evaluation import heldout_gap, probe, test_triplets
     from dynaflip_adapt.train.pretrain import backbone_config, pretrain
     from dynaflip_adapt.train.retrieval import margins as retrieval_margins
     from dynaflip_adapt.train.retrieval import retrieval
@@ -64,7 +64,7 @@ def main() -> None:
     bundle = load_bundle(args.backbone)
     prov = bundle.manifest["provenance"]
     recipe = PretrainRecipe.model_validate(prov["recipe"])
-    gap = recipe.data.gap
+    gap = heldout_gap(bundle)
     sets: dict[str, list[str]] = {}
     for i, paths in enumerate(args.test):
         name = _set_name(paths)

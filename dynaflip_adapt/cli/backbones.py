@@ -97,22 +97,15 @@ def eval_(
     the same triplets (the first one's gap) and the margins over the others are printed.
     """
     from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.train.evaluation import heldout_gap, heldout_retrieval
+    from dynaflip_adapt.train.evaluation import heldout_retrieval
     from dynaflip_adapt.train.retrieval import margins
 
     reg = registry(ctx)
     loaded = [load_backbone(reg, spec) for spec in [backbone, *(against or [])]]
-    step = heldout_gap(loaded[0][0], gap)
-    reports = [
-        heldout_retrieval(
-            bundle,
-            logs,
-            samples=samples,
-            gap=step,
-            name=f"backbone {info.version if info else bundle.path}",
-        )
-        for bundle, info in loaded
+    named = [
+        (f"backbone {info.version if info else bundle.path}", bundle) for bundle, info in loaded
     ]
+    reports = heldout_retrieval(named, logs, samples=samples, gap=gap)
     rows = margins(reports[:1], reports[1:])
     if as_json:
         if against:

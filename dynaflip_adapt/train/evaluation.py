@@ -47,16 +47,27 @@ def heldout_gap(bundle: Bundle, gap: int | None = None) -> int:
 
 
 def heldout_retrieval(
-    bundle: Bundle,
+    named: Sequence[tuple[str, Bundle]],
     logs: Sequence[str | Path],
     *,
     samples: int = 300,
     gap: int | None = None,
-    name: str = "backbone",
-) -> RetrievalReport:
-    """Retrieval of a backbone with its own heads."""
-    ds, text = test_triplets(bundle.model, logs, heldout_gap(bundle, gap))
-    return retrieval(name, bundle.model, ds, text, samples)
+) -> list[RetrievalReport]:
+    """Retrieval of each (name, backbone) with its own heads, all on the same held-out triplets
+    at the first one's gap. The triplets depend on a backbone only through its input size, flow
+    points and text encoder, so they are built (logs opened, instructions embedded) once per
+    such format, not once per backbone."""
+    step = heldout_gap(named[0][1], gap)
+    built: dict[tuple[str, int, int], tuple[TripletDataset, torch.Tensor]] = {}
+    reports = []
+    for name, bundle in named:
+        cfg = bundle.model.cfg
+        key = (cfg.text_encoder, cfg.image_size, cfg.flow_points)
+        if key not in built:
+            built[key] = test_triplets(bundle.model, logs, step)
+        ds, text = built[key]
+        reports.append(retrieval(name, bundle.model, ds, text, samples))
+    return reports
 
 
 def probe(
