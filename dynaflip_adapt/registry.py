@@ -23,9 +23,43 @@ from typing import Any
 from dynaflip_adapt.errors import InputError, RuntimeFailure
 from dynaflip_adapt.store import Store
 
+_RAISE = object()  # `Registry._call`: no default, a missing resource is an error too
+RUN_PAGE = 1000  # runs per search page (history is paged, never truncated)
+
 BACKBONE_MODEL = "dynaflip-backbone"
 BASE_ALIAS = "base"
 PRETRAIN_EXPERIMENT = "dynaflip-pretrain"
+
+# What each registered model holds, shown in the MLflow UI.
+MODEL_DESCRIPTIONS = {
+    "dynaflip-backbone": "DynaFLIP image/language/flow backbone bundles (alias `base`).",
+    "dynaflip-adapter": "Per-site LoRA adapters of a backbone (alias `prod-<site>` per site).",
+    "dynaflip-policy": "Downstream policy heads pinned to a backbone (+ adapter) and a site.",
+}
+
+# HTTP policy (MLflow reads these variables at each request; a user's own values always win).
+# First contact is quick: a server that does not answer fails the command in about 3 x the
+# timeout (MLflow's defaults, 7 retries with backoff and 120 s per request, hung for minutes).
+# Once connected, requests are patient and still bounded (~30 s of retries), so a long training
+# run rides out a server restart instead of dying at its next metric batch.
+TIMEOUT_ENV = "DYNAFLIP_REGISTRY_TIMEOUT"
+DEFAULT_TIMEOUT = 5.0
+_RETRIES, _BACKOFF, _TIMEOUT = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+)
+_PATIENT = {_RETRIES: "4", _BACKOFF: "2", _TIMEOUT: "30"}
+_ours: dict[str, str] = {}  # the values this module put in the environment
+
+
+def _set_http(values: dict[str, str]) -> None:
+    """Sets MLflow's HTTP variables to `values`, except those the user set."""
+    for key, value in values.items():
+        current = os.environ.get(key)
+        if current is not None and current != _ours.get(key):
+            continue  # the user's
+        os.environ[key] = _ours[key] = value
 
 
 @dataclass(frozen=True)
@@ -50,6 +84,22 @@ class VersionInfo:
             "aliases": self.aliases,
             "created": self.created,
         }
+
+
+def registry_timeout() -> float:
+    """Seconds one registry request may take (``DYNAFLIP_REGISTRY_TIMEOUT``, default 5).
+
+    Raises:
+        InputError: A value that is not a positive number.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(None, TIMEOUT_ENV, repr(raw), "a positive number of seconds")
+    return value
 
 
 class RunHandle:
@@ -113,6 +163,8 @@ class Registry:
         # MLflow prints "View run ... at: URL" on stdout for server stores: stdout is ours
         # (--json output must stay parseable).
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        timeout = registry_timeout()
+        _set_http({_RETRIES: "1", _BACKOFF: "1", _TIMEOUT: f"{timeout:g}"})
         from filelock import FileLock
         from mlflow import MlflowClient
 
@@ -131,8 +183,11 @@ class Registry:
                 self.client.search_experiments(max_results=1)
         except Exception as exc:
             raise RuntimeFailure(
-                f"registry {store.tracking_uri} unreachable: {type(exc).__name__}: {exc}"
+                f"registry {store.tracking_uri} unreachable: {_short_error(exc)} (check "
+                f"--tracking-uri; a slow server: --registry-timeout SECONDS, now {timeout:g})"
             ) from None
+        finally:
+            _set_http(_PATIENT)
 
     # ------------------------------------------------------------------------------- runs
 
@@ -178,14 +233,13 @@ class Registry:
         A run killed with SIGKILL (or by power loss) cannot end itself; the next run on the same
         work folder (a ``--resume``) reaps it. Only runs started on this host are judged.
         """
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None or any("'" in v for v in tags.values()):
+        if any("'" in v for v in tags.values()):
             return []
         clauses = ["attributes.status = 'RUNNING'"]
         clauses += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         host = socket.gethostname()
         reaped = []
-        for r in self.client.search_runs([exp.experiment_id], " and ".join(clauses)):
+        for r in self.search_runs(experiment, " and ".join(clauses)):
             t = r.data.tags
             if t.get("dynaflip.host") != host or _alive(int(t.get("dynaflip.pid", "0"))):
                 continue
@@ -210,37 +264,87 @@ class Registry:
     def _aliases(self, name: str) -> dict[str, list[str]]:
         # search_model_versions returns empty aliases (open bug): read the registered model's.
         out: dict[str, list[str]] = {}
-        try:
-            rm = self.client.get_registered_model(name)
-        except Exception:
-            return out
-        for alias, version in (rm.aliases or {}).items():
+        rm = self._call(f"reading {name}", self.client.get_registered_model, name, missing=None)
+        for alias, version in ((rm.aliases if rm is not None else None) or {}).items():
             out.setdefault(str(version), []).append(alias)
         return out
 
-    def versions(self, name: str) -> list[VersionInfo]:
-        """Every version of a registered model, newest first (empty when not registered)."""
+    def _call(self, what: str, fn: Any, *args: Any, missing: Any = _RAISE, **kwargs: Any) -> Any:
+        """Calls the MLflow client; a missing resource returns `missing` when given, and any
+        other failure is one RuntimeFailure line (exit 3), never an empty answer: a gate that
+        read "nothing there" from a failed request would open."""
         try:
-            mvs = self.client.search_model_versions(f"name='{name}'")
-        except Exception:
-            return []
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if missing is not _RAISE and _is_missing(exc):
+                return missing
+            raise RuntimeFailure(
+                f"registry {self.store.tracking_uri}: {what} failed: {_short_error(exc)}"
+            ) from exc
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of a registered model, newest first (empty when not registered).
+
+        Raises:
+            RuntimeFailure: The registry could not be read (never reported as "no versions").
+        """
+        mvs: list[Any] = []
+        token = None
+        while True:
+            page = self._call(
+                f"listing versions of {name}",
+                self.client.search_model_versions,
+                f"name='{name}'",
+                page_token=token,
+            )
+            mvs += list(page)
+            token = getattr(page, "token", None)
+            if not token:
+                break
         aliases = self._aliases(name)
         return sorted((self._info(m, aliases) for m in mvs), key=lambda v: -int(v.version))
 
+    def search_runs(self, experiment: str, filter_string: str) -> list[Any]:
+        """Every run of an experiment matching `filter_string` (all pages; empty when the
+        experiment does not exist yet)."""
+        exp = self._call(
+            f"reading experiment {experiment}", self.client.get_experiment_by_name, experiment
+        )
+        if exp is None:
+            return []
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self._call(
+                f"searching runs of {experiment}",
+                self.client.search_runs,
+                [exp.experiment_id],
+                filter_string=filter_string,
+                max_results=RUN_PAGE,
+                page_token=token,
+            )
+            runs += list(page)
+            token = getattr(page, "token", None)
+            if not token:
+                return runs
+
     def resolve(self, name: str, ref: str) -> VersionInfo:
-        """A version by number or alias.
+        """A version by number or alias, in any of the spellings the tool prints or MLflow uses:
+        ``3``, ``v3``, ``prod-lab``, ``@prod-lab``, ``models:/NAME/3``, ``models:/NAME@prod-lab``.
 
         Raises:
-            InputError: Unknown version or alias (lists what exists).
+            InputError: Unknown version or alias (lists what exists), or a ``models:/`` URI of
+                another registered model.
         """
+        key = parse_ref(name, ref)
         versions = self.versions(name)
-        if ref.isdigit():
+        if key.isdigit():
             for v in versions:
-                if v.version == ref:
+                if v.version == key:
                     return v
         else:
             for v in versions:
-                if ref in v.aliases:
+                if key in v.aliases:
                     return v
         known = [v.version for v in versions] + sorted({a for v in versions for a in v.aliases})
         raise InputError(
@@ -257,16 +361,22 @@ class Registry:
         folder: str | Path,
         artifact_path: str,
         tags: dict[str, str],
+        description: str | None = None,
     ) -> VersionInfo:
         """Uploads a bundle folder to the run and registers it as a new version."""
         run.log_artifacts(folder, artifact_path)
         source = run.artifact_uri(artifact_path)
         with self.lock:
-            try:
-                self.client.get_registered_model(name)
-            except Exception:
-                self.client.create_registered_model(name)
-            mv = self.client.create_model_version(name, source, run_id=run.run_id, tags=tags)
+            if (
+                self._call(f"reading {name}", self.client.get_registered_model, name, missing=None)
+                is None
+            ):
+                self.client.create_registered_model(
+                    name, description=MODEL_DESCRIPTIONS.get(name, "")
+                )
+            mv = self.client.create_model_version(
+                name, source, run_id=run.run_id, tags=tags, description=description
+            )
         return self._info(mv, self._aliases(name))
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
@@ -302,6 +412,56 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cache
+
+
+def parse_ref(name: str, ref: str) -> str:
+    """The version number or alias a reference names (see `Registry.resolve`).
+
+    Raises:
+        InputError: An empty reference, or a ``models:/`` URI of another registered model.
+    """
+    text = ref.strip()
+    if text.startswith("models:/"):
+        body = text[len("models:/") :]
+        model, sep, key = body.partition("@") if "@" in body else body.partition("/")
+        if model != name or not sep or not key:
+            raise InputError(
+                None,
+                "version",
+                repr(ref),
+                f"models:/{name}/VERSION or models:/{name}@ALIAS",
+            )
+        return key
+    text = text.removeprefix("@")
+    if len(text) > 1 and text[0] in "vV" and text[1:].isdigit():
+        text = text[1:]
+    if not text:
+        raise InputError(None, "version", repr(ref), "a version number or alias")
+    return text
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow metric name from parts: dots between them, no spaces or other characters MLflow
+    or its UI handle badly (``"lab-bc (v1)"`` -> ``lab-bc_v1``)."""
+    import re
+
+    clean = [re.sub(r"[^A-Za-z0-9_.\-/]+", "_", p.strip()).strip("_") for p in parts]
+    return ".".join(c for c in clean if c)
+
+
+def _is_missing(exc: BaseException) -> bool:
+    """An MLflow 'does not exist' answer (the only error that means "nothing there")."""
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _short_error(exc: BaseException) -> str:
+    """One line for a client error: the innermost cause, without MLflow's request dump."""
+    text = f"{type(exc).__name__}: {exc}"
+    for marker in ("Caused by ", "failed with exception "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = " ".join(text.split())
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def _alive(pid: int) -> bool:

@@ -107,8 +107,19 @@ def resolve_store(
     source: Mapping[str, str] = os.environ if env is None else env
     home = home_dir(source)
     if tracking_uri:
-        return Store(home, absolutize_uri(tracking_uri, cwd=cwd), None, "option")
+        uri = absolutize_uri(tracking_uri, cwd=cwd)
+        return Store(home, uri, _beside_database(uri), "option")
     if source.get(TRACKING_ENV):
-        return Store(home, absolutize_uri(source[TRACKING_ENV], cwd=cwd), None, "env")
+        uri = absolutize_uri(source[TRACKING_ENV], cwd=cwd)
+        return Store(home, uri, _beside_database(uri), "env")
     db = home / "mlflow.db"
     return Store(home, _SQLITE_PREFIX + str(db), (home / "artifacts").as_uri(), "embedded")
+
+
+def _beside_database(uri: str) -> str | None:
+    """Artifacts of a sqlite store go to ``artifacts/`` beside the database file, as for the
+    embedded store (MLflow would put them in ``./mlruns`` of whatever folder a command runs in);
+    a tracking server decides for itself (None)."""
+    if not uri.startswith(_SQLITE_PREFIX):
+        return None
+    return (Path(uri[len(_SQLITE_PREFIX) :]).parent / "artifacts").as_uri()
