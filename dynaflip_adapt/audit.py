@@ -23,6 +23,9 @@ from dynaflip_adapt.policies import Policy
 from dynaflip_adapt.train.retrieval import topk_accuracy
 
 COMPATIBLE, WARNING, INCOMPATIBLE = "compatible", "warning", "incompatible"
+# No policy is pinned to the site: nothing vouches for the adapter (a gate must not pass it).
+UNAUDITED = "unaudited"
+VERDICTS = (COMPATIBLE, WARNING, UNAUDITED, INCOMPATIBLE)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Check:
     limit: Any = None
     detail: str = ""
     severity: str = "error"  # error -> incompatible, warning -> warning
+    # How the value is held to the limit: "<=" (must stay at or below), ">=" (at or above) or
+    # "==" (must equal).
+    op: str = "=="
 
     @property
     def blocks(self) -> bool:
@@ -82,6 +88,8 @@ class AuditReport:
     def verdict(self) -> str:
         if any(c.blocks for c in self.static):
             return INCOMPATIBLE
+        if not self.policies:
+            return UNAUDITED
         verdicts = [p.verdict for p in self.policies]
         if INCOMPATIBLE in verdicts:
             return INCOMPATIBLE
@@ -143,7 +151,14 @@ def static_checks(bundle: Bundle, adapter: Adapter) -> list[Check]:
     else:
         hit = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
     checks.append(
-        Check("adapter_targets_present", bool(hit), len(hit), ">= 1", f"target_modules {targets}")
+        Check(
+            "adapter_targets_present",
+            bool(hit),
+            len(hit),
+            1,
+            f"target_modules {targets}",
+            op=">=",
+        )
     )
     checks.append(
         Check("peft_format_readable", True, cfg.peft_type.value, "LORA", "loaded with PEFT")
@@ -304,6 +319,7 @@ def policy_verdicts(
                             "mean |a_new - a_old| / action std"
                             + ("" if own else " (at the new site: expected to change)"),
                             "error" if own else "warning",
+                            "<=",
                         )
                     )
                     checks.append(
@@ -314,6 +330,7 @@ def policy_verdicts(
                             th.warn_fraction * tol,
                             "close to the tolerance",
                             "warning",
+                            "<=",
                         )
                     )
             for part in ("replay", "site"):
@@ -329,6 +346,7 @@ def policy_verdicts(
                             oo - th.bct_margin,
                             "new queries vs old gallery >= old vs old",
                             "error" if part == "replay" else "warning",
+                            ">=",
                         )
                     )
                 if f"{part}_area_new" in pdyn:
@@ -340,6 +358,7 @@ def policy_verdicts(
                             an,
                             ao + th.area_margin,
                             "mean simplex area not worse than before",
+                            op="<=",
                         )
                     )
                 if f"{part}_cka" in pdyn:
@@ -351,6 +370,7 @@ def policy_verdicts(
                             th.warn_cka,
                             "low CKA: representation moved a lot",
                             "warning",
+                            ">=",
                         )
                     )
         verdicts.append(PolicyVerdict(pname, _verdict(checks), checks))

@@ -20,7 +20,7 @@ from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import Policy, load_policy, read_policy_spec
-from dynaflip_adapt.registry import Registry, VersionInfo
+from dynaflip_adapt.registry import Registry, RunHandle, VersionInfo, metric_key
 
 POLICY_MODEL = "dynaflip-policy"
 POLICY_EXPERIMENT = "dynaflip-policies"
@@ -43,8 +43,11 @@ def site_alias(site: str) -> str:
 # ------------------------------------------------------------------------------------ policies
 
 
-def register_policy(registry: Registry, folder: Path, *, site: str, name: str) -> VersionInfo:
-    """Registers a policy folder (checked first) pinned to its backbone/adapter."""
+def register_policy(
+    registry: Registry, folder: Path, *, site: str, name: str, run: RunHandle | None = None
+) -> VersionInfo:
+    """Registers a policy folder (checked first) pinned to its backbone/adapter, in `run` (the
+    training run, when it was trained here) or a run of its own."""
     spec = read_policy_spec(folder)
     pin = spec["pin"]
     tags = {
@@ -56,9 +59,13 @@ def register_policy(registry: Registry, folder: Path, *, site: str, name: str) -
         "backbone_version": str(pin.get("backbone_version", "")),
         "adapter_version": str(pin.get("adapter_version", "") or ""),
     }
-    with registry.run(POLICY_EXPERIMENT, f"policy-{name}", {"site": site}) as run:
+    description = f"{spec['head']} head for site {site!r} (tolerance {spec['tolerance']:g})"
+    if run is not None:
         run.log_dict(spec, "policy_spec.json")
-        return registry.register(POLICY_MODEL, run, folder, "policy", tags)
+        return registry.register(POLICY_MODEL, run, folder, "policy", tags, description)
+    with registry.run(POLICY_EXPERIMENT, f"policy-{name}", {"site": site}) as own:
+        own.log_dict(spec, "policy_spec.json")
+        return registry.register(POLICY_MODEL, own, folder, "policy", tags, description)
 
 
 def policies_for_site(registry: Registry, site: str) -> list[VersionInfo]:
@@ -97,36 +104,42 @@ def audited_policies(
 # -------------------------------------------------------------------------------------- events
 
 
+def event_view(tags: dict[str, str], run_id: str, start_ms: int = 0) -> dict[str, Any]:
+    """One promotion/rollback event as `promote --json` and `history --json` both print it."""
+    import datetime
+
+    when = float(tags.get("time") or start_ms / 1000)
+    return {
+        "seq": int(tags.get("seq") or 0),
+        "time": when,
+        "time_utc": datetime.datetime.fromtimestamp(when, datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        ),
+        "site": tags.get("site", ""),
+        "action": tags.get("action", ""),
+        "version": tags.get("version") or None,
+        "previous": tags.get("previous") or None,
+        "user": tags.get("user", ""),
+        "reason": tags.get("reason", ""),
+        "forced": tags.get("forced") == "true",
+        "allow_unaudited": tags.get("allow_unaudited") == "true",
+        "adapter_site": tags.get("adapter_site") or None,
+        "audit": tags.get("audit_verdict") or None,
+        "audit_run": tags.get("audit_run") or None,
+        "run_id": run_id,
+    }
+
+
 def _events(registry: Registry, site: str) -> list[dict[str, Any]]:
-    exp = registry.client.get_experiment_by_name(LIFECYCLE_EXPERIMENT)
-    if exp is None:
-        return []
-    runs = registry.client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.site = '{site}'", max_results=10000
-    )
-    events = []
-    for r in runs:
-        t = r.data.tags
-        events.append(
-            {
-                "seq": int(t.get("seq", 0)),
-                "time": float(t.get("time", r.info.start_time / 1000)),
-                "action": t.get("action"),
-                "version": t.get("version"),
-                "previous": t.get("previous") or None,
-                "user": t.get("user"),
-                "reason": t.get("reason", ""),
-                "forced": t.get("forced") == "true",
-                "audit": t.get("audit_verdict", ""),
-                "audit_run": t.get("audit_run", ""),
-                "run_id": r.info.run_id,
-            }
-        )
+    if "'" in site:
+        raise InputError(None, "--site", repr(site), "a site name without quotes")
+    runs = registry.search_runs(LIFECYCLE_EXPERIMENT, f"tags.site = '{site}'")
+    events = [event_view(dict(r.data.tags), r.info.run_id, r.info.start_time) for r in runs]
     return sorted(events, key=lambda e: (e["seq"], e["time"]))
 
 
 def history(registry: Registry, site: str) -> list[dict[str, Any]]:
-    """Every promotion and rollback of a site, oldest first."""
+    """Every promotion and rollback of a site, oldest first (all of them: read page by page)."""
     return _events(registry, site)
 
 
@@ -157,7 +170,7 @@ def _record(
     registry: Registry, site: str, action: str, version: str, previous: str | None, **extra: Any
 ) -> dict[str, Any]:
     seq = len(_events(registry, site)) + 1
-    tags = {
+    tags: dict[str, str] = {
         "site": site,
         "action": action,
         "version": version,
@@ -165,14 +178,52 @@ def _record(
         "user": extra.get("user") or getpass.getuser(),
         "reason": extra.get("reason") or "",
         "forced": "true" if extra.get("forced") else "false",
+        "allow_unaudited": "true" if extra.get("allow_unaudited") else "false",
+        "adapter_site": extra.get("adapter_site") or "",
         "audit_verdict": extra.get("audit") or "",
         "audit_run": extra.get("audit_run") or "",
         "seq": str(seq),
         "time": f"{time.time():.3f}",
     }
     with registry.run(LIFECYCLE_EXPERIMENT, f"{action}-{site}-v{version}", tags) as run:
-        run.log_dict(tags, "event.json")
-    return {**tags, "seq": seq}
+        event = event_view(tags, run.run_id)
+        run.log_dict(event, "event.json")
+    return event
+
+
+def promotion_refusal(
+    version: str,
+    adapter_site: str | None,
+    site: str,
+    verdict: str,
+    *,
+    forced: bool = False,
+    allow_unaudited: bool = False,
+) -> str | None:
+    """Why promoting adapter `version` (trained for `adapter_site`) to `site` with this audit
+    verdict is refused, or None when the gate lets it through. The gate fails closed: another
+    site's adapter, an incompatible audit and an audit with nothing to check (no pinned
+    policies: ``unaudited``) all need an explicit override, which the site's history records."""
+    from dynaflip_adapt.audit import COMPATIBLE, UNAUDITED, WARNING
+
+    if adapter_site != site and not forced:
+        trained = repr(adapter_site) if adapter_site else "no site (its lineage names none)"
+        return (
+            f"adapter v{version} was trained for site {trained}, not {site!r}: check --site "
+            f"(or --force --reason R to promote it there anyway)"
+        )
+    if verdict == UNAUDITED and not (forced or allow_unaudited):
+        return (
+            f"no policies are pinned to site {site!r}, so the audit had nothing to check "
+            f"(unaudited): register them (`policies register ... --site {site}`), or "
+            "--allow-unaudited (or --force --reason R) to promote without an audit"
+        )
+    if verdict not in (COMPATIBLE, WARNING, UNAUDITED) and not forced:
+        return (
+            f"the audit is {verdict} for site {site}; `adapters rescale {version} --site "
+            f"{site}` registers the largest strength of it that passes (or --force --reason R)"
+        )
+    return None
 
 
 def promote(
@@ -183,10 +234,15 @@ def promote(
     audit_verdict: str,
     audit_run: str = "",
     forced: bool = False,
+    allow_unaudited: bool = False,
+    adapter_site: str | None = None,
     reason: str = "",
     user: str | None = None,
 ) -> dict[str, Any]:
-    """Points the site's production alias at `version` and records the event (under the lock)."""
+    """Points the site's production alias at `version` and records the event (under the lock).
+
+    The caller has passed `promotion_refusal`; this only moves the alias and writes history.
+    """
     info = registry.resolve(ADAPTER_MODEL, version)
     with registry.lock:
         previous = current(registry, site)
@@ -200,6 +256,8 @@ def promote(
             audit=audit_verdict,
             audit_run=audit_run,
             forced=forced,
+            allow_unaudited=allow_unaudited,
+            adapter_site=adapter_site,
             reason=reason,
             user=user,
         )
@@ -251,8 +309,15 @@ def log_audit(
     with registry.run(AUDIT_EXPERIMENT, f"audit-v{adapter_version or 'local'}", tags) as run:
         run.log_dict(report, "audit_report.json")
         flat = {
-            k: float(v) for k, v in report.get("dynamic", {}).items() if isinstance(v, (int, float))
+            metric_key(k): float(v)
+            for k, v in report.get("dynamic", {}).items()
+            if isinstance(v, (int, float))
         }
+        # Each policy's numbers (action deviations, retrieval, area), so audits compare in the UI.
+        for p in report.get("policies", []):
+            for c in p["checks"]:
+                if isinstance(c["value"], (int, float)) and not isinstance(c["value"], bool):
+                    flat[metric_key("policy", p["policy"], c["name"])] = float(c["value"])
         run.log_metrics(0, flat)
         return run.run_id
 
