@@ -6,18 +6,20 @@ Formats:
 - ``torchscript``: ``encoder.ts`` (``torch.jit.load``).
 - ``onnx``: ``encoder.onnx`` (needs the ``onnx`` package to write).
 
-Every export has ``preprocessing.json`` and ``manifest.json`` (sha256 of every file), and is
-verified: merged vs unmerged (PEFT) features, and the exported file vs the merged module.
+Every export has ``preprocessing.json`` and ``manifest.json`` (sha256 of every file, and which
+adapter version of which registry it came from), and is verified: merged vs unmerged (PEFT)
+features, and the exported file vs the merged module. It is staged beside the destination and
+moved in only when verified; `dynaflip_adapt.outputs` decides what may be replaced there.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from dynaflip_adapt.errors import InputError, RuntimeFailure
 from dynaflip_adapt.models import vit as vit_module
 from dynaflip_adapt.models.adapter import Adapter
 from dynaflip_adapt.models.backbone import Bundle, sha256_file
+from dynaflip_adapt.outputs import EXPORT_KIND, ExportTarget, check_export_folder, install_export
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 
@@ -71,18 +74,44 @@ def _example(bundle: Bundle, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, s, s, generator=g)
 
 
-def export_encoder(
-    bundle: Bundle, adapter: Adapter | None, out: str | Path, fmt: str
-) -> ExportResult:
-    """Writes the merged encoder in `fmt` to `out` (replaced atomically) and verifies it.
-
-    Raises:
-        InputError: Unknown format, or ONNX requested without the onnx package.
-        RuntimeFailure: The export does not reproduce the merged encoder.
-    """
+def check_format(fmt: str) -> None:
+    """Raises InputError for an unknown export format (or ONNX without the onnx package)."""
     if fmt not in FORMATS:
         raise InputError(None, "--format", repr(fmt), "one of " + ", ".join(FORMATS))
-    out = Path(out)
+    if fmt == "onnx":
+        import importlib.util
+
+        if importlib.util.find_spec("onnx") is None:
+            raise InputError(None, "--format onnx", "no onnx package", "pip install onnx")
+
+
+def export_encoder(
+    bundle: Bundle,
+    adapter: Adapter | None,
+    out: str | Path | ExportTarget,
+    fmt: str,
+    *,
+    overwrite: bool = False,
+    source: dict[str, Any] | None = None,
+) -> ExportResult:
+    """Writes the merged encoder in `fmt` to `out` and verifies it.
+
+    Args:
+        bundle: The base backbone.
+        adapter: The adapter to merge (None: the bare base encoder).
+        out: The export folder (checked by `check_export_folder` unless already checked).
+        fmt: One of `FORMATS`.
+        overwrite: Replace the files a previous export in `out` wrote (never other files).
+        source: Where the adapter came from, for the manifest (e.g. registered model, version
+            and tracking URI).
+
+    Raises:
+        InputError: Unknown format, ONNX without the onnx package, or an output folder that
+            must not be written (see `dynaflip_adapt.outputs`).
+        RuntimeFailure: The export does not reproduce the merged encoder.
+    """
+    check_format(fmt)
+    target = out if isinstance(out, ExportTarget) else check_export_folder(out, overwrite=overwrite)
     x = _example(bundle)
     if adapter is not None:
         merged = adapter.merged().eval()
@@ -91,9 +120,29 @@ def export_encoder(
     else:
         merged = copy.deepcopy(bundle.model.image).eval()
         diff_merge = 0.0
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.path.parent, prefix=f".{target.path.name}.tmp-"))
+    try:
+        written = _write(bundle, adapter, merged, diff_merge, x, tmp, fmt, source)
+        diff_export = verify_standalone(tmp, fmt, x, merged)
+        files = install_export(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert sorted(files) == sorted(written)
+    return ExportResult(target.path, fmt, sorted(files), diff_merge, diff_export)
+
+
+def _write(
+    bundle: Bundle,
+    adapter: Adapter | None,
+    merged: nn.Module,
+    diff_merge: float,
+    x: torch.Tensor,
+    tmp: Path,
+    fmt: str,
+    source: dict[str, Any] | None,
+) -> list[str]:
+    """Writes the export's files into `tmp`; returns their names."""
     cfg = bundle.model.cfg
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -113,10 +162,6 @@ def export_encoder(
             traced = torch.jit.trace(merged, x)
         torch.jit.save(traced, str(tmp / "encoder.ts"))
     else:
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise InputError(None, "--format onnx", "no onnx package", "pip install onnx") from None
         torch.onnx.export(
             merged,
             (x,),
@@ -128,22 +173,30 @@ def export_encoder(
         )
     (tmp / "preprocessing.json").write_text(json.dumps(cfg.preprocessing(), indent=2))
     manifest = {
-        "kind": "dynaflip-encoder-export",
+        "kind": EXPORT_KIND,
         "format": fmt,
         "feature_dim": cfg.width,
         "base_fingerprint": bundle.fingerprint,
-        "adapter": adapter.manifest.get("lineage", {}) | {"site": adapter.manifest.get("site")}
-        if adapter
-        else None,
+        "adapter": _adapter_record(adapter, source) if adapter else None,
         "merged_vs_unmerged_max_abs": diff_merge,
         "files": {p.name: "sha256:" + sha256_file(p) for p in sorted(tmp.iterdir())},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    diff_export = verify_standalone(tmp, fmt, x, merged)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return ExportResult(out, fmt, sorted(p.name for p in out.iterdir()), diff_merge, diff_export)
+    return sorted(p.name for p in tmp.iterdir())
+
+
+def _adapter_record(adapter: Adapter, source: dict[str, Any] | None) -> dict[str, Any]:
+    """What the export manifest says about the adapter: which version of which registry (or
+    which folder), its site and lineage fingerprints; never a local cache path."""
+    m = adapter.manifest
+    lin = m.get("lineage", {})
+    keep = ("base_fingerprint", "base_version", "data_fingerprint", "recipe_hash", "steps")
+    return {
+        **(source or {"folder": str(Path(adapter.path).resolve())}),
+        "site": m.get("site"),
+        "strength": float(lin.get("strength", 1.0)),
+        **{k: lin.get(k) for k in keep if k in lin},
+    }
 
 
 _RUNNER = textwrap.dedent(
