@@ -28,6 +28,8 @@ def adapter_tags(manifest: dict[str, Any], extra: dict[str, str] | None = None) 
         "peft": str(lin.get("peft", "")),
         "torch": str(lin.get("torch", "")),
         "anchors": ",".join(k for k, v in manifest.get("anchors", {}).items() if v),
+        # A rescaled copy must not look like a trained adapter: 1 = as trained.
+        "strength": f"{float(lin.get('strength', 1.0)):g}",
     }
     for k in ("replay_cka", "site_cka", "replay_relative_mse", "site_mean_area"):
         if k in geo:
@@ -38,7 +40,12 @@ def adapter_tags(manifest: dict[str, Any], extra: dict[str, str] | None = None) 
 def register_adapter(registry: Registry, run: RunHandle, folder: Path) -> VersionInfo:
     """Registers an adapter folder as a new version (checked first: only sound folders land)."""
     manifest = read_adapter_manifest(folder)
-    return registry.register(ADAPTER_MODEL, run, folder, "adapter", adapter_tags(manifest))
+    strength = float(manifest.get("lineage", {}).get("strength", 1.0))
+    what = "LoRA adapter" if strength == 1.0 else f"LoRA adapter rescaled to strength {strength:g}"
+    description = f"{what} for site {manifest.get('site')!r}"
+    return registry.register(
+        ADAPTER_MODEL, run, folder, "adapter", adapter_tags(manifest), description=description
+    )
 
 
 def _locate(registry: Registry | None, ref: str) -> tuple[Path, VersionInfo | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dynaflip_adapt import activity
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.backbone import Bundle, load_bundle, read_manifest
 from dynaflip_adapt.registry import (
@@ -47,8 +48,13 @@ def register_backbone(
 ) -> VersionInfo:
     """Registers a bundle as a new backbone version (and the ``base`` alias if asked)."""
     manifest = read_manifest(bundle_dir)
+    tags = backbone_tags(manifest, extra_tags)
+    description = (
+        f"{tags.get('source', 'pretrained')} backbone {tags['fingerprint'][:19]}: "
+        f"{tags['image_size']} px input, {tags['feature_dim']}-d features"
+    )
     info = registry.register(
-        BACKBONE_MODEL, run, bundle_dir, "backbone", backbone_tags(manifest, extra_tags)
+        BACKBONE_MODEL, run, bundle_dir, "backbone", tags, description=description
     )
     if make_base:
         registry.set_alias(BACKBONE_MODEL, BASE_ALIAS, info.version)
@@ -72,9 +78,12 @@ def ensure_base(registry: Registry) -> VersionInfo:
         # Another process may have bootstrapped meanwhile.
         if registry.versions(BACKBONE_MODEL):
             return ensure_base(registry)
-    with registry.run(
-        PRETRAIN_EXPERIMENT, "bootstrap-shipped-backbone", {"source": "shipped"}
-    ) as run:
+    with (
+        activity.step("first use: registering the shipped backbone"),
+        registry.run(
+            PRETRAIN_EXPERIMENT, "bootstrap-shipped-backbone", {"source": "shipped"}
+        ) as run,
+    ):
         info = register_backbone(
             registry, run, SHIPPED, make_base=True, extra_tags={"source": "shipped"}
         )
@@ -96,5 +105,6 @@ def load_backbone(registry: Registry | None, ref: str | None) -> tuple[Bundle, V
         if ref in (None, BASE_ALIAS)
         else registry.resolve(BACKBONE_MODEL, ref)
     )
-    folder = registry.download(info, "backbones")
-    return load_bundle(folder), info
+    with activity.step(f"loading backbone v{info.version}"):
+        folder = registry.download(info, "backbones")
+        return load_bundle(folder), info

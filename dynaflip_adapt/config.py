@@ -498,15 +498,50 @@ def load_recipe(
     """
     path = find_recipe(name_or_path)
     data = apply_overrides(load_recipe_data(path), overrides)
-    recipe = validate_recipe_data(data, path)
+    try:
+        recipe = validate_recipe_data(data, path)
+    except RecipeError as err:
+        # A problem with a value the user gave by --set is theirs, not the recipe file's.
+        raise _blame_overrides(err, overrides) from None
     if kind is not None and data.get("kind") != kind:
         raise InputError(path, "kind", repr(data.get("kind")), repr(kind))
     return recipe, path
 
 
+def _blame_overrides(err: RecipeError, overrides: Sequence[str]) -> RecipeError:
+    """`err` with each problem that an override caused named ``--set KEY`` (and no file when
+    every problem came from an override)."""
+    given = [".".join(parse_override(o)[0]) for o in overrides]
+
+    def blame(key: str) -> str:
+        ours = any(key == g or key.startswith(g + ".") for g in given)
+        return f"--set {key}" if ours else key
+
+    problems = [(blame(k), f, e) for k, f, e in err.problems]
+    mine = all(k.startswith("--set ") for k, _, _ in problems)
+    return RecipeError(None if mine else err.file, problems)
+
+
 def recipe_to_dict(recipe: BaseModel) -> dict[str, Any]:
     """A JSON-ready, fully resolved view of a recipe (every default filled in)."""
     return recipe.model_dump(mode="json")
+
+
+def recipe_params(recipe: BaseModel) -> dict[str, str]:
+    """The resolved recipe as flat MLflow params (``optim.lr``, ``lora.r``, ...), so runs
+    compare by their settings in the UI, not only by `recipe_hash`."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
+
+    walk("", recipe_to_dict(recipe))
+    out.pop("description", None)
+    return out
 
 
 def recipe_hash(recipe: BaseModel) -> str:

@@ -12,6 +12,7 @@ Exit codes (stable, documented in the README):
 2     bad input or usage (malformed logs, bad recipe, unknown name)
 3     runtime failure (training diverged, registry unreachable, disk full)
 130   interrupted (Ctrl-C)
+143   terminated (SIGTERM): handled like Ctrl-C
 ====  =======================================================
 """
 
@@ -24,6 +25,7 @@ EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_RUNTIME = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class DynaflipError(Exception):

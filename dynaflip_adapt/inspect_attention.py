@@ -49,14 +49,32 @@ def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray
     return (alpha * colored + (1 - alpha) * rgb).round().astype(np.uint8)
 
 
-def save_grid(rows: list[list[np.ndarray]], path: str | Path, scale: int = 3) -> Path:
-    """Writes rows of equally sized RGB tiles as one PNG (nearest-neighbour upscaled)."""
+HEADER = 22  # pixels of the label strip above the columns
+
+
+def save_grid(
+    rows: list[list[np.ndarray]],
+    path: str | Path,
+    scale: int = 3,
+    labels: list[str] | None = None,
+) -> Path:
+    """Writes rows of equally sized RGB tiles as one PNG (nearest-neighbour upscaled), with
+    `labels` (one per column) written in a white strip above the columns."""
     import cv2
 
     grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
     grid = cv2.resize(
         grid, (grid.shape[1] * scale, grid.shape[0] * scale), interpolation=cv2.INTER_NEAREST
     )
+    if labels:
+        tile_w = rows[0][0].shape[1] * scale
+        strip = np.full((HEADER, grid.shape[1], 3), 255, np.uint8)
+        for i, text in enumerate(labels):
+            cv2.putText(
+                strip, text, (i * tile_w + 4, HEADER - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                (0, 0, 0), 1, cv2.LINE_AA,
+            )  # fmt: skip
+        grid = np.concatenate([strip, grid], axis=0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):

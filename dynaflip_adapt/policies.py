@@ -406,9 +406,11 @@ def train_head(
     episode: torch.Tensor | None = None,
     horizon: int = HORIZON,
     language: torch.Tensor | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[nn.Module, dict[str, torch.Tensor], float]:
     """Fits a head on z-scored inputs and actions; returns it, its stats and the final loss.
-    With `language` (N, L) the head is also conditioned on the instruction embeddings.
+    With `language` (N, L) the head is also conditioned on the instruction embeddings;
+    `on_step(step, loss)` is called after every optimizer step.
 
     Gaussian noise on the z-scored image features during training (and weight decay) keeps the
     head smooth: an unregularised head fitted to a few hundred frames turned a 5% feature change
@@ -444,7 +446,7 @@ def train_head(
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         idx = torch.randint(0, len(y), (min(batch, len(y)),), generator=g)
         fi = f[idx]
         if feature_noise > 0 and fi.shape[1] > 0:
@@ -457,6 +459,8 @@ def train_head(
         loss.backward()
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
     model.eval()
     return model, stats, float(loss.detach())
 
@@ -515,6 +519,7 @@ def fit_policy(
     steps: int = 1500,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[Policy, float]:
     """Trains a head on `encoder`'s features of `data` (from `collect`) -> an unsaved policy
     (spec, weights, stats incl. a 64-frame probe of its own frames) and its final train loss.
@@ -530,6 +535,7 @@ def fit_policy(
         seed=seed,
         episode=data["episode"],
         language=language,
+        on_step=on_step,
     )
     sel = torch.linspace(0, len(data["rgb"]) - 1, min(64, len(data["rgb"]))).round().long()
     stats |= {"probe_rgb": data["rgb"][sel], "probe_proprio": data["proprio"][sel]}

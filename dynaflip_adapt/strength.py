@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynaflip_adapt import activity
 from dynaflip_adapt.audit import INCOMPATIBLE, PolicyVerdict, Thresholds, policy_verdicts
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.adapter import MANIFEST, PROBE_FILE, Adapter, write_manifest
@@ -191,7 +192,11 @@ def fit_strength(
     trials: list[Trial] = []
 
     def trial(s: float) -> Trial:
-        t = audit_at(bundle, adapter, policies, s, budget=budget, thresholds=thresholds)
+        n = len(trials) + 1
+        with activity.step(
+            f"strength fit: auditing s = {s:.4f} (trial {n} of <= {iterations + 1})"
+        ):
+            t = audit_at(bundle, adapter, policies, s, budget=budget, thresholds=thresholds)
         trials.append(t)
         return t
 

@@ -40,7 +40,7 @@ def list_(
             t.get("site", ""),
             ", ".join(v.aliases),
             t.get("base_fingerprint", "")[:15] + "...",
-            t.get("parent_version", ""),
+            t.get("parent_version", "") or "-",
             t.get("geometry.replay_cka", "")[:6],
             t.get("geometry.site_cka", "")[:6],
         )
@@ -65,13 +65,36 @@ def show(
         )
         return
     c = console()
-    c.print(
-        f"adapter {info.version if info else folder} for site {manifest.get('site')}",
-        highlight=False,
-    )
-    c.print(f"lineage : {manifest.get('lineage')}", highlight=False)
-    c.print(f"anchors : {manifest.get('anchors')}", highlight=False)
-    c.print(f"geometry: {manifest.get('geometry')}", highlight=False)
+    name = f"v{info.version}" if info else str(folder)
+    aliases = f" (aliases: {', '.join(info.aliases)})" if info and info.aliases else ""
+    c.print(f"adapter {name} for site {manifest.get('site') or '?'}{aliases}", highlight=False)
+    lin = dict(manifest.get("lineage", {}))
+    c.print("lineage:", highlight=False)
+    for key in sorted(lin):
+        c.print(f"  {key}: {_readable(lin[key])}", highlight=False)
+    on = [k for k, v in manifest.get("anchors", {}).items() if v]
+    off = [k for k, v in manifest.get("anchors", {}).items() if not v]
+    c.print(f"anchors: {', '.join(on) or 'none'}" + (f" (off: {', '.join(off)})" if off else ""))
+    geo = manifest.get("geometry", {})
+    if geo:
+        c.print("geometry:", highlight=False)
+        for key in sorted(geo):
+            c.print(f"  {key}: {_readable(geo[key])}", highlight=False)
+
+
+def _readable(value: object) -> str:
+    """A manifest value for a person: numbers rounded, lists joined, nothing spelled 'None'."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return ", ".join(_readable(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {_readable(v)}" for k, v in value.items()) or "-"
+    return str(value)
 
 
 StrengthOpt = Annotated[

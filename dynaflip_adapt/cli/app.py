@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import re
+import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from dynaflip_adapt import __version__
 from dynaflip_adapt.cli import adapters as adapters_cmd
@@ -24,29 +29,96 @@ from dynaflip_adapt.cli import recipes as recipes_cmd
 from dynaflip_adapt.cli import sim as sim_cmd
 from dynaflip_adapt.cli import store as store_cmd
 from dynaflip_adapt.cli.output import State, err_console
-from dynaflip_adapt.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DynaflipError
+from dynaflip_adapt.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    EXIT_TERMINATED,
+    DynaflipError,
+)
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok; 1 a check failed; 2 bad input or usage; 3 runtime failure; 130 interrupted."
+    "Exit codes: 0 ok; 1 a check failed; 2 bad input or usage; 3 runtime failure; "
+    "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (runs end KILLED, checkpoints stay) but exits 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class DynaflipGroup(TyperGroup):
     """Turns library errors into one line on stderr and a documented exit code."""
 
-    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Usage errors (unknown option, a value out of range, a missing argument) are one
+        line too, with exit code 2, like every other bad input."""
+        from typer import _click
+        from typer.exceptions import Abort
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            return super().invoke(ctx)
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except _click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # a group called alone: its help
+            sys.exit(exc.exit_code)
+        except _click.exceptions.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else (prog_name or "")
+            err_console().print(
+                f"[bold red]error:[/] {_one_line(exc.format_message())} (see '{where} --help')",
+                highlight=False,
+            )
+            sys.exit(exc.exit_code if exc.exit_code else EXIT_BAD_INPUT)
+        except _click.exceptions.ClickException as exc:
+            err_console().print(f"[bold red]error:[/] {_one_line(exc.format_message())}")
+            sys.exit(exc.exit_code)
+        except Abort:
+            err_console().print("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        from dynaflip_adapt.cli.progress import spinner
+
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (embedded use): leave SIGTERM alone
+            previous = None
+        try:
+            with spinner():
+                return super().invoke(ctx)
         except DynaflipError as exc:
             if _debug(ctx):
                 raise
             err_console().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
             ctx.exit(exc.exit_code)
+        except Terminated:
+            if _debug(ctx):
+                raise
+            err_console().print("terminated")
+            ctx.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             if _debug(ctx):
                 raise
             err_console().print("interrupted")
             ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader went away (`... | head`): not an error of ours, and nothing to say.
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - swallow the final flush
+            ctx.exit(1)
         except Exception as exc:
             if _is_cli_control(exc) or _debug(ctx):
                 raise
@@ -57,6 +129,13 @@ class DynaflipGroup(TyperGroup):
                 highlight=False,
             )
             ctx.exit(EXIT_RUNTIME)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _is_cli_control(exc: BaseException) -> bool:
@@ -102,6 +181,40 @@ app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(store_cmd.app, name="store")
 
 
+def _reflow(doc: str | None) -> str | None:
+    """A docstring as help text: hard line breaks inside a paragraph become spaces, so the
+    terminal re-wraps it cleanly at any width (paragraphs stay apart)."""
+    if not doc:
+        return doc
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(re.sub(r"\s*\n\s*", " ", p.strip()) for p in paragraphs)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for cmd in typer_app.registered_commands:
+        if cmd.callback is not None:
+            cmd.callback.__doc__ = _reflow(cmd.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            info = group.typer_instance.info
+            if isinstance(info.help, str):
+                info.help = _reflow(info.help)
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
+
+_type_rich = TyperOption.display_type_rich
+
+
+def _display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+    # A flag takes no value: typer would show "<bool>" beside it.
+    return None if self.is_flag else _type_rich(self, ctx)
+
+
+TyperOption.display_type_rich = _display_type_rich  # type: ignore[method-assign]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dynaflip-adapt {__version__}")
@@ -122,12 +235,25 @@ def root(
             "registry under $DYNAFLIP_HOME, default ~/.dynaflip).",
         ),
     ] = None,
+    registry_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--registry-timeout",
+            min=0.1,
+            help="Seconds one tracking-server request may take (default 5; one retry). An "
+            "unreachable server fails with exit code 3 within about 3x this.",
+        ),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
     """Global options."""
+    from dynaflip_adapt.registry import TIMEOUT_ENV
+
+    if registry_timeout is not None:
+        os.environ[TIMEOUT_ENV] = f"{registry_timeout:g}"
     ctx.obj = State(debug=debug, tracking_uri=tracking_uri)
 
 
@@ -135,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
         app(args=argv, prog_name="dynaflip-adapt")
+    except Terminated:
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:  # raised outside a command (e.g. while parsing)
         if "--debug" in (argv or sys.argv):
             traceback.print_exc()

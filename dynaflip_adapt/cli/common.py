@@ -10,7 +10,9 @@ import typer
 LogsArg = Annotated[
     list[Path],
     typer.Argument(
-        help="HDF5 files or folders of them (ALOHA: one file per episode).", show_default=False
+        help="HDF5 files or folders of them (ALOHA: one file per episode).",
+        metavar="LOGS...",
+        show_default=False,
     ),
 ]
 LayoutOpt = Annotated[
@@ -61,3 +63,56 @@ def source_settings(
         proprio_keys=tuple(proprio_keys) if proprio_keys else None,
         flow_source=flow_source,
     )
+
+
+# The adapter a command acts on is its first argument (`audit 3`, `promote 3 --site lab`,
+# `export 3 --out DIR`, `adapters show 3`); commands whose first argument is logs take
+# `--adapter/-a`. The option spelling is still accepted (hidden) where the argument is used.
+ADAPTER_HELP = (
+    "Adapter: version (3 or v3), alias (prod-lab or @prod-lab), models:/dynaflip-adapter/3, "
+    "models:/dynaflip-adapter@prod-lab, or an adapter folder."
+)
+AdapterArg = Annotated[
+    str | None, typer.Argument(help=ADAPTER_HELP, metavar="ADAPTER", show_default=False)
+]
+AdapterOptHidden = Annotated[str | None, typer.Option("--adapter", "-a", hidden=True)]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", "-a", help=ADAPTER_HELP)]
+
+
+def one_adapter(argument: str | None, option: str | None) -> str:
+    """The adapter reference given as the argument or (older spelling) --adapter.
+
+    Raises:
+        InputError: Neither, or both with different values.
+    """
+    from dynaflip_adapt.errors import InputError
+
+    if argument is not None and option is not None and argument != option:
+        raise InputError(None, "ADAPTER", f"{argument!r} and --adapter {option!r}", "one adapter")
+    ref = argument if argument is not None else option
+    if ref is None:
+        raise InputError(None, "ADAPTER", "nothing", "an adapter version, alias or folder")
+    return ref
+
+
+# Training length: `--steps` everywhere (`--max-steps` kept as a hidden spelling).
+StepsHelp = "Optimizer steps"
+MaxStepsHidden = Annotated[int | None, typer.Option("--max-steps", min=1, hidden=True)]
+
+
+def one_steps(steps: int | None, max_steps: int | None) -> int | None:
+    """`--steps`, or its older spelling `--max-steps`.
+
+    Raises:
+        InputError: Both, with different values.
+    """
+    from dynaflip_adapt.errors import InputError
+
+    if steps is not None and max_steps is not None and steps != max_steps:
+        raise InputError(None, "--steps", f"{steps} and --max-steps {max_steps}", "one value")
+    return steps if steps is not None else max_steps
+
+
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output (never other files).")
+]

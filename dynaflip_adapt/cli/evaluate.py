@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dynaflip_adapt.cli.common import JsonOpt, LogsArg
+from dynaflip_adapt.cli.common import AdapterOpt, JsonOpt, LogsArg, OverwriteOpt
 from dynaflip_adapt.cli.output import console, err_console, print_json, registry
 
 app = typer.Typer(
@@ -31,9 +31,7 @@ def _fmt(m: dict[str, float], pct: bool = False) -> str:
 def logs_cmd(
     ctx: typer.Context,
     shifted: LogsArg,
-    adapter: Annotated[
-        str, typer.Option("--adapter", "-a", help="Adapter version, alias or folder.")
-    ],
+    adapter: AdapterOpt = None,
     base_logs: Annotated[
         list[Path] | None,
         typer.Option("--base-logs", help="Held-out base-site logs (retention)."),
@@ -56,13 +54,16 @@ def logs_cmd(
     given, and the audit verdict. Logged to MLflow (experiment dynaflip-eval). Exit code 0.
     """
     from dynaflip_adapt.adapters import open_adapter
+    from dynaflip_adapt.cli.common import one_adapter
     from dynaflip_adapt.cli.lifecycle import run_audit
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
     from dynaflip_adapt.ood import evaluate_encoder
     from dynaflip_adapt.policies import collect, instruction_embedder
+    from dynaflip_adapt.registry import metric_key
 
+    adapter = one_adapter(None, adapter)
     reg = registry(ctx)
     bundle, ad, ainfo = open_adapter(reg, adapter)
     site = site or ad.manifest.get("site")
@@ -111,9 +112,8 @@ def logs_cmd(
             p: evals[1].base[p]["mse"] / evals[0].base[p]["mse"] - 1 for p in policies
         }
     with reg.run(EXPERIMENT, f"eval {name} at {site}", {"site": str(site)}) as run:
-        # Keyed by policy ("v3 bc"): MLflow metric names allow spaces.
-        metrics = {f"reduction.{p}": v for p, v in out["reduction"].items()}
-        metrics |= {f"base_change.{p}": v for p, v in out.get("base_change", {}).items()}
+        metrics = {metric_key("reduction", p): v for p, v in out["reduction"].items()}
+        metrics |= {metric_key("base_change", p): v for p, v in out.get("base_change", {}).items()}
         run.log_metrics(0, metrics)
         run.log_dict(out, "eval.json")
     if as_json:
@@ -162,7 +162,7 @@ def benchmark_cmd(
     ] = None,
     ablation: Annotated[
         list[str] | None,
-        typer.Option("--ablation", "-a", help="Ablation (repeatable; default: all; see --list)."),
+        typer.Option("--ablation", help="Ablation (repeatable; default: all; see --list)."),
     ] = None,
     head: Annotated[
         list[str] | None,
@@ -176,12 +176,13 @@ def benchmark_cmd(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Recipe override KEY=VALUE (repeatable).")
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Finetune steps per run.")] = 300,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Finetune steps per run.")] = 300,
     episodes: Annotated[
-        int, typer.Option("--episodes", help="Train episodes per site (policies, adapters).")
+        int,
+        typer.Option("--episodes", min=1, help="Train episodes per site (policies, adapters)."),
     ] = 96,
     test_episodes: Annotated[
-        int, typer.Option("--test-episodes", help="Held-out episodes per site.")
+        int, typer.Option("--test-episodes", min=1, help="Held-out episodes per site.")
     ] = 12,
     language: Annotated[
         bool,
@@ -194,10 +195,12 @@ def benchmark_cmd(
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="The policies' declared tolerance (audit).")
     ] = 0.25,
-    frames: Annotated[int, typer.Option("--frames", help="Frames per episode.")] = 50,
-    size: Annotated[int, typer.Option("--size", help="Rendered image size (pixels).")] = 128,
+    frames: Annotated[int, typer.Option("--frames", min=8, help="Frames per episode.")] = 50,
+    size: Annotated[
+        int, typer.Option("--size", min=16, max=640, help="Rendered image size (pixels).")
+    ] = 128,
     policy_steps: Annotated[
-        int, typer.Option("--policy-steps", help="Optimizer steps per policy head.")
+        int, typer.Option("--policy-steps", min=1, help="Optimizer steps per policy head.")
     ] = 1500,
     backbone: Annotated[
         str | None, typer.Option("--backbone", "-b", help="Backbone (default: base).")
@@ -210,7 +213,9 @@ def benchmark_cmd(
         Path | None, typer.Option("--out", help="Write results JSON (+ PNG beside it) here.")
     ] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the ablations and exit.")] = False,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    ablation_short: Annotated[list[str] | None, typer.Option("-a", hidden=True)] = None,
 ) -> None:
     """The OOD benchmark: presets x seeds x ablations on simulator logs, mean ± sd.
 
@@ -223,7 +228,12 @@ def benchmark_cmd(
     (the table says).
     """
     from dynaflip_adapt.ood import ABLATIONS
+    from dynaflip_adapt.outputs import check_output_file
 
+    # `-a` is --adapter everywhere else; the old short spelling of --ablation still works.
+    ablation = [*(ablation or []), *(ablation_short or [])] or None
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)
     if list_:
         if as_json:
             print_json({k: v.description for k, v in ABLATIONS.items()})

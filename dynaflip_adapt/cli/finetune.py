@@ -16,9 +16,11 @@ from dynaflip_adapt.cli.common import (
     LanguageOpt,
     LayoutOpt,
     LogsArg,
+    MaxStepsHidden,
     OrientationOpt,
+    one_steps,
 )
-from dynaflip_adapt.cli.output import console, err_console, print_json, state
+from dynaflip_adapt.cli.output import console, err_console, print_json, progress_enabled, state
 
 
 def _site_of(logs: list[Path]) -> str:
@@ -55,8 +57,9 @@ def finetune(
         str | None,
         typer.Option("--from", help="Continue from this adapter (version, alias or folder)."),
     ] = None,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help="Override optim.max_steps.")
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, help="Optimizer steps (overrides optim.max_steps)."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override run.seed.")] = None,
     workdir: Annotated[
@@ -100,6 +103,7 @@ def finetune(
     strength: StrengthOpt = "1",
     budget: BudgetOpt = 1.0,
     as_json: JsonOpt = False,
+    max_steps: MaxStepsHidden = None,
 ) -> None:
     """Train a LoRA adapter for a site and register it.
 
@@ -115,7 +119,13 @@ def finetune(
     from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, register_adapter, resolve_adapter
     from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.cli.progress import logged_training
-    from dynaflip_adapt.config import FinetuneRecipe, load_recipe, recipe_hash, recipe_to_dict
+    from dynaflip_adapt.config import (
+        FinetuneRecipe,
+        load_recipe,
+        recipe_hash,
+        recipe_params,
+        recipe_to_dict,
+    )
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.errors import InputError
@@ -129,9 +139,13 @@ def finetune(
     from dynaflip_adapt.train.finetune import retention_frames
 
     fixed = parse_strength(strength)  # bad input fails before any training
+    max_steps = one_steps(steps, max_steps)
     overrides = list(set_ or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")
+    if max_steps is not None:
+        # A recipe override, so the recipe logged with the run is the run that happened.
+        overrides.append(f"optim.max_steps={max_steps}")
     # The recipe, then the --fallback recipes: all validated before any training.
     candidates: list[tuple[FinetuneRecipe, Path]] = []
     for name in [recipe, *(fallback or [])]:
@@ -182,7 +196,7 @@ def finetune(
             retain_frames,
         )
         retained = {
-            "retain_logs": [str(p) for p in retain],
+            "retain_logs": [str(p.resolve()) for p in retain],
             "retain_fingerprint": logs_fingerprint(retain),
             "retain_frames": len(held),
         }
@@ -201,13 +215,13 @@ def finetune(
             work = workdir / f"fallback-{i}" if i else workdir
         else:
             work = store.home / "runs" / "finetune" / f"{site}-{key}"
-        total = max_steps or rec.optim.max_steps
+        total = rec.optim.max_steps
         lineage = {
             "base_version": base_info.version if base_info else None,
             "data_fingerprint": fingerprint,
             "parent_version": parent_info.version if parent_info else None,
             "parent_fingerprint": None,
-            "logs": [str(p) for p in logs],
+            "logs": [str(p.resolve()) for p in logs],
             **retained,
             # Recipes whose adapters failed the audit before this one (--fallback).
             **({"fallback_rejected": list(rejected)} if rejected else {}),
@@ -260,6 +274,7 @@ def finetune(
         with registry.run(FINETUNE_EXPERIMENT, f"finetune-{site}", tags) as run:
             run.log_params(
                 {
+                    **recipe_params(rec),
                     "recipe_hash": recipe_hash(rec),
                     "max_steps": total,
                     "site": site,
@@ -270,7 +285,12 @@ def finetune(
             run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
             keys = ("loss", "area", "distill_replay", "invariance", "replay_area")
             with logged_training(
-                f"finetune {site}", total, run, rec.run.log_every, enabled=not as_json, keys=keys
+                f"finetune {site}",
+                total,
+                run,
+                rec.run.log_every,
+                enabled=progress_enabled(as_json),
+                keys=keys,
             ) as on_step:
                 res = run_finetune(
                     bundle,

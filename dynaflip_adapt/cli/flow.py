@@ -16,7 +16,7 @@ from dynaflip_adapt.cli.common import (
     OrientationOpt,
     source_settings,
 )
-from dynaflip_adapt.cli.output import console, err_console, print_json
+from dynaflip_adapt.cli.output import console, err_console, print_json, progress_enabled
 
 app = typer.Typer(help="3D flow from RGB-D logs: extract, evaluate.", no_args_is_help=True)
 
@@ -62,7 +62,7 @@ def extract(
     settings = source_settings(layout, camera, orientation, depth_scale)
     cfg = ExtractConfig(stride, grid, preset, fb_check, fb_threshold, edge_tolerance, source)
     total = len(open_logs(logs, settings).episodes)
-    with count_progress("extracting flow", total, enabled=not as_json) as advance:
+    with count_progress("extracting flow", total, enabled=progress_enabled(as_json)) as advance:
         reports = extract_logs(
             logs,
             cfg,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dynaflip_adapt.cli.common import JsonOpt, LogsArg
+from dynaflip_adapt.cli.common import AdapterOpt, JsonOpt, LogsArg, OverwriteOpt
 from dynaflip_adapt.cli.output import console, print_json, registry
 
 
@@ -15,23 +15,25 @@ def inspect_cmd(
     ctx: typer.Context,
     logs: LogsArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("attention.png"),
-    adapter: Annotated[
-        str | None, typer.Option("--adapter", "-a", help="Adapter to compare with the base.")
-    ] = None,
+    adapter: AdapterOpt = None,
     backbone: Annotated[
         str | None,
         typer.Option("--backbone", "-b", help="Backbone (default: the adapter's, else base)."),
     ] = None,
     frames: Annotated[
-        int, typer.Option("--frames", "-n", help="Frames, spread over the logs.")
+        int, typer.Option("--frames", "-n", min=1, help="Frames, spread over the logs.")
     ] = 6,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Render where the encoder attends (attention rollout) over a few frames.
 
-    One row per frame: the frame, the base encoder's map, and the adapted encoder's map when
-    --adapter is given.
+    One row per frame under labelled columns: the frame, the base encoder's map, and the
+    adapted encoder's map when --adapter is given (adapter compared with the base).
     """
+    from dynaflip_adapt.outputs import check_output_file
+
+    check_output_file(out, overwrite=overwrite)
     import numpy as np
     import torch
 
@@ -71,7 +73,8 @@ def inspect_cmd(
         if merged_maps is not None:
             row.append(overlay(img, merged_maps[k]))
         rows.append(row)
-    path = save_grid(rows, out)
+    labels = ["frame", "base"] + (["adapted"] if merged_maps is not None else [])
+    path = save_grid(rows, out, labels=labels)
     shift = float(np.abs(base_maps - merged_maps).mean()) if merged_maps is not None else None
     if as_json:
         print_json({"png": str(path), "frames": len(rows), "mean_abs_map_change": shift})

@@ -6,13 +6,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from dynaflip_adapt.cli.common import JsonOpt
+from dynaflip_adapt.cli.common import (
+    AdapterArg,
+    AdapterOptHidden,
+    JsonOpt,
+    OverwriteOpt,
+    one_adapter,
+)
 from dynaflip_adapt.cli.output import console, err_console, print_json, registry
-from dynaflip_adapt.errors import EXIT_CHECK_FAILED
 
-COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red"}
+COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red", "unaudited": "red"}
+_OPS = {"<=": "must stay <=", ">=": "must stay >=", "==": "must equal"}
 
 
 def run_audit(
@@ -24,51 +29,89 @@ def run_audit(
 ) -> tuple[Any, Any, str]:
     """(report, adapter version info, audit run id) for an adapter against a site's policies;
     `opened` is ``open_adapter(registry, adapter_ref)`` when the caller already has it."""
+    from dynaflip_adapt import activity
     from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
     from dynaflip_adapt.audit import audit
     from dynaflip_adapt.lifecycle import audited_policies, log_audit
 
-    bundle, adapter, ainfo = opened or open_adapter(registry, adapter_ref)
+    with activity.step(f"loading adapter {adapter_ref}"):
+        bundle, adapter, ainfo = opened or open_adapter(registry, adapter_ref)
     site = site or adapter.manifest.get("site")
-    policies = audited_policies(registry, bundle, site, policy)
+    with activity.step(f"loading the policies pinned to site {site}"):
+        policies = audited_policies(registry, bundle, site, policy)
     name = f"{ADAPTER_MODEL} v{ainfo.version}" if ainfo else str(adapter.path)
-    report = audit(bundle, adapter, policies, name=name, site=site)
-    data = report.to_dict()
-    run_id = log_audit(registry, data, site, ainfo.version if ainfo else None)
+    with activity.step(f"auditing {name} against {len(policies)} policies"):
+        report = audit(bundle, adapter, policies, name=name, site=site)
+    with activity.step("logging the audit to MLflow"):
+        run_id = log_audit(registry, report.to_dict(), site, ainfo.version if ainfo else None)
     return report, ainfo, run_id
 
 
-def print_report(report: Any) -> None:
-    c = console()
-    v = report.verdict
-    c.print(f"audit of {report.adapter} for site {report.site}: [bold {COLORS[v]}]{v}[/]")
-    bad_static = [s for s in report.static if not s.passed]
-    for s in bad_static:
-        c.print(
-            f"  [red]static check failed[/] {s.name}: {s.value} vs {s.limit} ({s.detail})",
-            highlight=False,
+def _num(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    text = str(v)
+    return text if len(text) <= 27 else text[:24] + "..."
+
+
+def _check_line(ch: Any, width: int) -> str:
+    """One check: mark, name, value and the rule it is held to; the rule moves to a second,
+    indented line when one would not fit in `width` columns."""
+    mark = "ok  " if ch.passed else ("warn" if not ch.blocks else "FAIL")
+    color = "green" if ch.passed else ("yellow" if not ch.blocks else "red")
+    if ch.op == "==" and ch.passed:
+        return f"  [{color}]{mark}[/] {ch.name}: {_num(ch.value)}"
+    head = f"  {mark} {ch.name}: {_num(ch.value)}"
+    rule = f"({_OPS.get(ch.op, ch.op)} {_num(ch.limit)})"
+    sep = " " if len(head) + 1 + len(rule) <= width else "\n         "
+    return f"  [{color}]{mark}[/] {ch.name}: {_num(ch.value)}{sep}{rule}"
+
+
+def audit_fix(report: Any, version: str | None) -> str:
+    """The one line that ends an audit: what failed and what the tool suggests."""
+    failed = [f"{c.name}" for c in report.static if c.blocks]
+    failed += [f"{c.name} ({p.policy})" for p in report.policies for c in p.checks if c.blocks]
+    ref = version or "ADAPTER"
+    if report.verdict == "unaudited":
+        return (
+            f"unaudited: no policies pinned to site {report.site}; register them (`policies "
+            f"register`), or promote with --allow-unaudited"
         )
+    if not failed:
+        warned = [c.name for p in report.policies for c in p.checks if not c.passed]
+        return "passed" + (f" with warnings: {', '.join(sorted(set(warned)))}" if warned else "")
+    if any(c.blocks for c in report.static):
+        fix = "train an adapter on this backbone (the static checks cannot be tuned away)"
+    else:
+        fix = (
+            f"`adapters rescale {ref} --site {report.site}` registers the largest strength "
+            "that passes"
+        )
+    return f"failed: {', '.join(failed)}; fix: {fix}"
+
+
+def print_report(report: Any, version: str | None = None) -> None:
+    """The audit for a person, readable at 80 columns: one check per line with its rule."""
+    c = console()
+    w = c.width
+    v = report.verdict
+    c.print(
+        f"audit of {report.adapter} for site {report.site}: [bold {COLORS[v]}]{v}[/]",
+        soft_wrap=False,
+    )
+    passed = sum(s.passed for s in report.static)
+    c.print(f"static checks: {passed}/{len(report.static)} passed", highlight=False)
+    for s in report.static:
+        if not s.passed:
+            c.print(_check_line(s, w) + f"\n         {s.detail}", highlight=False)
     if not report.policies:
-        c.print("  no policies pinned to this site: only static and geometry checks ran")
-    table = Table(title="per-policy verdicts")
-    for col in ("policy", "verdict", "check", "value", "limit", "ok"):
-        table.add_column(col, no_wrap=col in ("check", "verdict"))
+        c.print("no policies pinned to this site: the audit had nothing to check")
     for p in report.policies:
-        for i, ch in enumerate(p.checks):
-            val = f"{ch.value:.4f}" if isinstance(ch.value, float) else str(ch.value)[:24]
-            lim = f"{ch.limit:.4f}" if isinstance(ch.limit, float) else str(ch.limit)[:24]
-            table.add_row(
-                p.policy if i == 0 else "",
-                f"[{COLORS[p.verdict]}]{p.verdict}[/]" if i == 0 else "",
-                ch.name,
-                val,
-                lim,
-                "yes"
-                if ch.passed
-                else ("[yellow]warn[/]" if ch.severity == "warning" else "[red]no[/]"),
-            )
-    if report.policies:
-        c.print(table)
+        c.print(f"policy {p.policy}: [{COLORS[p.verdict]}]{p.verdict}[/]", highlight=False)
+        for ch in p.checks:
+            c.print(_check_line(ch, w), highlight=False)
     dyn = report.dynamic
     keys = [
         k
@@ -82,14 +125,18 @@ def print_report(report: Any) -> None:
         )
         if k in dyn
     ]
-    c.print("  geometry: " + ", ".join(f"{k} {dyn[k]:.3f}" for k in keys), highlight=False)
+    if keys:
+        c.print(
+            "geometry: " + ", ".join(f"{k} {dyn[k]:.3f}" for k in keys),
+            highlight=False,
+            soft_wrap=False,
+        )
+    c.print(audit_fix(report, version), highlight=False, soft_wrap=False)
 
 
 def audit_cmd(
     ctx: typer.Context,
-    adapter: Annotated[
-        str, typer.Option("--adapter", "-a", help="Adapter version, alias or folder.")
-    ],
+    adapter: AdapterArg = None,
     policy: Annotated[
         str | None, typer.Option("--policy", help="Only this policy version.")
     ] = None,
@@ -100,76 +147,126 @@ def audit_cmd(
         ),
     ] = None,
     as_json: JsonOpt = False,
+    adapter_opt: AdapterOptHidden = None,
 ) -> None:
     """Audit an adapter's compatibility with the policies pinned to a site.
 
     Static checks (backbone sha256, dims, preprocessing, targets) and dynamic ones on the
     adapter's probe set (CKA, each policy's action deviation vs its tolerance, BCT retrieval,
-    simplex area). Exit code 0 compatible (or warning), 1 incompatible. Logged to MLflow.
+    simplex area). Exit code 0: compatible or warning; 1: incompatible, or unaudited (no policy
+    is pinned to the site, so nothing vouches for the adapter). Logged to MLflow.
     """
-    report, _, run_id = run_audit(registry(ctx), adapter, site, policy)
+    ref = one_adapter(adapter, adapter_opt)
+    report, ainfo, run_id = run_audit(registry(ctx), ref, site, policy)
     if as_json:
         print_json(report.to_dict() | {"mlflow_run": run_id})
     else:
-        print_report(report)
-    if report.verdict == "incompatible":
-        raise typer.Exit(EXIT_CHECK_FAILED)
+        print_report(report, ainfo.version if ainfo else None)
+    if report.verdict in ("incompatible", "unaudited"):
+        raise typer.Exit(1)
 
 
 def promote_cmd(
     ctx: typer.Context,
-    version: Annotated[str, typer.Argument(help="Adapter version to put in production.")],
     site: Annotated[str, typer.Option("--site", help="Site whose production alias moves.")],
+    adapter: AdapterArg = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Promote even if the audit fails (needs --reason).")
+        bool,
+        typer.Option(
+            "--force",
+            help="Promote although the gate refuses (another site's adapter, an incompatible "
+            "or unaudited audit); needs --reason. Recorded in history.",
+        ),
+    ] = False,
+    allow_unaudited: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unaudited",
+            help="Promote when no policy is pinned to the site (nothing to audit). Recorded.",
+        ),
     ] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded in history).")] = "",
     as_json: JsonOpt = False,
+    adapter_opt: AdapterOptHidden = None,
 ) -> None:
-    """Point a site's production alias at an adapter, after the audit passes.
+    """Point a site's production alias at an adapter, if the gate lets it through.
 
-    The audit covers every policy pinned to the site. Exit code 1 when it fails and --force is
-    not given; --force needs --reason, and both are recorded in the site's history.
+    The gate fails closed: the adapter must have been trained for --site, and the audit
+    against every policy pinned to the site must pass. A site with no pinned policies is
+    unaudited and needs --allow-unaudited; the rest needs --force --reason. Exit code 1 when
+    refused; overrides are recorded in the site's history.
     """
+    from dynaflip_adapt import activity
+    from dynaflip_adapt.adapters import open_adapter
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import promote
+    from dynaflip_adapt.lifecycle import promote, promotion_refusal, site_alias
 
+    ref = one_adapter(adapter, adapter_opt)
+    site_alias(site)  # a name with nothing usable fails before anything loads
     if force and not reason.strip():
         raise InputError(None, "--force", "no --reason", "a reason, recorded in the site's history")
     reg = registry(ctx)
-    report, ainfo, run_id = run_audit(reg, version, site, None)
+    with activity.step(f"loading adapter {ref}"):
+        opened = open_adapter(reg, ref)
+    _, ad, ainfo = opened
     if ainfo is None:
-        raise InputError(None, "VERSION", repr(version), "a registered adapter version or alias")
-    if report.verdict == "incompatible" and not force:
-        if as_json:
-            print_json({"promoted": False, "audit": report.to_dict()})
-        else:
-            print_report(report)
-            err_console().print(
-                f"[red]not promoted:[/] the audit is incompatible for site {site}; "
-                f"`adapters rescale {ainfo.version} --site {site}` registers the largest "
-                "strength of it that passes (or --force --reason to override)",
-                highlight=False,
-            )
-        raise typer.Exit(EXIT_CHECK_FAILED)
-    event = promote(
-        reg,
-        ainfo.version,
-        site,
-        audit_verdict=report.verdict,
-        audit_run=run_id,
-        forced=force,
-        reason=reason,
+        raise InputError(None, "ADAPTER", repr(ref), "a registered adapter version or alias")
+    adapter_site = ad.manifest.get("site")
+    # Another site's adapter is refused before the (slow) audit runs.
+    refusal = promotion_refusal(
+        ainfo.version, adapter_site, site, "compatible", forced=force, allow_unaudited=False
     )
+    report = None
+    if refusal is None:
+        report, _, run_id = run_audit(reg, ref, site, None, opened)
+        refusal = promotion_refusal(
+            ainfo.version,
+            adapter_site,
+            site,
+            report.verdict,
+            forced=force,
+            allow_unaudited=allow_unaudited,
+        )
+    if refusal is not None:
+        if as_json:
+            print_json(
+                {
+                    "promoted": False,
+                    "refused": refusal,
+                    "audit": report.to_dict() if report else None,
+                }
+            )
+        else:
+            if report is not None:
+                print_report(report, ainfo.version)
+            err_console().print(f"[red]not promoted:[/] {refusal}", highlight=False)
+        raise typer.Exit(1)
+    assert report is not None
+    with activity.step(f"moving {site_alias(site)} to v{ainfo.version}"):
+        event = promote(
+            reg,
+            ainfo.version,
+            site,
+            audit_verdict=report.verdict,
+            audit_run=run_id,
+            forced=force,
+            allow_unaudited=allow_unaudited and not force,
+            adapter_site=adapter_site,
+            reason=reason,
+        )
     if as_json:
         print_json({"promoted": True, "event": event, "audit": report.to_dict()})
-    else:
-        console().print(
-            f"site {site}: production -> adapter v{ainfo.version} "
-            f"(was {event['previous'] or 'none'}); audit {report.verdict}"
-            f"{' (forced)' if force else ''}",
-            highlight=False,
-        )
+        return
+    how = " (forced)" if force else (" (allowed unaudited)" if allow_unaudited else "")
+    console().print(
+        f"site {site}: production -> adapter v{ainfo.version} "
+        f"(was {_v(event['previous'])}); audit {report.verdict}{how}",
+        highlight=False,
+    )
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"
 
 
 def rollback_cmd(
@@ -183,14 +280,18 @@ def rollback_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Move a site's production alias back to the previously promoted adapter (or --to V)."""
+    from dynaflip_adapt import activity
     from dynaflip_adapt.lifecycle import rollback
 
-    event = rollback(registry(ctx), site, to=to, reason=reason)
+    reg = registry(ctx)
+    with activity.step(f"rolling back site {site}"):
+        event = rollback(reg, site, to=to, reason=reason)
     if as_json:
-        print_json(event)
+        print_json({"rolled_back": True, "event": event})
     else:
         console().print(
-            f"site {site}: production -> adapter v{event['version']} (was v{event['previous']})",
+            f"site {site}: production -> adapter {_v(event['version'])} "
+            f"(was {_v(event['previous'])})",
             highlight=False,
         )
 
@@ -201,62 +302,97 @@ def history_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Every promotion and rollback of a site: time, user, reason, audit result."""
-    import datetime
+    from rich.table import Table
 
+    from dynaflip_adapt import activity
     from dynaflip_adapt.lifecycle import current, history
 
     reg = registry(ctx)
-    events = history(reg, site)
+    with activity.step(f"reading the history of site {site}"):
+        events = history(reg, site)
+        now = current(reg, site)
     if as_json:
-        print_json({"site": site, "current": current(reg, site), "events": events})
+        print_json({"site": site, "current": now, "events": events})
         return
-    table = Table(title=f"site {site} (production: v{current(reg, site)})")
+    table = Table(title=f"site {site} (production: {_v(now)})")
     for col in ("#", "time (UTC)", "action", "version", "from", "user", "audit", "reason"):
         table.add_column(col)
     for e in events:
-        t = datetime.datetime.fromtimestamp(e["time"], datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M:%S"
-        )
+        how = " (forced)" if e["forced"] else (" (unaudited)" if e["allow_unaudited"] else "")
         table.add_row(
             str(e["seq"]),
-            t,
-            e["action"] + (" (forced)" if e["forced"] else ""),
-            e["version"] or "",
-            e["previous"] or "",
-            e["user"] or "",
+            e["time_utc"].replace("T", " ").rstrip("Z"),
+            e["action"] + how,
+            _v(e["version"]),
+            _v(e["previous"]),
+            e["user"],
             e["audit"] or "",
-            e["reason"] or "",
+            e["reason"],
         )
     console().print(table)
 
 
 def export_cmd(
     ctx: typer.Context,
-    version: Annotated[
-        str, typer.Argument(help="Adapter version/alias/folder, or 'base' for the bare backbone.")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    adapter: Annotated[
+        str | None,
+        typer.Argument(
+            help="Adapter (version, alias, models:/ URI or folder), or 'base' for the bare "
+            "backbone.",
+            metavar="ADAPTER",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder: new or empty (see --overwrite)."),
+    ] = None,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="safetensors, torchscript or onnx.")
     ] = "safetensors",
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    adapter_opt: AdapterOptHidden = None,
 ) -> None:
     """Merge the adapter into the image encoder and write a standalone image-only encoder.
 
-    The export is verified: merged vs unmerged features, and the export run in a clean
-    subprocess with dynaflip-adapt and peft unimportable.
+    The export is verified (merged vs unmerged features, and the export run in a clean
+    subprocess with dynaflip-adapt and peft unimportable) before it is moved into --out. An
+    existing --out must be empty, or a previous export with --overwrite: then only the files
+    that export wrote are replaced, and nothing else in the folder is touched.
     """
-    from dynaflip_adapt.adapters import open_adapter
+    from dynaflip_adapt import activity
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.export import check_format
+    from dynaflip_adapt.outputs import check_export_folder
+
+    ref = one_adapter(adapter, adapter_opt)
+    if out is None:
+        raise InputError(None, "--out", "nothing", "an output folder")
+    # Everything the user typed is checked before the registry or a model loads.
+    check_format(fmt)
+    target = check_export_folder(out, overwrite=overwrite)
+
+    from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
     from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.export import export_encoder
 
     reg = registry(ctx)
-    if version == "base":
-        bundle, _ = load_backbone(reg, None)
-        adapter = None
-    else:
-        bundle, adapter, _ = open_adapter(reg, version)
-    res = export_encoder(bundle, adapter, out, fmt)
+    source = None
+    with activity.step(f"loading {ref}"):
+        if ref == "base":
+            bundle, _ = load_backbone(reg, None)
+            ad = None
+        else:
+            bundle, ad, ainfo = open_adapter(reg, ref)
+            if ainfo is not None:
+                source = {
+                    "model": ADAPTER_MODEL,
+                    "version": ainfo.version,
+                    "registry": reg.store.tracking_uri,
+                }
+    with activity.step(f"exporting {fmt} and verifying it in a clean process"):
+        res = export_encoder(bundle, ad, target, fmt, source=source)
     if as_json:
         print_json(res.to_dict())
     else:

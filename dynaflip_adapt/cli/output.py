@@ -30,10 +30,13 @@ def state(ctx: typer.Context) -> State:
 
 def registry(ctx: typer.Context) -> Any:
     """The registry at the store this invocation resolves (imports mlflow: call inside commands)."""
+    from dynaflip_adapt import activity
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
 
-    return Registry(resolve_store(state(ctx).tracking_uri))
+    store = resolve_store(state(ctx).tracking_uri)
+    with activity.step(f"opening the registry at {store.tracking_uri}"):
+        return Registry(store)
 
 
 # Width of tables written to a pipe or file when COLUMNS is unset: rich would assume 80 and
@@ -51,6 +54,12 @@ def console() -> Console:
 def err_console() -> Console:
     """A console on stderr."""
     return Console(file=sys.stderr, soft_wrap=True, highlight=False)
+
+
+def progress_enabled(as_json: bool) -> bool:
+    """Whether to draw progress on stderr: always for people; with --json only when stderr is
+    a terminal (the JSON goes to stdout, so a bar there does not disturb it)."""
+    return not as_json or err_console().is_terminal
 
 
 def print_json(data: Any) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import JsonOpt, LogsArg
-from dynaflip_adapt.cli.output import console, print_json, registry
+from dynaflip_adapt.cli.output import console, print_json, progress_enabled, registry
 
 app = typer.Typer(
     help="Downstream policies pinned to a backbone (+ adapter).", no_args_is_help=True
@@ -57,7 +57,7 @@ def train(
         ),
     ] = "bc",
     tolerance: TolOpt = 0.1,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1500,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 1500,
     name: Annotated[
         str | None, typer.Option("--name", help="Policy name (default: SITE-HEAD).")
     ] = None,
@@ -79,9 +79,11 @@ def train(
     pin, input spec, action statistics and tolerance.
     """
 
+    from dynaflip_adapt import activity
+    from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import register_policy
+    from dynaflip_adapt.lifecycle import POLICY_EXPERIMENT, register_policy
     from dynaflip_adapt.policies import (
         HEADS,
         collect,
@@ -92,38 +94,60 @@ def train(
 
     if head not in HEADS:
         raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
+    if not tolerance > 0:
+        raise InputError(None, "--tolerance", repr(tolerance), "a positive number")
+    logset = open_logs(logs)
     reg = registry(ctx)
     bundle, binfo, encoder, ainfo = encoder_for(reg, backbone, adapter)
-    logset = open_logs(logs)
     if language is None:
         language = all(ep.language for ep in logset.episodes)
     embed = instruction_embedder(bundle) if language else None
-    data = collect(
-        logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000, language=embed
-    )
+    with activity.step(f"reading {len(logset.episodes)} episodes"):
+        data = collect(
+            logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000, language=embed
+        )
     pin = {
         "backbone_fingerprint": bundle.fingerprint,
         "backbone_version": binfo.version if binfo else None,
         "adapter_version": ainfo.version if ainfo else None,
     }
-    policy, mse = fit_policy(
-        encoder,
-        bundle.model.preprocess,
-        data,
-        head=head,
-        tolerance=tolerance,
-        pin=pin,
-        steps=steps,
-        seed=seed,
-        extra={"site": site, "preprocessing": bundle.model.cfg.preprocessing()},
-    )
-    frames = int(policy.spec["train_frames"])
-    tmp = Path(tempfile.mkdtemp(prefix="dynaflip-policy-"))
-    try:
-        save_policy(tmp / "policy", policy.head, policy.spec, policy.stats)
-        info = register_policy(reg, tmp / "policy", site=site, name=name or f"{site}-{head}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    name = name or f"{site}-{head}"
+    params = {
+        "head": head,
+        "steps": steps,
+        "seed": seed,
+        "tolerance": tolerance,
+        "language": bool(language),
+        "episodes": len(logset.episodes),
+        "frames": len(data["rgb"]),
+        "backbone_fingerprint": bundle.fingerprint,
+        "adapter_version": pin["adapter_version"] or "",
+        "logs": ",".join(str(p.resolve()) for p in logs),
+    }
+    with reg.run(POLICY_EXPERIMENT, f"policy-{name}", {"site": site}) as run:
+        run.log_params(params)
+        with logged_training(
+            f"policy {name}", steps, run, max(1, steps // 100), enabled=progress_enabled(as_json)
+        ) as on_step:
+            policy, mse = fit_policy(
+                encoder,
+                bundle.model.preprocess,
+                data,
+                head=head,
+                tolerance=tolerance,
+                pin=pin,
+                steps=steps,
+                seed=seed,
+                extra={"site": site, "preprocessing": bundle.model.cfg.preprocessing()},
+                on_step=lambda step, loss: on_step(step, {"loss": loss}),
+            )
+        frames = int(policy.spec["train_frames"])
+        tmp = Path(tempfile.mkdtemp(prefix="dynaflip-policy-"))
+        try:
+            save_policy(tmp / "policy", policy.head, policy.spec, policy.stats)
+            info = register_policy(reg, tmp / "policy", site=site, name=name, run=run)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     out = {"policy": info.to_dict(), "train_loss": mse, "frames": frames}
     if as_json:
         print_json(out)

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dynaflip_adapt.cli.common import JsonOpt, LogsArg
-from dynaflip_adapt.cli.output import console, print_json, state
+from dynaflip_adapt.cli.common import JsonOpt, LogsArg, MaxStepsHidden, one_steps
+from dynaflip_adapt.cli.output import console, print_json, progress_enabled, state
 
 
 def pretrain(
@@ -32,8 +32,9 @@ def pretrain(
         bool,
         typer.Option("--resume", help="Continue a killed run from its work folder's checkpoint."),
     ] = False,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help="Override optim.max_steps.")
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, help="Optimizer steps (overrides optim.max_steps)."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override run.seed.")] = None,
     init_image: Annotated[
@@ -49,6 +50,7 @@ def pretrain(
         Path | None, typer.Option("--export-bundle", help="Also copy the bundle folder here.")
     ] = None,
     as_json: JsonOpt = False,
+    max_steps: MaxStepsHidden = None,
 ) -> None:
     """Pretrain a DynaFLIP backbone and register it.
 
@@ -70,7 +72,13 @@ def pretrain(
         )
     from dynaflip_adapt.backbones import register_backbone
     from dynaflip_adapt.cli.progress import logged_training
-    from dynaflip_adapt.config import PretrainRecipe, load_recipe, recipe_hash, recipe_to_dict
+    from dynaflip_adapt.config import (
+        PretrainRecipe,
+        load_recipe,
+        recipe_hash,
+        recipe_params,
+        recipe_to_dict,
+    )
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.models.backbone import sha256_file
@@ -81,6 +89,7 @@ def pretrain(
     overrides = list(set_ or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")
+    max_steps = one_steps(steps, max_steps)
     if max_steps is not None:
         # An override like any other, so the recipe recorded with the bundle is what ran.
         overrides.append(f"optim.max_steps={max_steps}")
@@ -98,14 +107,12 @@ def pretrain(
     total = rec.optim.max_steps
     tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint}
     with registry.run(PRETRAIN_EXPERIMENT, f"pretrain-{rec_path.stem}", tags) as run:
-        run.log_params(
-            {"recipe_hash": recipe_hash(rec), "max_steps": total, **_flat(recipe_to_dict(rec))}
-        )
+        run.log_params({"recipe_hash": recipe_hash(rec), "max_steps": total, **recipe_params(rec)})
         run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
 
         keys = ("loss", "area", "contrastive")
         with logged_training(
-            "pretrain", total, run, rec.run.log_every, enabled=not as_json, keys=keys
+            "pretrain", total, run, rec.run.log_every, enabled=progress_enabled(as_json), keys=keys
         ) as on_step:
             result = run_pretrain(
                 logset,
@@ -141,14 +148,3 @@ def pretrain(
         f"({result.triplets_per_second:.0f} triplets/s)",
         highlight=False,
     )
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out |= _flat(v, key + ".")
-        else:
-            out[key] = v
-    return out

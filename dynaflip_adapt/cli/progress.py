@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,21 +16,56 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from dynaflip_adapt import activity
 from dynaflip_adapt.cli.output import err_console
+
+
+@contextlib.contextmanager
+def spinner(console: Console | None = None) -> Iterator[None]:
+    """Shows the library's current `activity.step` as a spinner on stderr while the block runs
+    (only on a terminal: logs and pipes get no animation, and stdout stays for --json)."""
+    con = console or err_console()
+    if not con.is_terminal:
+        yield
+        return
+    status = con.status("", spinner="dots")
+    shown = False
+
+    def show(message: str | None) -> None:
+        nonlocal shown
+        if message is None:
+            if shown:
+                status.stop()
+                shown = False
+            return
+        status.update(f"{message} ...")
+        if not shown:
+            status.start()
+            shown = True
+
+    with activity.listen(show):
+        try:
+            yield
+        finally:
+            if shown:
+                status.stop()
 
 
 @contextlib.contextmanager
 def count_progress(title: str, total: int, *, enabled: bool = True) -> Iterator[Callable[[], None]]:
     """A transient bar over `total` items on stderr; yields ``advance()``."""
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console(),
-        transient=True,
-        disable=not enabled,
-    ) as progress:
+    with (
+        activity.quiet(),
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console(),
+            transient=True,
+            disable=not enabled,
+        ) as progress,
+    ):
         bar = progress.add_task(title, total=total)
         yield lambda: progress.advance(bar)
 
@@ -69,17 +105,20 @@ def training_progress(
     console = err_console()
     # Without a terminal (logs, CI) a live bar never redraws: print a line every ~5% instead.
     plain_every = max(1, total // 20) if enabled and not console.is_terminal else 0
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled or plain_every > 0,
-        transient=False,
-    ) as progress:
+    with (
+        activity.quiet(),
+        Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled or plain_every > 0,
+            transient=False,
+        ) as progress,
+    ):
         bar = progress.add_task(title, total=total, completed=start, info="")
 
         def update(step: int, metrics: dict[str, float]) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dynaflip_adapt.cli.common import JsonOpt
+from dynaflip_adapt.cli.common import JsonOpt, OverwriteOpt
 from dynaflip_adapt.cli.output import console, err_console, print_json
 from dynaflip_adapt.errors import EXIT_BAD_INPUT, InputError
 
@@ -85,15 +85,16 @@ def show(
 def copy(
     name: Annotated[str, typer.Argument(help="Shipped recipe name.")],
     dest: Annotated[Path, typer.Argument(help="Destination file or folder.")],
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    overwrite: OverwriteOpt = False,
+    force: Annotated[bool, typer.Option("--force", hidden=True)] = False,
 ) -> None:
     """Copy a shipped recipe to edit it."""
     from dynaflip_adapt.config import find_recipe
 
     src = find_recipe(name)
     target = dest / src.name if dest.is_dir() else dest
-    if target.exists() and not force:
-        raise InputError(target, None, "an existing file", "a new path (or pass --force)")
+    if target.exists() and not (overwrite or force):
+        raise InputError(target, None, "an existing file", "a new path (or --overwrite)")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target)
     console().print(f"copied {src.name} -> {target}", highlight=False)

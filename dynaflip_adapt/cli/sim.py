@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dynaflip_adapt.cli.common import JsonOpt
-from dynaflip_adapt.cli.output import console, print_json
+from dynaflip_adapt.cli.common import JsonOpt, OverwriteOpt
+from dynaflip_adapt.cli.output import console, print_json, progress_enabled
 
 app = typer.Typer(
     help="Generate site logs in a MuJoCo tabletop "
@@ -46,12 +46,14 @@ def generate(
             "site's own (one rig, new appearance: --site random --site-seed 3 --camera base).",
         ),
     ] = None,
-    episodes: Annotated[int, typer.Option("--episodes", "-n", help="Episodes.")] = 20,
-    frames: Annotated[int, typer.Option("--frames", help="Frames per episode.")] = 50,
+    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes.")] = 20,
+    frames: Annotated[int, typer.Option("--frames", min=8, help="Frames per episode.")] = 50,
     seed: Annotated[
         int, typer.Option("--seed", help="Episode seed: same seed, other site = paired logs.")
     ] = 0,
-    size: Annotated[int, typer.Option("--size", help="Square image size (pixels).")] = 128,
+    size: Annotated[
+        int, typer.Option("--size", min=16, max=640, help="Square image size (pixels).")
+    ] = 128,
     task: Annotated[
         list[str] | None,
         typer.Option("--task", help="pick_place, push, reach (repeatable; default: all)."),
@@ -60,8 +62,10 @@ def generate(
         list[int] | None,
         typer.Option("--flow-stride", help="Ground-truth flow stride(s) (default: 1 and 4)."),
     ] = None,
-    flow_grid: Annotated[int, typer.Option("--flow-grid", help="Flow point grid stride.")] = 4,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes.")] = 2,
+    flow_grid: Annotated[
+        int, typer.Option("--flow-grid", min=1, help="Flow point grid stride.")
+    ] = 4,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Worker processes.")] = 2,
     compression: Annotated[
         str, typer.Option("--compression", help="none, lzf or gzip for frame datasets.")
     ] = "lzf",
@@ -69,12 +73,16 @@ def generate(
         list[str] | None,
         typer.Option("--export", help="Also write robomimic, aloha or aloha_jpeg (repeatable)."),
     ] = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate site logs with scripted experts (pick-and-place, push, reach).
 
     Writes RGB, depth, K, camera extrinsics, proprio, actions, language and ground-truth 3D flow.
     """
+    from dynaflip_adapt.outputs import check_output_file
+
+    check_output_file(out, overwrite=overwrite, option="OUT")
     _require_mujoco()
     from dynaflip_adapt.cli.progress import count_progress
     from dynaflip_adapt.sim.generate import GenerateSpec
@@ -93,7 +101,9 @@ def generate(
         flow_grid=flow_grid,
     )
     spec.validate()
-    with count_progress(f"site {spec.site.name}", episodes, enabled=not as_json) as advance:
+    with count_progress(
+        f"site {spec.site.name}", episodes, enabled=progress_enabled(as_json)
+    ) as advance:
         result = run(
             out,
             spec,
