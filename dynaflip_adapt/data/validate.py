@@ -2,8 +2,9 @@
 scan of every large array.
 
 `open_logs` checks structure on metadata and the values of small arrays (actions, proprio, K,
-extrinsics); `validate_logs` also streams depth and flow in blocks (bounded memory) to find NaN/inf
-and negative depth, and decodes every JPEG frame. Every problem is listed; nothing stops at the
+extrinsics); `validate_logs` also streams every frame, depth and flow in blocks (bounded memory:
+a file cut short after its metadata is caught here, not by the first reader), finds NaN/inf and
+negative depth, and decodes every JPEG frame. Every problem is listed; nothing stops at the
 first.
 """
 
@@ -30,7 +31,7 @@ from dynaflip_adapt.data.logs import (
 from dynaflip_adapt.data.schema import load_schema
 
 _BLOCK_BYTES = 64 << 20
-LARGE_ROLES = ("depth",)
+LARGE_ROLES = ("rgb", "depth")
 
 
 @dataclass
@@ -131,8 +132,8 @@ def _scan_episode(f: h5py.File, ep: Episode, schema: Any) -> list[Problem]:
     # Small arrays (actions, proprio, K, extrinsics) were checked when indexing.
     for role in LARGE_ROLES:
         spec = schema.fields.get(role)
-        if role not in ep.paths or spec is None:
-            continue
+        if role not in ep.paths or spec is None or (role == "rgb" and ep.jpeg_index is not None):
+            continue  # JPEG frames are decoded one by one below
         out += _scan(f[ep.paths[role]], finite=spec.finite, minimum=spec.minimum, path=ep.file)
     for ref in ep.flows:
         for key in ("points", "delta"):
