@@ -109,7 +109,7 @@ def test_cli_list_show_copy_validate(tmp_path):
     r = runner.invoke(app, ["recipes", "copy", "finetune/aggressive", str(tmp_path)])
     assert r.exit_code == 0 and (tmp_path / "aggressive.yaml").exists()
     r = runner.invoke(app, ["recipes", "copy", "finetune/aggressive", str(tmp_path)])
-    assert r.exit_code == 2 and "--force" in r.stderr
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
     r = runner.invoke(app, ["recipes", "validate", str(tmp_path / "aggressive.yaml")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(

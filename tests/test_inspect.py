@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from dynaflip_adapt.cli.app import app
-from dynaflip_adapt.inspect_attention import attention_rollout, overlay
+from dynaflip_adapt.inspect_attention import HEADER, attention_rollout, overlay
 from dynaflip_adapt.models.vit import VisionTransformer
 from tests.builders import write_native
 
@@ -62,4 +62,5 @@ def test_inspect_writes_a_png(tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     img = cv2.imread(out["png"])
-    assert img.shape == (3 * 32 * 3, 2 * 32 * 3, 3)  # 3 rows x (frame | base), upscaled x3
+    # A label strip, then 3 rows x (frame | base), upscaled x3.
+    assert img.shape == (HEADER + 3 * 32 * 3, 2 * 32 * 3, 3)

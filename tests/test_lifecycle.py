@@ -139,7 +139,7 @@ def test_promote_is_gated_forced_with_reason_rolled_back_and_remembered(fleet):
     assert [(e["action"], e["version"], e["forced"]) for e in h["events"]] == [
         ("promote", fleet["gentle"], False), ("promote", fleet["wild"], True)]  # fmt: skip
     assert h["events"][1]["reason"] == "field trial" and h["events"][1]["audit"] == "incompatible"
-    ev = ok(["rollback", "--site", "lab", "--reason", "drops cubes"])
+    ev = ok(["rollback", "--site", "lab", "--reason", "drops cubes"])["event"]
     assert ev["version"] == fleet["gentle"] and ev["previous"] == fleet["wild"]
     r = runner.invoke(app, ["rollback", "--site", "lab"])
     assert r.exit_code == 2 and "roll back to" in r.stderr

@@ -237,7 +237,7 @@ def test_eval_benchmark_end_to_end(tmp_path):
             "--steps", "2", "--episodes", "2", "--test-episodes", "2",
             "--frames", "12", "--size", "32", "--policy-steps", "20",
             "--set", "data.num_workers=0", "--set", "optim.batch_size=4",
-            "--workdir", str(tmp_path / "w"), "--out", str(out), "--json"]  # fmt: skip
+            "--workdir", str(tmp_path / "w"), "--out", str(out), "--overwrite", "--json"]  # fmt: skip
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)

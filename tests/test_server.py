@@ -115,7 +115,7 @@ def test_lifecycle_against_a_tracking_server(server, world):
     for v in (v1, v2):
         _cli(env, uri, "promote", v, "--site", "lab", "--force", "--reason", "server test")
     back = _cli(env, uri, "rollback", "--site", "lab", "--reason", "server test")
-    assert back["version"] == v1
+    assert back["event"]["version"] == v1
     h = _cli(env, uri, "history", "--site", "lab")
     assert [e["action"] for e in h["events"]] == ["promote", "promote", "rollback"]
     assert h["current"] == v1
