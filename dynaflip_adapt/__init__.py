@@ -4,6 +4,6 @@ The package root stays import-light (no torch, h5py or mlflow) so that the CLI s
 heavy modules are imported by the functions that need them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.3.0.dev0"
 
 __all__ = ["__version__"]

@@ -21,12 +21,12 @@ echo "==> registry: $(da store info --json | python -c 'import json,sys; print(j
 da backbones list
 
 echo "==> site logs in MuJoCo: the base site and a shifted site '$SITE'"
-da sim generate "$OUT/logs/base.h5" --site base -n "$EPISODES" --seed 100
-da sim generate "$OUT/logs/$SITE.h5" --site "$SITE" -n "$EPISODES" --seed 200
+da sim generate "$OUT/logs/base.h5" --site base -n "$EPISODES" --seed 100 --overwrite
+da sim generate "$OUT/logs/$SITE.h5" --site "$SITE" -n "$EPISODES" --seed 200 --overwrite
 echo "==> held-out episodes (never trained on), rendered at both sites from the same seeds"
 mkdir -p "$OUT/heldout"
-da sim generate "$OUT/heldout/base.h5" --site base -n 12 --seed 300
-da sim generate "$OUT/heldout/$SITE.h5" --site "$SITE" -n 12 --seed 300
+da sim generate "$OUT/heldout/base.h5" --site base -n 12 --seed 300 --overwrite
+da sim generate "$OUT/heldout/$SITE.h5" --site "$SITE" -n 12 --seed 300 --overwrite
 da data inspect "$OUT/logs"
 da data validate "$OUT/logs"
 
@@ -45,15 +45,15 @@ echo "    and on the base-site logs the policies were trained on (--retain), cle
 echo "    sees them relit and recoloured (loss.invariance); if the pinned policies would not pass"
 echo "    the audit at full strength, --fallback trains finetune/replay_area instead"
 echo "    and --strength auto scales its update down until they do"
-da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --max-steps "$STEPS" \
+da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --steps "$STEPS" \
   --retain "$OUT/logs/base.h5" --fallback finetune/replay_area --strength auto
 NEW=$(da adapters list --site "$SITE" --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["version"])')
 
 echo "==> where the base and the adapted encoders attend (attention rollout)"
-da inspect "$OUT/logs/$SITE.h5" --adapter "$NEW" --out "$OUT/attention.png"
+da inspect "$OUT/logs/$SITE.h5" --adapter "$NEW" --out "$OUT/attention.png" --overwrite
 
 echo "==> audit adapter v$NEW against the policies pinned to '$SITE', then promote"
-da audit --adapter "$NEW" || true
+da audit "$NEW" || true
 da promote "$NEW" --site "$SITE" || da promote "$NEW" --site "$SITE" --force --reason "demo: promote despite the audit"
 
 echo "==> the gain: action error on held-out '$SITE' episodes, base encoder vs adapter v$NEW,"
@@ -66,5 +66,5 @@ echo "==> roll back (to the previous promotion, if there is one)"
 da rollback --site "$SITE" --reason "demo rollback" || echo "(nothing to roll back to yet: run the demo again)"
 
 echo "==> export the merged image-only encoder (standalone, verified)"
-da export "$NEW" --out "$OUT/export" --format torchscript
+da export "$NEW" --out "$OUT/export" --format torchscript --overwrite
 echo "demo done: logs in $OUT/logs, MLflow store in $DYNAFLIP_HOME (mlflow ui --backend-store-uri sqlite:///$DYNAFLIP_HOME/mlflow.db)"
