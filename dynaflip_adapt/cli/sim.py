@@ -47,7 +47,12 @@ def generate(
         ),
     ] = None,
     episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Episodes.")] = 20,
-    frames: Annotated[int, typer.Option("--frames", min=8, help="Frames per episode.")] = 50,
+    frames: Annotated[
+        int,
+        typer.Option(
+            "--frames", min=10, help="The most frames per episode (it ends once the task is done)."
+        ),
+    ] = 50,
     seed: Annotated[
         int, typer.Option("--seed", help="Episode seed: same seed, other site = paired logs.")
     ] = 0,
@@ -65,6 +70,17 @@ def generate(
     flow_grid: Annotated[
         int, typer.Option("--flow-grid", min=1, help="Flow point grid stride.")
     ] = 4,
+    noise: Annotated[
+        float | None,
+        typer.Option(
+            "--noise",
+            min=0.0,
+            max=0.5,
+            help="DART noise on the executed motion while recording (action units; the logged "
+            "action stays the expert's), so the demonstrations show recoveries. 0: none "
+            "(default 0.06).",
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Worker processes.")] = 2,
     compression: Annotated[
         str, typer.Option("--compression", help="none, lzf or gzip for frame datasets.")
@@ -99,6 +115,7 @@ def generate(
         tasks=tuple(task) if task else GenerateSpec.tasks,
         flow_strides=tuple(flow_stride) if flow_stride else GenerateSpec.flow_strides,
         flow_grid=flow_grid,
+        noise=noise,
     )
     spec.validate()
     with count_progress(

@@ -1018,6 +1018,22 @@ class EpisodeReader:
         """Actions float32."""
         return self._read(ep, "actions", t).astype(np.float32)
 
+    def object_state(self, ep: Episode, t: int | slice) -> np.ndarray:
+        """The simulator's true object state (…, D) float32 (``obs/object_state``: what the
+        oracle reference head reads).
+
+        Raises:
+            InputError: The episode has none (not a simulator log).
+        """
+        if "object_state" not in ep.paths:
+            raise InputError(
+                ep.file,
+                f"{ep.group}/obs/object_state",
+                "missing",
+                "logs from `sim generate` (the oracle head reads the true object positions)",
+            )
+        return self._read(ep, "object_state", t).astype(np.float32)
+
     def proprio(self, ep: Episode, t: int) -> np.ndarray:
         """The proprio vector (D,) float32 (concatenated keys), empty when none."""
         parts = [
@@ -1038,6 +1054,20 @@ class EpisodeReader:
             np.asarray(self.dataset(ep.file, ref.group + "/delta")[t], dtype=np.float32),
             np.asarray(self.dataset(ep.file, ref.group + "/valid")[t]).astype(bool),
         )
+
+    def flow_pixels(
+        self, ep: Episode, source: str | None = None, stride: int | None = None
+    ) -> np.ndarray | None:
+        """Pixel (u, v) at frame t of each flow point, in the oriented image, when the points
+        sit on a pixel grid (``flow/<source>/pixels``); None otherwise."""
+        ref = ep.flow(source, stride)
+        if ref is None or ep.orientation != "none":
+            return None  # (pixels are stored for unrotated frames)
+        f = self.file(ep.file)
+        ds = f.get(ref.group + "/pixels")
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[1] != 2:
+            return None
+        return np.asarray(ds[()], dtype=np.float32)
 
 
 def summarize(logset: LogSet) -> list[dict[str, Any]]:

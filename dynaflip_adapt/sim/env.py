@@ -32,8 +32,9 @@ from dynaflip_adapt.sim.scene import (
 from dynaflip_adapt.sim.sites import Site
 
 CONTROL_HZ = 10
-ACTION_SCALE = 0.1  # metres of target motion per unit action
+ACTION_SCALE = 0.1  # metres of end-effector motion per unit action
 HOME = np.array([0.3, 0.0, 0.2])
+MIN_Z = 0.012  # the controller never aims the grasp point lower (the table is at z = 0)
 # OpenCV camera axes (x right, y down, z forward) from MuJoCo's (x right, y up, looking along -z).
 _CV_FROM_MJ = np.diag([1.0, -1.0, -1.0])
 
@@ -67,27 +68,59 @@ def ik(target: np.ndarray) -> np.ndarray:
     return np.array([yaw, shoulder, elbow, wrist])
 
 
+@dataclass
+class SimState:
+    """What the scene is, now: the inputs of the scripted experts and of the oracle policy.
+
+    Attributes:
+        eef: (3,) grasp point, world frame.
+        fingers: (2,) finger slide positions (0 closed, `FINGER_OPEN` open).
+        objects: (3, 3) object centres, in `OBJECTS` order.
+        plate: (2,) plate centre on the table.
+    """
+
+    eef: np.ndarray
+    fingers: np.ndarray
+    objects: np.ndarray
+    plate: np.ndarray
+
+    def oracle(self, target: int) -> np.ndarray:
+        """(11,) float32, as logged in ``obs/object_state``: the target object's centre, the
+        plate's, then the other objects' (what only the simulator knows; policies must see it
+        in the image, and tell the target from the instruction)."""
+        others = np.delete(self.objects, target, axis=0).reshape(-1)
+        return np.concatenate([self.objects[target], self.plate, others]).astype(np.float32)
+
+
 class TabletopEnv:
     """A site's tabletop scene with an offscreen renderer.
+
+    An action is (dx, dy, dz, grip): the grasp point's motion over one control period in units
+    of `ACTION_SCALE` metres, relative to where it is measured now (as an operational-space
+    delta controller does), and the gripper command (>= 0 open, < 0 close).
 
     Args:
         site: Appearance (does not change dynamics).
         size: Square image size in pixels.
+        render: False for physics only (experts and state-based policies; much faster).
     """
 
-    def __init__(self, site: Site, size: int = 128) -> None:
+    def __init__(self, site: Site, size: int = 128, render: bool = True) -> None:
         self.site = site
         self.size = size
         self.model = mujoco.MjModel.from_xml_string(build_mjcf(site))
         self.data = mujoco.MjData(self.model)
-        try:
-            self.renderer = mujoco.Renderer(self.model, size, size)
-        except Exception as exc:  # mujoco.FatalError: no usable OpenGL context
-            raise RuntimeFailure(
-                f"offscreen rendering unavailable ({exc}); MUJOCO_GL is "
-                f"{os.environ.get('MUJOCO_GL')!r}: set MUJOCO_GL=egl (or osmesa) before mujoco "
-                "is first imported; on Debian: apt-get install libegl1 libgl1-mesa-dri"
-            ) from None
+        self.renderer: mujoco.Renderer | None = None
+        if render:
+            try:
+                self.renderer = mujoco.Renderer(self.model, size, size)
+            except Exception as exc:  # mujoco.FatalError: no usable OpenGL context
+                raise RuntimeFailure(
+                    f"offscreen rendering unavailable ({exc}); MUJOCO_GL is "
+                    f"{os.environ.get('MUJOCO_GL')!r}: set MUJOCO_GL=egl (or osmesa) before "
+                    "mujoco is first imported; on Debian: apt-get install libegl1 "
+                    "libgl1-mesa-dri"
+                ) from None
         self.cam = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, "site_cam")
         self.substeps = round(1.0 / (CONTROL_HZ * self.model.opt.timestep))
         self.obj_body = [
@@ -114,7 +147,8 @@ class TabletopEnv:
         self.grip = 1.0
 
     def close(self) -> None:
-        self.renderer.close()
+        if self.renderer is not None:
+            self.renderer.close()
 
     # ---------------------------------------------------------------------------------- state
 
@@ -146,11 +180,12 @@ class TabletopEnv:
         self.data.ctrl[4:6] = finger
 
     def step(self, action: np.ndarray) -> None:
-        """Applies an action (dx, dy, dz, grip) for one control period (1 / CONTROL_HZ s)."""
+        """Applies an action (dx, dy, dz, grip) for one control period (1 / CONTROL_HZ s): the
+        controller's target moves to the measured grasp point plus the commanded motion."""
         a = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         start = self.target
-        end = start + ACTION_SCALE * a[:3]
-        end[2] = max(end[2], 0.012)
+        end = self.eef() + ACTION_SCALE * a[:3]
+        end[2] = max(end[2], MIN_Z)
         self.grip = 1.0 if a[3] >= 0 else -1.0
         # The low-level controller tracks a reference interpolated over the control period;
         # a step change of the servo targets would shake whatever the gripper holds.
@@ -177,6 +212,19 @@ class TabletopEnv:
         """(3, 3) world positions of the objects."""
         return np.stack([self.data.xpos[b] for b in self.obj_body]).copy()
 
+    def plate_xy(self) -> np.ndarray:
+        """(2,) the plate's centre."""
+        return self.model.geom_pos[self.plate_geom][:2].copy()
+
+    def state(self) -> SimState:
+        """The scene now (for experts and the oracle policy)."""
+        return SimState(
+            self.eef(),
+            self.data.qpos[self.finger_qadr].copy(),
+            self.object_positions(),
+            self.plate_xy(),
+        )
+
     def body_poses(self) -> np.ndarray:
         """(nbody, 4, 4) world poses of every body."""
         T = np.tile(np.eye(4), (self.model.nbody, 1, 1))
@@ -200,9 +248,21 @@ class TabletopEnv:
         E[:3, 3] = self.data.cam_xpos[self.cam]
         return E
 
+    def render_rgb(self) -> np.ndarray:
+        """The RGB frame (H, W, 3) uint8 only (what a policy sees; one render pass)."""
+        r = self._renderer()
+        r.update_scene(self.data, camera=self.cam)
+        return r.render().copy()
+
+    def _renderer(self) -> mujoco.Renderer:
+        if self.renderer is None:
+            raise RuntimeFailure("this environment was made without a renderer (render=False)")
+        return self.renderer
+
     def render(self) -> Frame:
-        """RGB, depth (from the depth pass, not the RGB pass: DESIGN.md §5) and body ids."""
-        r = self.renderer
+        """RGB, depth (from the depth pass, not the RGB pass: the RGB pass's depth is biased by
+        about -2.3e-3 z^2) and body ids."""
+        r = self._renderer()
         r.update_scene(self.data, camera=self.cam)
         rgb = r.render().copy()
         r.enable_depth_rendering()

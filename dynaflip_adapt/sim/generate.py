@@ -29,12 +29,15 @@ class GenerateSpec:
     Attributes:
         site: Appearance.
         episodes: Number of episodes.
-        frames: Frames per episode.
+        frames: The most frames per episode (an episode ends a few frames after its task
+            succeeds, as demonstration datasets do).
         seed: Run seed; episode i's seed derives from (seed, i) only.
         size: Square image size.
         tasks: Tasks, assigned round-robin by episode index.
         flow_strides: Ground-truth flow strides (frames between the two ends).
         flow_grid: Pixel stride of the flow point grid.
+        noise: DART noise on the executed motion while recording (action units; the logged
+            action is the expert's clean one), so demonstrations show recoveries.
     """
 
     site: Site
@@ -45,21 +48,28 @@ class GenerateSpec:
     tasks: tuple[str, ...] = ("pick_place", "push", "reach")
     flow_strides: tuple[int, ...] = (1, 4)
     flow_grid: int = 4
+    noise: float | None = None  # None: the experts' default (`expert.DART_STD`)
 
     def validate(self) -> None:
-        from dynaflip_adapt.sim.expert import TASKS
+        from dynaflip_adapt.sim.expert import MIN_FRAMES, TASKS
 
         checks = [
             (self.episodes >= 1, "--episodes", self.episodes, ">= 1"),
-            (self.frames >= 8, "--frames", self.frames, ">= 8"),
+            (self.frames >= MIN_FRAMES, "--frames", self.frames, f">= {MIN_FRAMES}"),
             (16 <= self.size <= 640, "--size", self.size, "16..640"),
             (self.flow_grid >= 1, "--flow-grid", self.flow_grid, ">= 1"),
+            (
+                self.noise is None or 0.0 <= self.noise <= 0.5,
+                "--noise",
+                self.noise,
+                "0..0.5 (action units)",
+            ),
             (bool(self.tasks), "--task", list(self.tasks), "at least one task"),
             (
-                all(1 <= k < self.frames for k in self.flow_strides),
+                all(1 <= k < min(self.frames, MIN_FRAMES) for k in self.flow_strides),
                 "--flow-stride",
                 list(self.flow_strides),
-                f"strides in [1, {self.frames - 1}]",
+                f"strides in [1, {min(self.frames, MIN_FRAMES) - 1}] (episodes can be that short)",
             ),
         ]
         for ok, key, found, expected in checks:
@@ -111,14 +121,18 @@ def _init_worker(site: Site, size: int) -> None:
     _WORKER["env"] = TabletopEnv(site, size)
 
 
-def _run(job: tuple[int, int, str, int, tuple[int, ...], int]) -> tuple[int, EpisodeData]:
-    from dynaflip_adapt.sim.expert import run_episode
-
-    index, seed, task, frames, strides, grid = job
-    return index, run_episode(_WORKER["env"], seed, task, frames, strides, grid)
+Job = tuple[int, int, str, int, tuple[int, ...], int, float | None]
 
 
-def _jobs(spec: GenerateSpec) -> list[tuple[int, int, str, int, tuple[int, ...], int]]:
+def _run(job: Job) -> tuple[int, EpisodeData]:
+    from dynaflip_adapt.sim.expert import DART_STD, run_episode
+
+    index, seed, task, frames, strides, grid, noise = job
+    noise = DART_STD if noise is None else noise
+    return index, run_episode(_WORKER["env"], seed, task, frames, strides, grid, noise)
+
+
+def _jobs(spec: GenerateSpec) -> list[Job]:
     return [
         (
             i,
@@ -127,6 +141,7 @@ def _jobs(spec: GenerateSpec) -> list[tuple[int, int, str, int, tuple[int, ...],
             spec.frames,
             spec.flow_strides,
             spec.flow_grid,
+            spec.noise,
         )
         for i in range(spec.episodes)
     ]
@@ -174,18 +189,24 @@ def generate(
     out = Path(out)
     t0 = time.perf_counter()
     successes = []
+    frames = 0
     attrs = {"generator": "dynaflip-adapt sim", "site": spec.site.name, "seed": spec.seed}
-    env_args = {"env_name": "dynaflip_tabletop", "site": spec.site.to_dict(), "size": spec.size}
+    env_args = {
+        "env_name": "dynaflip_tabletop",
+        "site": spec.site.to_dict(),
+        "size": spec.size,
+        "max_frames": spec.frames,
+        "dart_noise": spec.noise,
+    }
     with NativeWriter(out, compression=compression, env_args=env_args, attrs=attrs) as w:
         for ep in iter_episodes(spec, workers):
             w.add(ep)
+            frames += ep.length
             successes.append(bool(ep.attrs.get("success")))
             if on_episode is not None:
                 on_episode(ep)
     seconds = time.perf_counter() - t0
-    result = GenerateResult(
-        out, spec.episodes, spec.episodes * spec.frames, seconds, float(np.mean(successes))
-    )
+    result = GenerateResult(out, spec.episodes, frames, seconds, float(np.mean(successes)))
     for e in exports:
         result.exports[e] = [str(p) for p in export_logs(out, e)]
     return result

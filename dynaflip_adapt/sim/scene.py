@@ -56,7 +56,7 @@ def build_mjcf(site: Site) -> str:
         objects.append(
             f'<body name="{name}" pos="0.4 0 {OBJECT_HALF}"><freejoint name="{name}_joint"/>'
             f'<geom name="{name}_geom" {geom} rgba="{_f(col)} 1" mass="0.05" '
-            f'friction="1.5 0.02 0.001" condim="4" material="objmat"/></body>'
+            f'friction="0.5 0.02 0.001" condim="4" material="objmat"/></body>'
         )
     plate_col = tuple(min(1.0, c * t) for c, t in zip(PLATE[3], tint, strict=True))
     shadow = "true" if site.shadows else "false"
@@ -89,7 +89,9 @@ def build_mjcf(site: Site) -> str:
   <worldbody>
     <light name="sun" directional="true" dir="{_f(site.light_dir)}" diffuse="{_f(site.light_rgb)}" specular="0.1 0.1 0.1" castshadow="{shadow}"/>
     <geom name="floor" type="plane" size="3 3 0.1" pos="0 0 -0.75" material="floormat"/>
-    <geom name="table" type="box" size="0.45 0.45 0.02" pos="0.35 0 -0.02" material="tablemat"/>
+    <!-- Objects slide on the table (friction 0.5, MuJoCo takes the larger of the two) rather than
+         tip over when pushed; the fingers (2) still hold them. -->
+    <geom name="table" type="box" size="0.45 0.45 0.02" pos="0.35 0 -0.02" material="tablemat" friction="0.5 0.005 0.0001"/>
     <geom name="table_leg" type="box" size="0.3 0.3 0.36" pos="0.35 0 -0.39" rgba="0.2 0.2 0.2 1" contype="0" conaffinity="0"/>
     <geom name="{PLATE[0]}" type="cylinder" size="0.045 0.002" pos="0.45 -0.15 0.002" rgba="{_f(plate_col)} 1" contype="0" conaffinity="0"/>
     <camera name="site_cam" pos="{_f(tuple(cam_pos))}" xyaxes="{_f(tuple(xyaxes))}" fovy="{site.camera.fovy:.3f}"/>
@@ -110,11 +112,13 @@ def build_mjcf(site: Site) -> str:
               <joint name="wrist" axis="0 -1 0" range="-2.5 2.5"/>
               <geom type="sphere" size="0.022" material="jointmat" contype="0" conaffinity="0"/>
               <geom name="palm" type="box" size="0.018 0.05 0.012" pos="0 0 -0.035" material="armmat"/>
-              <body name="finger_left" pos="0 0.012 -0.067" gravcomp="1">
+              <!-- Closed, the fingers' inner faces are 2 mm apart: no slot a pushed cube's
+                   corner can wedge into. -->
+              <body name="finger_left" pos="0 0.007 -0.067" gravcomp="1">
                 <joint name="finger_left" type="slide" axis="0 1 0" range="0 {FINGER_OPEN}" damping="5"/>
                 <geom name="finger_left" type="box" size="0.02 0.006 0.024" material="jointmat" friction="2 0.05 0.001" condim="4" mass="0.02"/>
               </body>
-              <body name="finger_right" pos="0 -0.012 -0.067" gravcomp="1">
+              <body name="finger_right" pos="0 -0.007 -0.067" gravcomp="1">
                 <joint name="finger_right" type="slide" axis="0 -1 0" range="0 {FINGER_OPEN}" damping="5"/>
                 <geom name="finger_right" type="box" size="0.02 0.006 0.024" material="jointmat" friction="2 0.05 0.001" condim="4" mass="0.02"/>
               </body>

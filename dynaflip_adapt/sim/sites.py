@@ -165,12 +165,19 @@ def _seeded_name(name: str) -> int | None:
     return int(name[7:]) if name.startswith("random-") and name[7:].isdigit() else None
 
 
+CAMERA_SEP = "-camera-"
+
+
 def get_site(name: str, seed: int | None = None) -> Site:
-    """A preset by name, or ``random`` drawn from `seed`.
+    """A preset by name, ``random-N``, ``random`` drawn from `seed`, or a camera variant as
+    `with_camera` names it (``random-3-camera-base``: site 3 seen by the base camera).
 
     Raises:
         InputError: Unknown name (lists the valid ones), or ``random`` without a seed.
     """
+    if CAMERA_SEP in name:
+        site, _, camera = name.rpartition(CAMERA_SEP)
+        return with_camera(get_site(site, seed), camera)
     if name == "random":
         if seed is None:
             raise InputError(None, "--site random", "no --site-seed", "a seed for the random site")
@@ -179,7 +186,10 @@ def get_site(name: str, seed: int | None = None) -> Site:
         return random_site(n)
     if name not in PRESETS:
         raise InputError(
-            None, "--site", repr(name), "one of " + ", ".join([*PRESETS, "random", "random-N"])
+            None,
+            "--site",
+            repr(name),
+            "one of " + ", ".join([*PRESETS, "random", "random-N", "SITE-camera-CAMERA"]),
         )
     return PRESETS[name]
 
@@ -198,4 +208,4 @@ def with_camera(site: Site, camera: str) -> Site:
             None, "--camera", repr(camera), "one of " + ", ".join([*PRESETS, "random-N"])
         )
     rig = get_site(camera)
-    return replace(site, name=f"{site.name}-camera-{rig.name}", camera=rig.camera)
+    return replace(site, name=f"{site.name}{CAMERA_SEP}{rig.name}", camera=rig.camera)
