@@ -19,7 +19,7 @@ from dynaflip_adapt.metrics import linear_cka, mean_cosine
 from dynaflip_adapt.models.adapter import Adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import flow_features
-from dynaflip_adapt.policies import Policy
+from dynaflip_adapt.policies import Policy, encode_frames
 from dynaflip_adapt.train.retrieval import topk_accuracy
 
 COMPATIBLE, WARNING, INCOMPATIBLE = "compatible", "warning", "incompatible"
@@ -237,9 +237,10 @@ def policy_deviation(
         rgb = probe["site_rgb0"]
         lang = st["lang_mean"].expand(len(rgb), -1) if "lang_mean" in st else None
         sets.append(("adapter_probe", rgb, st["prop_mean"].expand(len(rgb), -1), lang))
+    view = policy.reads if policy.uses_image else "features"
     for name, rgb, prop, lang in sets:
-        a_old = policy.act(_features(bundle, old, rgb), prop, lang)
-        a_new = policy.act(_features(bundle, new, rgb), prop, lang)
+        a_old = policy.act(encode_frames(old, bundle.model.preprocess, rgb, view=view), prop, lang)
+        a_new = policy.act(encode_frames(new, bundle.model.preprocess, rgb, view=view), prop, lang)
         rel = ((a_new - a_old).abs() / policy.action_scale).mean(dim=1)
         out[f"{name}_mean"] = float(rel.mean())
         out[f"{name}_p95"] = float(rel.quantile(0.95))

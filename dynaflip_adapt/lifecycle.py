@@ -92,6 +92,8 @@ def audited_policies(
         pinfos = policies_for_site(registry, site) if site else []
     out = []
     for p in pinfos:
+        if p.tags.get("head") in ("cnn", "oracle"):
+            continue  # reads no backbone features: an adapter cannot change what it does
         pol = load_policy_version(registry, p)
         pinned = None
         pinned_ref = pol.spec["pin"].get("adapter_version")

@@ -80,7 +80,7 @@ def test_policy_is_registered_with_its_pin(fleet):
     backbones = ok(["backbones", "list"])
     assert spec["pin"]["backbone_fingerprint"] == backbones[0]["tags"]["fingerprint"]
     # Simulator logs carry instructions: the policy is language-conditioned by default.
-    assert spec["inputs"] == {"image": True, "proprio": True, "language": True}
+    assert spec["inputs"] == {"image": True, "reads": "features", "proprio": True, "language": True}
     assert spec["language_dim"] == 32  # pretrain/tiny's embed_dim: the backbone's own embedding
 
 

@@ -60,7 +60,12 @@ def test_a_language_conditioned_head_resolves_what_the_frame_cannot(tmp_path):
     # Saved and loaded: the same actions, the spec says what it reads.
     loaded = load_policy(save_policy(tmp_path / "p", cond.head, cond.spec, cond.stats))
     assert loaded.uses_language and loaded.spec["language_dim"] == 2
-    assert loaded.spec["inputs"] == {"image": True, "proprio": True, "language": True}
+    assert loaded.spec["inputs"] == {
+        "image": True,
+        "reads": "features",
+        "proprio": True,
+        "language": True,
+    }
     with torch.no_grad():
         a = cond.act(test["features"], test["proprio"], test["language"])
         b = loaded.act(test["features"], test["proprio"], test["language"])

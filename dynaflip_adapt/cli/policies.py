@@ -52,12 +52,27 @@ def train(
         str,
         typer.Option(
             "--head",
-            help="bc (MLP, image + proprio), diffusion (action-chunk diffusion policy, image + "
-            "proprio), image_only, proprio_only (controls).",
+            help="bc (MLP on backbone features + proprio), diffusion (action-chunk diffusion "
+            "policy), tokens (attention pooling over patch tokens); controls: image_only, "
+            "proprio_only (blind); references: cnn (a CNN trained from scratch on the frames, "
+            "no backbone), oracle (true object positions; simulator logs only).",
         ),
     ] = "bc",
     tolerance: TolOpt = 0.1,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 1500,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", min=1, help="Optimizer steps (default: the head's)."),
+    ] = None,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            "--val-fraction",
+            min=0.0,
+            max=0.5,
+            help="Share of episodes held out: the weights with the lowest held-out error are "
+            "kept and training stops when it no longer improves (0: train to the end).",
+        ),
+    ] = 0.1,
     name: Annotated[
         str | None, typer.Option("--name", help="Policy name (default: SITE-HEAD).")
     ] = None,
@@ -72,11 +87,12 @@ def train(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a reference policy head on frozen features and register it, pinned.
+    """Train a reference policy head and register it, pinned.
 
     A head over frozen image features (backbone + optional adapter) and proprio predicts the
-    logged action (bc: an MLP; diffusion: denoises a chunk of actions); the policy records its
-    pin, input spec, action statistics and tolerance.
+    logged action (bc: an MLP; diffusion: denoises a chunk of actions; tokens: attends over
+    patch tokens); the policy records its pin, input spec, action statistics, tolerance and how
+    it was stopped on held-out episodes. Binary action dimensions (a gripper) are classified.
     """
 
     from dynaflip_adapt import activity
@@ -85,6 +101,7 @@ def train(
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import POLICY_EXPERIMENT, register_policy
     from dynaflip_adapt.policies import (
+        HEAD_KINDS,
         HEADS,
         collect,
         fit_policy,
@@ -104,8 +121,14 @@ def train(
     embed = instruction_embedder(bundle) if language else None
     with activity.step(f"reading {len(logset.episodes)} episodes"):
         data = collect(
-            logset, EpisodeReader(), bundle.model.cfg.image_size, max_frames=20000, language=embed
+            logset,
+            EpisodeReader(),
+            bundle.model.cfg.image_size,
+            max_frames=20000,
+            language=embed,
+            state=HEAD_KINDS[head].reads == "state",
         )
+    steps = steps or HEAD_KINDS[head].steps
     pin = {
         "backbone_fingerprint": bundle.fingerprint,
         "backbone_version": binfo.version if binfo else None,
@@ -117,6 +140,7 @@ def train(
         "steps": steps,
         "seed": seed,
         "tolerance": tolerance,
+        "val_fraction": val_fraction,
         "language": bool(language),
         "episodes": len(logset.episodes),
         "frames": len(data["rgb"]),
@@ -139,6 +163,7 @@ def train(
                 steps=steps,
                 seed=seed,
                 extra={"site": site, "preprocessing": bundle.model.cfg.preprocessing()},
+                val_fraction=val_fraction,
                 on_step=lambda step, loss: on_step(step, {"loss": loss}),
             )
         frames = int(policy.spec["train_frames"])
@@ -148,15 +173,23 @@ def train(
             info = register_policy(reg, tmp / "policy", site=site, name=name, run=run)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = {"policy": info.to_dict(), "train_loss": mse, "frames": frames}
+    val = policy.spec.get("validation", {})
+    out = {"policy": info.to_dict(), "train_loss": mse, "frames": frames, "validation": val}
     if as_json:
         print_json(out)
     else:
+        stop = (
+            f"; kept step {val['best_step']} of {steps} (held-out error {val['val_mse']:.3f} on "
+            f"{val['val_episodes']} episodes)"
+            if "best_step" in val
+            else ""
+        )
+        adapter_pin = f" + adapter v{pin['adapter_version']}" if pin["adapter_version"] else ""
         console().print(
             f"registered dynaflip-policy version {info.version} ({info.tags['name']}, head {head}"
             f"{', language-conditioned' if language else ''}) "
-            f"pinned to backbone {pin['backbone_version']} adapter {pin['adapter_version']}; "
-            f"final train loss {mse:.4f} on {frames} frames",
+            f"pinned to backbone v{pin['backbone_version']}{adapter_pin}; "
+            f"train loss {mse:.4f} on {frames} frames{stop}",
             highlight=False,
         )
 

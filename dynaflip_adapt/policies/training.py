@@ -1,0 +1,481 @@
+"""Training reference heads on site logs: collecting inputs, one fit loop for every head, and a
+held-out split of episodes to stop on (heads fitted to a few dozen episodes overfit: measured,
+the train loss kept falling while held-out error rose after a few hundred steps)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.policies.heads import HORIZON, DiffusionHead, random_shift
+from dynaflip_adapt.policies.policy import (
+    HEAD_KINDS,
+    Policy,
+    build_head,
+    decode_actions,
+    head_inputs,
+    policy_spec,
+)
+
+Embedder = Callable[[Sequence[str]], torch.Tensor]
+SHIFT_PAD = 4  # random-shift augmentation of the pixel head, in pixels at 64 px
+
+
+@torch.no_grad()
+def encode_frames(
+    encoder: nn.Module,
+    preprocess: Any,
+    rgb: torch.Tensor,
+    batch: int = 128,
+    view: str = "features",
+) -> torch.Tensor:
+    """What a frozen encoder gives uint8 frames (N, 3, H, W): pooled features (N, F), or with
+    ``view="tokens"`` its patch tokens (N, P, D)."""
+    out = []
+    for i in range(0, len(rgb), batch):
+        x = preprocess(rgb[i : i + batch])
+        out.append(_tokens(encoder, x)[:, 1:] if view == "tokens" else encoder(x))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _tokens(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + P, D) tokens of a ViT encoder (plain, merged or PEFT-wrapped)."""
+    fn = getattr(encoder, "tokens", None)
+    if not callable(fn):
+        raise ValueError(f"{type(encoder).__name__} has no patch tokens (a ViT has)")
+    out: torch.Tensor = fn(x)
+    return out
+
+
+def instruction_embedder(bundle: Any) -> Embedder:
+    """Instructions -> the backbone's unit language embeddings (B, embed_dim): its frozen
+    sentence encoder and projection, which adaptation never changes."""
+    from dynaflip_adapt.models.text import embed_instructions
+
+    @torch.no_grad()
+    def embed(texts: Sequence[str]) -> torch.Tensor:
+        table = embed_instructions(bundle.model.cfg.text_encoder, texts)
+        rows = torch.from_numpy(np.stack([table[t] for t in texts])).float()
+        return bundle.model.embed_text(rows)
+
+    return embed
+
+
+def oracle_features(state: torch.Tensor, eef: torch.Tensor) -> torch.Tensor:
+    """The oracle head's input from the logged object state (N, 11: target object, plate,
+    other objects) and the grasp point (N, 3): the state itself and the same positions relative
+    to the grasp point and the target to the plate (N, 24). The same information, in the frame
+    the expert acts in: an MLP fed raw positions had to learn the differences and did not (pick
+    and place 8/30 vs 24/30 in closed loop, measured)."""
+    target, plate, others = state[:, :3], state[:, 3:5], state[:, 5:].reshape(len(state), -1, 3)
+    rel = [
+        target - eef,
+        plate - eef[:, :2],
+        (others - eef[:, None]).flatten(1),
+        target[:, :2] - plate,
+    ]
+    return torch.cat([state, *rel], dim=1)
+
+
+def collect(
+    logs: Any,
+    reader: Any,
+    image_size: int,
+    max_frames: int | None = None,
+    language: Embedder | None = None,
+    state: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Frames (at input size), proprio and actions of every episode, with episode ids; with
+    `language`, also each frame's instruction embedding (every episode needs an instruction);
+    with `state`, the oracle's input (`oracle_features`; simulator logs only).
+
+    Raises:
+        InputError: `language` given and an episode has no instruction, or `state` and an
+            episode has no object state.
+    """
+    from dynaflip_adapt.train.triplets import resize_uint8
+
+    if language is not None:
+        for ep in logs.episodes:
+            if not ep.language:
+                raise InputError(
+                    ep.file,
+                    f"{ep.group} language",
+                    "no instruction",
+                    "an instruction for every episode (the policy is language-conditioned; "
+                    "train with --no-language otherwise)",
+                )
+    rgb, prop, act, epi, st = [], [], [], [], []
+    for i, ep in enumerate(logs.episodes):
+        frames = torch.from_numpy(
+            np.ascontiguousarray(reader.rgb(ep, slice(0, ep.length)).transpose(0, 3, 1, 2))
+        )
+        rgb.append(resize_uint8(frames, image_size))
+        prop.append(torch.from_numpy(np.stack([reader.proprio(ep, t) for t in range(ep.length)])))
+        act.append(torch.from_numpy(reader.actions(ep, slice(0, ep.length))))
+        epi.append(torch.full((ep.length,), i))
+        if state:
+            eef = reader.dataset(ep.file, f"{ep.group}/obs/robot0_eef_pos")[()]
+            st.append(
+                oracle_features(
+                    torch.from_numpy(reader.object_state(ep, slice(0, ep.length))),
+                    torch.from_numpy(np.asarray(eef, np.float32)),
+                )
+            )
+    out = {
+        "rgb": torch.cat(rgb),
+        "proprio": torch.cat(prop),
+        "actions": torch.cat(act),
+        "episode": torch.cat(epi),
+    }
+    if state:
+        out["state"] = torch.cat(st)
+    if language is not None:
+        texts = [str(ep.language) for ep in logs.episodes]
+        out["language"] = language(texts)[out["episode"]]
+    if max_frames is not None and len(out["rgb"]) > max_frames:
+        sel = torch.linspace(0, len(out["rgb"]) - 1, max_frames).round().long()
+        out = {k: v[sel] for k, v in out.items()}
+    return out
+
+
+def action_chunks(actions: torch.Tensor, episode: torch.Tensor, horizon: int) -> torch.Tensor:
+    """(N, horizon, A): actions t .. t + horizon - 1 of each frame's episode, the episode's last
+    action repeated past its end (frames must be in episode order)."""
+    n = len(actions)
+    idx = torch.arange(n)[:, None] + torch.arange(horizon)[None]
+    idx = idx.clamp(max=n - 1)
+    # Past the episode's end: hold its last frame.
+    last = torch.zeros(n, dtype=torch.long)
+    for e in episode.unique():
+        rows = (episode == e).nonzero().flatten()
+        last[rows] = rows.max()
+    idx = torch.minimum(idx, last[:, None])
+    return actions[idx]
+
+
+def validation_split(episode: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A boolean mask of the frames of held-out episodes (`fraction` of the episodes, at least
+    one; none when `fraction` is 0 or there are fewer than 5 episodes)."""
+    ids = episode.unique()
+    if fraction <= 0 or len(ids) < 5:
+        return torch.zeros(len(episode), dtype=torch.bool)
+    k = max(1, round(fraction * len(ids)))
+    g = torch.Generator().manual_seed(seed + 7919)
+    held = ids[torch.randperm(len(ids), generator=g)[:k]]
+    return torch.isin(episode, held)
+
+
+def binary_dims(actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask, low, high) of the action dimensions that take exactly two values (a gripper's
+    open/close): those are classified, not regressed."""
+    A = actions.shape[1]
+    mask, lo, hi = torch.zeros(A), torch.zeros(A), torch.zeros(A)
+    for d in range(A):
+        vals = actions[:, d].unique()
+        if len(vals) == 2:
+            mask[d], lo[d], hi[d] = 1.0, vals[0], vals[1]
+    return mask, lo, hi
+
+
+def _floored_std(x: torch.Tensor, dims: tuple[int, ...] = (0,)) -> torch.Tensor:
+    # A floor on the per-dimension std: z-scoring a nearly constant feature would turn a tiny
+    # drift into a large input change, making the policy (and its audit) hypersensitive.
+    std = x.std(dim=dims)
+    return torch.maximum(std, 0.1 * std.median()) + 1e-6
+
+
+@dataclass
+class HeadFit:
+    """A fitted head: the module (its best held-out weights), its stats, the last training
+    loss and how it was stopped."""
+
+    model: nn.Module
+    stats: dict[str, torch.Tensor]
+    loss: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def input_stats(
+    inputs: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor, reads: str
+) -> dict[str, torch.Tensor]:
+    """Normalization statistics of a head's inputs and actions."""
+    eps = 1e-6
+    stats = {
+        "prop_mean": proprio.mean(0),
+        "prop_std": proprio.std(0) + eps,
+        "act_mean": actions.mean(0),
+        "act_std": actions.std(0) + eps,
+    }
+    if reads in ("features", "state"):
+        stats |= {"feat_mean": inputs.mean(0), "feat_std": _floored_std(inputs)}
+    elif reads == "tokens":  # per channel, over frames and positions
+        stats |= {"feat_mean": inputs.mean((0, 1)), "feat_std": _floored_std(inputs, (0, 1))}
+    return stats
+
+
+def fit_head(
+    inputs: torch.Tensor,
+    proprio: torch.Tensor,
+    actions: torch.Tensor,
+    *,
+    head: str = "bc",
+    steps: int | None = None,
+    lr: float = 1e-3,
+    batch: int | None = None,
+    hidden: int | None = None,
+    layers: int | None = None,
+    seed: int = 0,
+    feature_noise: float = 0.1,
+    weight_decay: float = 1e-2,
+    episode: torch.Tensor | None = None,
+    horizon: int = HORIZON,
+    language: torch.Tensor | None = None,
+    val_fraction: float = 0.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> HeadFit:
+    """Fits a head on normalized inputs and actions.
+
+    Gaussian noise on z-scored image features during training (and weight decay) keeps the
+    head smooth: an unregularised head fitted to a few hundred frames turned a 5% feature
+    change into a 0.9-std action change, failing every audit whatever the adapter. Pixel heads
+    get random-shift augmentation instead. With `val_fraction` > 0 a share of the episodes is
+    held out: the weights with the lowest held-out action error are kept, and training stops
+    when that error has not improved for a quarter of the steps.
+
+    Args:
+        inputs: What the head reads (see `Policy.act`).
+        proprio: (N, P).
+        actions: (N, A) in the logs' units.
+        head: A `HEAD_KINDS` name.
+        steps: Optimizer steps (default: the head's).
+        episode: Frame -> episode id, frames in order (needed by the diffusion head and the
+            held-out split).
+        language: Instruction embeddings (N, L) to condition on.
+        val_fraction: Share of episodes held out to stop on.
+        on_step: Called with (step, loss) after every optimizer step.
+    """
+    kind = HEAD_KINDS[head]
+    steps = steps or kind.steps
+    reads = kind.reads
+    torch.manual_seed(seed)
+    stats = input_stats(inputs, proprio, actions, reads)
+    if language is not None:
+        stats |= {"lang_mean": language.mean(0), "lang_std": _floored_std(language)}
+    y = (actions - stats["act_mean"]) / stats["act_std"]
+    if kind.network != "diffusion":
+        mask, lo, hi = binary_dims(actions)
+        if mask.any():
+            stats |= {"bin_mask": mask, "bin_lo": lo, "bin_hi": hi}
+            y = torch.where(mask.bool(), (actions == hi).float(), y)
+    f, p = head_inputs(stats, inputs, proprio, language, reads, kind.proprio)
+    if kind.network == "diffusion":
+        if episode is None:
+            raise ValueError("the diffusion head needs the frames' episode ids")
+        y = action_chunks(y, episode, horizon)
+    held = (
+        validation_split(episode, val_fraction, seed)
+        if episode is not None
+        else torch.zeros(len(y), dtype=torch.bool)
+    )
+    train = (~held).nonzero().flatten()
+    spec = {"head": head, "action_dim": actions.shape[1], "hidden": hidden or kind.hidden}
+    spec["layers"] = layers or kind.layers
+    if kind.network == "diffusion":
+        spec["diffusion"] = {"horizon": horizon, "train_steps": 100, "sample_steps": 10}
+    in_dim = 0 if reads in ("pixels", "none") else f.shape[-1]
+    model = build_head(spec, in_dim, p.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    bsz = batch or (64 if reads == "pixels" else 256)
+    bin_mask = stats.get("bin_mask", torch.zeros(y.shape[-1])).bool()
+    every = max(1, steps // 25)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    n_held = int(episode[held].unique().numel()) if episode is not None and held.any() else 0
+    info: dict[str, Any] = {"val_episodes": n_held}
+    loss = torch.tensor(0.0)
+    stopped = steps
+    model.train()
+    for step in range(1, steps + 1):
+        idx = train[torch.randint(0, len(train), (min(bsz, len(train)),), generator=g)]
+        fi = f[idx]
+        if reads == "pixels":
+            fi = random_shift(fi, SHIFT_PAD * max(1, fi.shape[-1] // 64), g)
+        elif feature_noise > 0 and reads in ("features", "tokens") and fi.shape[-1] > 0:
+            fi = fi + feature_noise * torch.randn(fi.shape, generator=g)
+        if isinstance(model, DiffusionHead):
+            loss = model.loss(fi, p[idx], y[idx], generator=g)
+        else:
+            out = model(fi, p[idx])
+            loss = _mixed_loss(out, y[idx], bin_mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+        if held.any() and (step % every == 0 or step == steps):
+            err = _held_out_error(model, stats, f[held], p[held], actions[held])
+            model.train()
+            if best is None or err < best[0]:
+                best = (err, step, copy.deepcopy(model.state_dict()))
+            elif step - best[1] >= max(steps // 4, 2 * every):
+                stopped = step
+                break
+    if best is not None:
+        model.load_state_dict(best[2])
+        info |= {"best_step": best[1], "val_mse": best[0], "stopped_at": stopped}
+    model.eval()
+    return HeadFit(model, stats, float(loss.detach()), info)
+
+
+def _mixed_loss(out: torch.Tensor, y: torch.Tensor, bin_mask: torch.Tensor) -> torch.Tensor:
+    """MSE on continuous dimensions, binary cross-entropy on binary ones, averaged per dim."""
+    mse = (out - y) ** 2
+    if bin_mask.any():
+        bce = nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none")
+        mse = torch.where(bin_mask, bce, mse)
+    return mse.mean()
+
+
+@torch.no_grad()
+def _held_out_error(
+    model: nn.Module,
+    stats: dict[str, torch.Tensor],
+    f: torch.Tensor,
+    p: torch.Tensor,
+    actions: torch.Tensor,
+) -> float:
+    """Action MSE in units of the action std on held-out frames (what `eval` reports)."""
+    model.eval()
+    out = torch.cat([model(f[i : i + 512], p[i : i + 512]) for i in range(0, len(f), 512)])
+    a = decode_actions(stats, out)
+    return float((((a - actions) / stats["act_std"]) ** 2).mean())
+
+
+def train_head(
+    features: torch.Tensor,
+    proprio: torch.Tensor,
+    actions: torch.Tensor,
+    **kwargs: Any,
+) -> tuple[nn.Module, dict[str, torch.Tensor], float]:
+    """`fit_head` as (model, stats, final loss)."""
+    fit = fit_head(features, proprio, actions, **kwargs)
+    return fit.model, fit.stats, fit.loss
+
+
+def head_input(
+    head: str, data: dict[str, torch.Tensor], encoder: nn.Module | None, preprocess: Any
+) -> torch.Tensor:
+    """What head `head` reads of collected `data` (`collect`): frozen backbone features or
+    tokens, the oracle state, the frames, or (blind) the proprio as a placeholder."""
+    reads = HEAD_KINDS[head].reads
+    if reads in ("features", "tokens"):
+        if encoder is None:
+            raise ValueError(f"head {head} reads the backbone: give an encoder")
+        return encode_frames(encoder, preprocess, data["rgb"], view=reads)
+    if reads == "state":
+        if "state" not in data:
+            raise ValueError("the oracle head needs collect(..., state=True)")
+        return data["state"]
+    if reads == "pixels":
+        return data["rgb"]
+    return data["proprio"]
+
+
+def policy_input(
+    policy: Policy,
+    data: dict[str, torch.Tensor],
+    encoder: nn.Module | None,
+    preprocess: Any,
+    cache: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """What a loaded policy reads of collected `data`, through `encoder` when it reads the
+    backbone (`cache` keeps one encoding per view for several policies)."""
+    reads = policy.reads
+    if reads in ("features", "tokens"):
+        if cache is not None and reads in cache:
+            return cache[reads]
+        if encoder is None:
+            raise ValueError("this policy reads the backbone: give an encoder")
+        out = encode_frames(encoder, preprocess, data["rgb"], view=reads)
+        if cache is not None:
+            cache[reads] = out
+        return out
+    if reads == "pixels":
+        from dynaflip_adapt.train.triplets import resize_uint8
+
+        return resize_uint8(data["rgb"], policy.image_size or int(data["rgb"].shape[-1]))
+    if reads == "state":
+        if "state" not in data:
+            raise ValueError("the oracle head needs collect(..., state=True)")
+        return data["state"]
+    return data["proprio"]
+
+
+def fit_policy(
+    encoder: nn.Module | None,
+    preprocess: Any,
+    data: dict[str, torch.Tensor],
+    *,
+    head: str,
+    tolerance: float,
+    pin: dict[str, Any],
+    steps: int | None = None,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    val_fraction: float = 0.1,
+) -> tuple[Policy, float]:
+    """Trains a head on `data` (from `collect`) -> an unsaved policy (spec, weights, stats incl.
+    a 64-frame probe of its own frames) and its final train loss. The policy is
+    language-conditioned when `data` carries instruction embeddings; `val_fraction` of the
+    episodes are held out to stop on."""
+    inputs = head_input(head, data, encoder, preprocess)
+    language = data.get("language")
+    fit = fit_head(
+        inputs,
+        data["proprio"],
+        data["actions"],
+        head=head,
+        steps=steps,
+        seed=seed,
+        episode=data["episode"],
+        language=language,
+        val_fraction=val_fraction,
+        on_step=on_step,
+    )
+    stats = fit.stats
+    sel = torch.linspace(0, len(data["rgb"]) - 1, min(64, len(data["rgb"]))).round().long()
+    stats |= {"probe_rgb": data["rgb"][sel], "probe_proprio": data["proprio"][sel]}
+    if language is not None:
+        stats["probe_language"] = language[sel]
+    kind = HEAD_KINDS[head]
+    feature_dim = 0 if kind.reads in ("pixels", "none") else int(inputs.shape[-1])
+    more: dict[str, Any] = {
+        "train_loss": fit.loss,
+        "train_frames": len(inputs),
+        "validation": fit.info,
+        "seed": seed,
+    }
+    if kind.reads == "pixels":
+        more["image_size"] = int(data["rgb"].shape[-1])
+    spec = policy_spec(
+        head,
+        feature_dim,
+        data["proprio"].shape[1],
+        data["actions"].shape[1],
+        tolerance,
+        pin,
+        {**more, **(extra or {})},
+        language_dim=0 if language is None else language.shape[1],
+    )
+    return Policy(None, spec, fit.model, stats), fit.loss
