@@ -58,6 +58,7 @@ case "$cmd" in
     python benchmarks/bench_cli_startup.py
     python benchmarks/bench_data.py
     python benchmarks/bench_sim.py
+    python benchmarks/bench_rollout.py
     python benchmarks/bench_flow.py
     python benchmarks/bench_pretrain.py
     python benchmarks/bench_finetune.py

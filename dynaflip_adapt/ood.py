@@ -32,7 +32,14 @@ from torch import nn
 from dynaflip_adapt.config import FinetuneRecipe
 from dynaflip_adapt.models.adapter import Adapter, load_adapter
 from dynaflip_adapt.models.backbone import Bundle
-from dynaflip_adapt.policies import IMAGE_HEADS, Policy, encode_frames, load_policy, save_policy
+from dynaflip_adapt.policies import (
+    IMAGE_HEADS,
+    Policy,
+    encode_frames,
+    load_policy,
+    policy_input,
+    save_policy,
+)
 from dynaflip_adapt.strength import StrengthFit, audit_at, fit_strength, scaled_encoder
 
 Frames = dict[str, torch.Tensor]  # rgb (N,3,S,S) uint8, proprio, actions, episode
@@ -228,22 +235,27 @@ def evaluate_encoder(
     """Action errors of every policy with `encoder` on the shifted (and base) held-out frames;
     `paired` are the base-site renders of the shifted frames, in the same order."""
     pre = bundle.model.preprocess
-    fs = encode_frames(encoder, pre, shifted["rgb"])
-    out = EncoderEval(
-        name,
-        {
+
+    def errors(frames: Frames) -> tuple[dict[str, dict[str, Any]], torch.Tensor]:
+        cache: dict[str, torch.Tensor] = {}
+        out = {
             p: action_error(
-                pol, fs, shifted["proprio"], shifted["actions"], shifted.get("language")
+                pol,
+                policy_input(pol, frames, encoder, pre, cache),
+                frames["proprio"],
+                frames["actions"],
+                frames.get("language"),
             )
             for p, pol in policies.items()
-        },
-    )
-    if base is not None:
-        fb = encode_frames(encoder, pre, base["rgb"])
-        out.base = {
-            p: action_error(pol, fb, base["proprio"], base["actions"], base.get("language"))
-            for p, pol in policies.items()
         }
+        if "features" not in cache:  # paired drift is measured on the pooled features
+            cache["features"] = encode_frames(encoder, pre, frames["rgb"])
+        return out, cache["features"]
+
+    shifted_err, fs = errors(shifted)
+    out = EncoderEval(name, shifted_err)
+    if base is not None:
+        out.base = errors(base)[0]
     if paired is not None:
         ref = base_paired_features
         if ref is None:
@@ -264,36 +276,36 @@ class BenchmarkConfig:
     seeds: list[int]
     ablations: list[str]
     heads: list[str] = field(
-        default_factory=lambda: ["bc", "diffusion", "image_only", "proprio_only"]
+        default_factory=lambda: ["bc", "diffusion", "image_only", "proprio_only", "cnn"]
     )
     train_episodes: int = 96
     test_episodes: int = 12
     frames: int = 50
     size: int = 128
     steps: int = 300
-    policy_steps: int = 1500
+    policy_steps: int | None = None  # None: each head's own default
     tolerance: float = 0.25
     language: bool = True
+    # Closed-loop episodes per (site, head) and row, at the shifted and the base site, on the
+    # held-out episodes' scenes (0: offline error only).
+    closed_loop: int = 0
 
     def validate(self) -> None:
         from dynaflip_adapt.errors import InputError
-        from dynaflip_adapt.policies import HEADS
-        from dynaflip_adapt.sim.sites import PRESETS
+        from dynaflip_adapt.policies import HEAD_KINDS, HEADS
+        from dynaflip_adapt.sim.sites import get_site
 
         for p in self.presets:
-            if p not in PRESETS or p == "base":
-                raise InputError(
-                    None,
-                    "--preset",
-                    repr(p),
-                    "a shifted site preset: " + ", ".join(k for k in PRESETS if k != "base"),
-                )
+            get_site(p)  # presets, random-N, SITE-camera-CAMERA
+            if p == "base":
+                raise InputError(None, "--preset", "'base'", "a shifted site (not the base)")
         for a in self.ablations:
             if a not in ABLATIONS:
                 raise InputError(None, "--ablation", repr(a), "one of " + ", ".join(ABLATIONS))
         for h in self.heads:
-            if h not in HEADS:
-                raise InputError(None, "--head", repr(h), "one of " + ", ".join(HEADS))
+            if h not in HEADS or HEAD_KINDS[h].reads == "state":
+                usable = [k for k in HEADS if HEAD_KINDS[k].reads != "state"]
+                raise InputError(None, "--head", repr(h), "one of " + ", ".join(usable))
         if not self.presets or not self.seeds or not self.ablations:
             raise InputError(
                 None, "benchmark", "an empty preset, seed or ablation list", "at least one of each"
@@ -445,6 +457,8 @@ def run_benchmark(
             tmp.rename(folder)
         ref = encode_frames(base_enc, bundle.model.preprocess, base_test["rgb"])
         audited = [(h, policies[h], None) for h in cfg.heads if h in IMAGE_HEADS]
+        # Closed loop for heads no encoder changes (and the expert): once per site and seed.
+        fixed_loop: dict[str, dict[str, Any]] = {}
         for preset in cfg.presets:
             train_path = _site_logs(
                 workdir, preset, s_site, cfg.train_episodes, cfg.frames, cfg.size
@@ -479,6 +493,12 @@ def run_benchmark(
                 ev = evaluate_encoder(
                     bundle, ab_name, enc, policies, shifted, base_test, base_test, ref
                 )
+                loop = None
+                if cfg.closed_loop:
+                    say(f"seed {seed} {preset} {ab_name}: closed loop")
+                    loop = _closed_loop_row(
+                        bundle, cfg, policies, enc, (preset, "base"), s_test, fixed_loop
+                    )
                 if probe:
                     verdicts = policy_verdicts(bundle, enc, probe, audited)
                     ev.audit = _worst([v.verdict for v in verdicts])
@@ -499,16 +519,22 @@ def run_benchmark(
                     "trained_as": used.name,
                     "strength": fit.strength if fit else (1.0 if ab.train else 0.0),
                     "strength_fit": fit.to_dict() if fit else None,
+                    "closed_loop": loop,
                 }
                 rows.append(row)
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_suffix(".tmp")
                 tmp.write_text(json.dumps(row, default=str))
                 tmp.replace(cached)
+                success = ""
+                if loop is not None:
+                    success = "; success " + ", ".join(
+                        f"{h} {loop[preset][h]['all']['rate']:.0%}" for h in cfg.heads
+                    )
                 say(
                     f"seed {seed} {preset} {ab_name}: "
                     + ", ".join(f"{h} {row['shifted'][h]['mse']:.3f}" for h in cfg.heads)
-                    + f"; drift {row['paired_drift']:.3f}; audit {row['audit']}"
+                    + f"; drift {row['paired_drift']:.3f}; audit {row['audit']}{success}"
                 )
     return {
         "config": asdict(cfg),
@@ -518,6 +544,42 @@ def run_benchmark(
         "runs": rows,
         "summary": summarize(rows, cfg.heads),
     }
+
+
+def _closed_loop_row(
+    bundle: Bundle,
+    cfg: BenchmarkConfig,
+    policies: dict[str, Policy],
+    encoder: nn.Module,
+    sites: tuple[str, ...],
+    seed: int,
+    fixed: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Success tables per site and head with `encoder` (on the held-out episodes' scenes);
+    heads that read no backbone, and the expert, are run once per site (cached in `fixed`)."""
+    from dynaflip_adapt.workflows.rollout import RolloutRequest, closed_loop
+
+    def request(expert: bool) -> RolloutRequest:
+        return RolloutRequest(
+            sites=sites, episodes=cfg.closed_loop, seed=seed, render_size=cfg.size, expert=expert
+        )
+
+    image = {h: p for h, p in policies.items() if p.uses_image}
+    other = {h: p for h, p in policies.items() if not p.uses_image}
+    out: dict[str, dict[str, Any]] = {s: {} for s in sites}
+    report = closed_loop(request(False), bundle, image, {"encoder": encoder}) if image else None
+    for c in report.cells if report else []:
+        out[c.site][c.policy] = c.table
+    key = "|".join(sites)
+    if key not in fixed:
+        rep = closed_loop(request(True), bundle, other, {})
+        fixed[key] = {"cells": {(c.site, c.policy): c.table for c in rep.cells},
+                      "expert": rep.expert}  # fmt: skip
+    for (site, head), table in fixed[key]["cells"].items():
+        out[site][head] = table
+    for site, table in fixed[key]["expert"].items():
+        out[site]["expert"] = table
+    return out
 
 
 def _result_path(
@@ -693,7 +755,53 @@ def summarize(rows: list[dict[str, Any]], heads: Sequence[str]) -> dict[str, Any
             and s["image_heads_base_change"] <= GOAL_BASE_INCREASE
             and s["audit_passed"] == s["audit_runs"]
         )
+        if all(r.get("closed_loop") for r in mine) and mine:
+            s["closed_loop"] = _closed_loop_summary(mine, none, heads)
         out[ab] = s
+    return out
+
+
+def _closed_loop_summary(
+    mine: list[dict[str, Any]], none: dict[tuple[str, int], dict[str, Any]], heads: Sequence[str]
+) -> dict[str, Any]:
+    """Success rates (mean and sd over presets and seeds) at the shifted and the base site per
+    head, their change against no adaptation on the same (preset, seed), and the goal: the
+    image heads' shifted-site success up by GOAL_REDUCTION relative, base-site success within
+    the no-adaptation run's 95% interval."""
+    out: dict[str, Any] = {"heads": {}}
+    gains: list[float] = []
+    kept: list[bool] = []
+    for h in heads:
+        shifted, base, gain, rel = [], [], [], []
+        for r in mine:
+            ref = none[(r["preset"], r["seed"])]["closed_loop"]
+            sh, rs = r["closed_loop"][r["preset"]][h]["all"], ref[r["preset"]][h]["all"]
+            b, rb = r["closed_loop"]["base"][h]["all"], ref["base"][h]["all"]
+            shifted.append(sh["rate"])
+            base.append(b["rate"])
+            gain.append(sh["rate"] - rs["rate"])
+            if rs["rate"] > 0:
+                rel.append(sh["rate"] / rs["rate"] - 1)
+            if h in IMAGE_HEADS:
+                kept.append(rb["ci95"][0] <= b["rate"] <= rb["ci95"][1] or b["rate"] >= rb["rate"])
+        out["heads"][h] = {
+            "shifted_success": _mean_sd(shifted),
+            "base_success": _mean_sd(base),
+            "success_gain": _mean_sd(gain),
+            "relative_gain": _mean_sd(rel) if rel else None,
+        }
+        if h in IMAGE_HEADS and rel:
+            gains.append(statistics.fmean(rel))
+    ref_rows = [none[(r["preset"], r["seed"])]["closed_loop"] for r in mine]
+    out["expert"] = {
+        "shifted_success": _mean_sd([x[r["preset"]]["expert"]["all"]["rate"]
+                                     for x, r in zip(ref_rows, mine, strict=True)]),
+        "base_success": _mean_sd([x["base"]["expert"]["all"]["rate"] for x in ref_rows]),
+    }  # fmt: skip
+    out["image_heads_relative_gain"] = statistics.fmean(gains) if gains else math.nan
+    out["image_heads_base_kept"] = all(kept)
+    out["goal_met"] = bool(gains and out["image_heads_relative_gain"] >= GOAL_REDUCTION
+                           and all(kept))  # fmt: skip
     return out
 
 

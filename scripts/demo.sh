@@ -6,7 +6,7 @@
 #   base site logs -> reference policies on the shipped backbone -> shifted-site logs
 #   -> 3D flow check -> finetune a LoRA adapter (retaining the base site's encoding, at the
 #   strength the pinned policies accept) -> attention maps -> audit -> promote
-#   -> evaluate on held-out episodes (the gain) -> history -> roll back
+#   -> evaluate on held-out episodes (the gain, offline and in closed loop) -> history -> roll back
 #   -> export the merged encoder
 set -euo pipefail
 OUT=${DEMO_OUT:-$PWD/demo_out}
@@ -60,6 +60,9 @@ echo "==> the gain: action error on held-out '$SITE' episodes, base encoder vs a
 echo "    and on held-out base episodes (retention)"
 da eval logs "$OUT/heldout/$SITE.h5" --adapter "$NEW" --base-logs "$OUT/heldout/base.h5" \
   --paired-logs "$OUT/heldout/base.h5"
+echo "==> closed loop: does the robot still succeed? Success at both sites, base encoder vs adapter v$NEW,"
+echo "    on 20 paired episodes per site (the held-out episodes' scenes), the scripted expert as the ceiling"
+da eval rollout --site "$SITE" --site base --policies-of "$SITE" --adapter "$NEW" --episodes 20 --seed 300
 da history --site "$SITE"
 
 echo "==> roll back (to the previous promotion, if there is one)"

@@ -116,7 +116,12 @@ def test_diffusion_head_learns_generalises_and_is_deterministic(tmp_path):
     again = load_policy(tmp_path / "p")
     with torch.no_grad():
         assert torch.allclose(again.act(ft, pt), pred, atol=1e-6)
-    assert again.spec["inputs"] == {"image": True, "proprio": True, "language": False}
+    assert again.spec["inputs"] == {
+        "image": True,
+        "reads": "features",
+        "proprio": True,
+        "language": False,
+    }
 
 
 def _row(preset, seed, ab, shifted, base, drift=0.5, audit="compatible"):
@@ -233,7 +238,7 @@ def test_eval_benchmark_end_to_end(tmp_path):
                             "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     out = tmp_path / "res" / "ood.json"
-    args = ["eval", "benchmark", "-p", "night_shift", "-s", "0", "-a", "default",
+    args = ["eval", "benchmark", "-p", "night_shift", "-s", "0", "-a", "default", "--closed-loop", "0",
             "--steps", "2", "--episodes", "2", "--test-episodes", "2",
             "--frames", "12", "--size", "32", "--policy-steps", "20",
             "--set", "data.num_workers=0", "--set", "optim.batch_size=4",
@@ -251,7 +256,7 @@ def test_eval_benchmark_end_to_end(tmp_path):
     # Trained policies and adapters are kept too; a run recomputed with the reloaded policies
     # and adapter (every score redone) gives the same row as with the freshly trained ones.
     kept_policies = sorted(p.name.split("_s0_")[0] for p in (tmp_path / "w" / "policies").iterdir())
-    assert kept_policies == sorted(["bc", "diffusion", "image_only", "proprio_only"])
+    assert kept_policies == sorted(["bc", "diffusion", "image_only", "proprio_only", "cnn"])
     (tmp_path / "w" / "results" / kept[0]).unlink()
     r3 = runner.invoke(app, args)
     assert r3.exit_code == 0, r3.output

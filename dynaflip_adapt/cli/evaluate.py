@@ -11,7 +11,14 @@ import typer
 from rich.table import Table
 
 from dynaflip_adapt.cli.common import AdapterOpt, JsonOpt, LogsArg, OverwriteOpt
-from dynaflip_adapt.cli.output import console, err_console, print_json, registry
+from dynaflip_adapt.cli.output import (
+    console,
+    err_console,
+    print_json,
+    progress_enabled,
+    registry,
+)
+from dynaflip_adapt.errors import InputError
 
 app = typer.Typer(
     help="Out-of-distribution evaluation: action error with the base encoder vs adapters.",
@@ -150,6 +157,227 @@ def logs_cmd(
     c.print(f"audit: [{COLORS[report.verdict]}]{report.verdict}[/]")
 
 
+@app.command("rollout")
+def rollout_cmd(
+    ctx: typer.Context,
+    site: Annotated[
+        list[str],
+        typer.Option(
+            "--site",
+            help="Site to run at (repeatable): a preset, random-N, or SITE-camera-CAMERA.",
+        ),
+    ],
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", help="Policy version/alias or folder (repeatable)."),
+    ] = None,
+    policies_of: Annotated[
+        str | None,
+        typer.Option("--policies-of", help="Every active policy pinned to this site."),
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", "-a", help="Also run with this adapter merged in (repeatable)."),
+    ] = None,
+    no_base: Annotated[
+        bool, typer.Option("--no-base", help="Skip the base encoder (adapters only).")
+    ] = False,
+    backbone: Annotated[
+        str | None,
+        typer.Option("--backbone", "-b", help="Backbone (default: the adapters', else base)."),
+    ] = None,
+    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1, help="Per cell.")] = 20,
+    seed: Annotated[
+        int,
+        typer.Option("--seed", help="Episode seed: episode i is `sim generate --seed` episode i."),
+    ] = 1000,
+    horizon: Annotated[
+        int, typer.Option("--horizon", min=1, help="Steps before an episode fails.")
+    ] = 50,
+    render_size: Annotated[
+        int,
+        typer.Option(
+            "--render-size", min=16, max=640, help="Rendered size (that of the training logs)."
+        ),
+    ] = 128,
+    envs: Annotated[int, typer.Option("--envs", min=1, help="Environments at once.")] = 16,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="Processes.")] = 2,
+    expert: Annotated[
+        bool, typer.Option("--expert/--no-expert", help="Also run the scripted expert.")
+    ] = True,
+    videos: Annotated[
+        int, typer.Option("--videos", min=0, help="Episodes per cell kept as GIFs in MLflow.")
+    ] = 2,
+    execute: Annotated[
+        int,
+        typer.Option(
+            "--execute",
+            min=1,
+            help="Diffusion heads: actions of each chunk executed before re-planning "
+            "(1: receding horizon).",
+        ),
+    ] = 1,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Closed loop: success rates of policies in the simulator, base encoder vs adapters.
+
+    Each (site, encoder, policy) cell runs the same episodes (scenes and instructions of `sim
+    generate --seed SEED`), so cells are paired; the scripted expert on those episodes is the
+    ceiling. An episode succeeds when its task's predicate holds (it then ends), and fails after
+    --horizon steps. Success per task with 95% Wilson intervals; logged to MLflow (experiment
+    dynaflip-eval) with labelled videos. Exit code 0 (the table says how it went).
+    """
+    from dynaflip_adapt.cli.sim import _require_mujoco
+    from dynaflip_adapt.outputs import check_output_file
+    from dynaflip_adapt.workflows.rollout import RolloutRequest
+
+    request = RolloutRequest(
+        sites=tuple(site),
+        episodes=episodes,
+        seed=seed,
+        horizon=horizon,
+        render_size=render_size,
+        envs=envs,
+        workers=workers,
+        expert=expert,
+        videos=videos,
+        execute=execute,
+    )
+    request.validate()
+    if not policy and not policies_of:
+        raise InputError(
+            None, "--policy", "no policy", "--policy V (repeatable) or --policies-of S"
+        )
+    if no_base and not adapter:
+        raise InputError(None, "--no-base", "no --adapter", "an adapter to run instead")
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)
+    _require_mujoco()
+
+    from dynaflip_adapt import activity
+    from dynaflip_adapt.adapters import open_adapter
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.cli.progress import count_progress
+    from dynaflip_adapt.lifecycle import POLICY_MODEL, load_policy_version, policies_for_site
+    from dynaflip_adapt.policies import load_policy
+    from dynaflip_adapt.registry import metric_key
+    from dynaflip_adapt.workflows.rollout import closed_loop
+
+    reg = registry(ctx)
+    encoders: dict[str, Any] = {}
+    bundle = None
+    for ref in adapter or []:
+        with activity.step(f"loading adapter {ref}"):
+            b, ad, info = open_adapter(reg, ref)
+        if bundle is not None and b.fingerprint != bundle.fingerprint:
+            raise InputError(
+                None, "--adapter", f"{ref!r} on another backbone", "adapters of one backbone"
+            )
+        bundle = b
+        encoders[f"adapter v{info.version}" if info else f"adapter {ref}"] = ad.merged().eval()
+    if bundle is None or backbone is not None:
+        loaded, _ = load_backbone(reg, backbone)
+        if bundle is not None and loaded.fingerprint != bundle.fingerprint:
+            raise InputError(
+                None, "--backbone", f"{backbone!r}", "the backbone the --adapter was trained on"
+            )
+        bundle = loaded
+    if not no_base:
+        encoders = {"base": bundle.model.image.eval(), **encoders}
+    policies: dict[str, Any] = {}
+    with activity.step("loading the policies"):
+        infos = [reg.resolve(POLICY_MODEL, r) for r in policy or [] if not Path(r).is_dir()]
+        infos += policies_for_site(reg, policies_of) if policies_of else []
+        for info in infos:
+            label = f"{info.tags.get('name', 'policy')} (v{info.version})"
+            policies[label] = load_policy_version(reg, info)
+        for r in policy or []:
+            if Path(r).is_dir():
+                policies[Path(r).name] = load_policy(r)
+    if not policies:
+        raise InputError(None, "--policies-of", repr(policies_of), "a site with policies")
+    for name, pol in policies.items():
+        fp = pol.spec["pin"].get("backbone_fingerprint")
+        if pol.uses_image and fp != bundle.fingerprint:
+            raise InputError(
+                str(pol.path or name),
+                "pin.backbone_fingerprint",
+                f"{str(fp)[:19]}...",
+                f"{bundle.fingerprint[:19]}... (the backbone of this run)",
+            )
+    n_cells = sum(len(encoders) if p.uses_image else 1 for p in policies.values()) * len(site)
+    with tempfile.TemporaryDirectory() as tmp:
+        video_dir = Path(tmp) / "videos" if videos else None
+        with count_progress(
+            "closed-loop episodes", n_cells * episodes, enabled=progress_enabled(as_json)
+        ) as advance:
+            report = closed_loop(
+                request,
+                bundle,
+                policies,
+                encoders,
+                video_dir=video_dir,
+                on_episode=lambda _label, _r: advance(),
+            )
+        data = report.to_dict()
+        with reg.run(EXPERIMENT, "rollout", {"sites": ",".join(site)}) as run:
+            run.log_params({k: v for k, v in data["request"].items() if k != "sites"})
+            metrics = {}
+            for c in report.cells:
+                for task, row in c.table.items():
+                    metrics[metric_key("success", c.site, c.encoder, c.policy, task)] = row["rate"]
+            for s, table in report.expert.items():
+                metrics[metric_key("success", s, "expert", "all")] = table["all"]["rate"]
+            metrics["episodes_per_minute"] = report.episodes_per_minute
+            run.log_metrics(0, metrics)
+            run.log_dict(data, "rollout.json")
+            if video_dir is not None and video_dir.exists():
+                run.log_artifacts(video_dir, "videos")
+            data["mlflow_run_id"] = run.run_id
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+    if as_json:
+        print_json(data)
+        return
+    print_rollout(report)
+
+
+def _rate(row: dict[str, Any]) -> str:
+    lo, hi = row["ci95"]
+    return f"{row['successes']}/{row['episodes']} [{100 * lo:.0f}-{100 * hi:.0f}%]"
+
+
+def print_rollout(report: Any) -> None:
+    """The success table: one row per cell, one column per task (successes / episodes and the
+    95% Wilson interval)."""
+    cells = report.cells
+    tasks = sorted({t for c in cells for t in c.table if t != "all"})
+    table = Table(
+        title=f"closed loop: success over {report.request.episodes} paired episodes "
+        f"(seed {report.request.seed}), 95% Wilson intervals"
+    )
+    for col in ("site", "encoder", "policy", *tasks, "all"):
+        table.add_column(col, no_wrap=col in ("site", "encoder"))
+    for s, t in report.expert.items():
+        table.add_row(
+            s, "-", "scripted expert", *[_rate(t[k]) for k in tasks if k in t], _rate(t["all"])
+        )
+    for c in cells:
+        table.add_row(
+            c.site, c.encoder, c.policy, *[_rate(c.table[t]) for t in tasks], _rate(c.table["all"])
+        )
+    con = console()
+    con.print(table)
+    con.print(
+        f"{sum(len(c.episodes) for c in cells)} policy episodes in {report.seconds:.0f} s "
+        f"({report.episodes_per_minute:.0f} per minute)",
+        highlight=False,
+    )
+
+
 @app.command("benchmark")
 def benchmark_cmd(
     ctx: typer.Context,
@@ -195,13 +423,27 @@ def benchmark_cmd(
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="The policies' declared tolerance (audit).")
     ] = 0.25,
-    frames: Annotated[int, typer.Option("--frames", min=8, help="Frames per episode.")] = 50,
+    frames: Annotated[
+        int, typer.Option("--frames", min=10, help="The most frames per episode.")
+    ] = 50,
     size: Annotated[
         int, typer.Option("--size", min=16, max=640, help="Rendered image size (pixels).")
     ] = 128,
     policy_steps: Annotated[
-        int, typer.Option("--policy-steps", min=1, help="Optimizer steps per policy head.")
-    ] = 1500,
+        int | None,
+        typer.Option(
+            "--policy-steps", min=1, help="Optimizer steps per policy head (default: each head's)."
+        ),
+    ] = None,
+    closed_loop: Annotated[
+        int,
+        typer.Option(
+            "--closed-loop",
+            min=0,
+            help="Closed-loop episodes per site and head in every run (success rates beside the "
+            "offline error; 0: offline only).",
+        ),
+    ] = 20,
     backbone: Annotated[
         str | None, typer.Option("--backbone", "-b", help="Backbone (default: base).")
     ] = None,
@@ -219,13 +461,14 @@ def benchmark_cmd(
 ) -> None:
     """The OOD benchmark: presets x seeds x ablations on simulator logs, mean ± sd.
 
-    Per seed, policies (bc, diffusion, image-only, proprio-only control) are trained on base
-    features of base-site logs; per preset, adapters are trained on the shifted site's logs
-    with each ablation; every encoder is scored on held-out shifted episodes, on held-out base
-    episodes (retention), by paired drift, and audited. Goal: >= 22.5% lower shifted-site error
-    for the image-reading heads, base-site error within +3%, audit compatible. Results go to
-    MLflow (experiment dynaflip-eval) with a PNG. Exit code 0 whether or not the goal is met
-    (the table says).
+    Per seed, policies (bc, diffusion, image-only; controls: proprio-only, and a CNN trained
+    from scratch on the frames) are trained on base-site logs, stopped on held-out episodes;
+    per preset (any site: presets, random-N, SITE-camera-CAMERA), adapters are trained on the
+    shifted site's logs with each ablation; every encoder is scored on held-out shifted and base
+    episodes (offline error, paired drift), in closed loop on the same scenes (success rates),
+    and audited. Goal: >= 22.5% lower shifted-site error (and higher success) for the
+    image-reading heads, the base site kept, audit passed. Results go to MLflow (experiment
+    dynaflip-eval) with a PNG. Exit code 0 whether or not the goal is met (the table says).
     """
     from dynaflip_adapt.ood import ABLATIONS
     from dynaflip_adapt.outputs import check_output_file
@@ -246,6 +489,11 @@ def benchmark_cmd(
     from dynaflip_adapt.ood import BenchmarkConfig, plot, run_benchmark
     from dynaflip_adapt.sim.sites import PRESETS
 
+    if closed_loop:
+        from dynaflip_adapt.cli.sim import _require_mujoco
+
+        _require_mujoco()
+
     reg = registry(ctx)
     rec, rec_path = load_recipe(recipe, overrides or [], kind="finetune")
     assert isinstance(rec, FinetuneRecipe)
@@ -261,6 +509,7 @@ def benchmark_cmd(
         size=size,
         policy_steps=policy_steps,
         language=language,
+        closed_loop=closed_loop,
     )
     if head:
         cfg.heads = list(head)
@@ -302,6 +551,9 @@ def benchmark_cmd(
             metrics[f"{ab}.audit_compatible_fraction"] = s["audit_compatible"] / max(
                 s["audit_runs"], 1
             )
+            for h, hs in s.get("closed_loop", {}).get("heads", {}).items():
+                metrics[f"{ab}.{h}.shifted_success"] = hs["shifted_success"]["mean"]
+                metrics[f"{ab}.{h}.base_success"] = hs["base_success"]["mean"]
         run.log_metrics(0, {k: v for k, v in metrics.items() if v == v})
         with tempfile.TemporaryDirectory() as tmp:
             dest = Path(out) if out else Path(tmp) / "ood_benchmark.json"
@@ -383,3 +635,45 @@ def print_summary(result: dict[str, Any]) -> None:
         "promotion accepts)",
         highlight=False,
     )
+    if any("closed_loop" in s for s in result["summary"].values()):
+        print_success_summary(result)
+
+
+def print_success_summary(result: dict[str, Any]) -> None:
+    """Closed-loop success per ablation and head, beside the offline table."""
+    c = console()
+    cfg = result["config"]
+    table = Table(
+        title=f"closed loop: success rate over {cfg['closed_loop']} episodes per site and run, "
+        "mean ± sd over runs (expert: the ceiling)"
+    )
+    for col in ("ablation", "head", "shifted site", "gain", "base site"):
+        table.add_column(col, justify="left" if col in ("ablation", "head") else "right")
+    for ab, s in result["summary"].items():
+        loop = s.get("closed_loop")
+        if not loop:
+            continue
+        rows = list(loop["heads"].items())
+        for i, (h, hs) in enumerate(rows):
+            table.add_row(
+                ab if i == 0 else "",
+                h,
+                _fmt(hs["shifted_success"], True).replace("%", "% "),
+                f"{100 * hs['success_gain']['mean']:+.0f} pts",
+                _fmt(hs["base_success"], True),
+            )
+        e = loop["expert"]
+        table.add_row("", "expert", _fmt(e["shifted_success"], True), "",
+                      _fmt(e["base_success"], True), end_section=True)  # fmt: skip
+    c.print(table)
+    for ab, s in result["summary"].items():
+        loop = s.get("closed_loop")
+        if loop and ab != "none":
+            ok = "[green]goal met[/]" if loop["goal_met"] else "goal not met"
+            gain = 100 * loop["image_heads_relative_gain"]
+            kept = "yes" if loop["image_heads_base_kept"] else "no"
+            c.print(
+                f"{ab}: image heads' shifted-site success {gain:+.3g}% relative, base site "
+                f"kept: {kept}: {ok}",
+                highlight=False,
+            )
