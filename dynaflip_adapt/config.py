@@ -145,6 +145,18 @@ class LossSection(_Section):
         "can tell frames apart from tiny feature differences, the features cannot hide behind it)",
     )
     flow_prediction: float = Field(0.0, ge=0, description="one-step 3D-flow prediction head")
+    point_position: float = Field(
+        0.0,
+        ge=0,
+        description="pretrain: each flow point's 3D position (relative to the scene's centroid) "
+        "regressed from the patch token at its pixel, so tokens say where things are",
+    )
+    point_motion: float = Field(
+        0.0,
+        ge=0,
+        description="pretrain: each flow point's 3D motion regressed from the tokens at its "
+        "pixel at both ends of the transition (a dense flow head)",
+    )
     single_frame: float = Field(0.0, ge=0, description="anchor on single-frame embeddings")
     variance: float = Field(
         0.0,

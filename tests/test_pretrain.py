@@ -310,3 +310,61 @@ def test_file_groups_name_each_pairs_log_file(logs):
     files = [str(pairs.episodes[int(pairs[i]["episode"])].file) for i in range(len(pairs))]
     for g in (0, 1):
         assert len({f for f, k in zip(files, groups, strict=True) if k == g}) == 1
+
+
+def test_point_tokens_sample_the_patch_grid_at_pixel_centres():
+    from dynaflip_adapt.models.backbone import Backbone, BackboneConfig
+
+    model = Backbone(BackboneConfig(32, 8, 16, 1, 2, 2.0, 8, "hashed", 8, 16, point_heads=True))
+    g = 4  # 32 px / patch 8
+    B, D = 2, 3
+    grid = torch.randn(B, D, g, g)
+    tokens = torch.cat([torch.zeros(B, 1, D), grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def uv(px: float, py: float) -> torch.Tensor:  # pixel coordinates -> normalized
+        return torch.tensor([(px + 0.5) / 32 * 2 - 1, (py + 0.5) / 32 * 2 - 1])
+
+    # The centre of patch (row 1, col 2) is pixel (2 * 8 + 3.5, 1 * 8 + 3.5).
+    at_centre = torch.stack([uv(19.5, 11.5), uv(23.5, 11.5)])[None].expand(B, -1, -1)
+    out = model.point_tokens(tokens, at_centre)
+    torch.testing.assert_close(out[:, 0], grid[:, :, 1, 2])
+    # Halfway between the centres of columns 2 and 3: their mean.
+    torch.testing.assert_close(out[:, 1], 0.5 * (grid[:, :, 1, 2] + grid[:, :, 1, 3]))
+
+
+def test_point_losses_match_their_definitions():
+    from dynaflip_adapt.config import load_recipe
+    from dynaflip_adapt.models.backbone import Backbone, BackboneConfig
+    from dynaflip_adapt.models.flow_encoder import DELTA_SCALE
+    from dynaflip_adapt.train.pretrain import POSITION_SCALE, point_losses
+
+    torch.manual_seed(0)
+    model = Backbone(BackboneConfig(32, 8, 16, 1, 2, 2.0, 8, "hashed", 8, 16, point_heads=True))
+    weights = load_recipe("pretrain/spatial")[0].loss
+    B, P = 3, 5
+    tokens = torch.randn(2 * B, 17, 16)
+    pts, delta = torch.randn(B, P, 3), torch.randn(B, P, 3) * 0.01
+    mask = torch.rand(B, P) > 0.3
+    mask[:, 0] = True
+    has = torch.tensor([True, True, False])
+    uv = torch.rand(B, P, 2) * 2 - 1
+    batch = {"flow_points": pts, "flow_delta": delta, "flow_mask": mask, "flow_pixels": uv,
+             "flow_has_pixels": has}  # fmt: skip
+    got = point_losses(model, tokens, batch, weights)
+    # Independently, item by item, over the items whose flow has pixels.
+    num_p = num_m = den = 0.0
+    for i in range(B):
+        if not has[i]:
+            continue
+        m = mask[i]
+        centre = pts[i][m].mean(0)
+        t0 = model.point_tokens(tokens[i : i + 1], uv[i : i + 1])[0]
+        t1 = model.point_tokens(tokens[B + i : B + i + 1], uv[i : i + 1])[0]
+        with torch.no_grad():
+            pos = model.point_position(t0)
+            mot = model.point_motion(torch.cat([t0, t1 - t0], -1))
+        num_p += float((((pos - (pts[i] - centre) / POSITION_SCALE) ** 2)[m]).sum())
+        num_m += float((((mot - delta[i] * DELTA_SCALE) ** 2)[m]).sum())
+        den += 3 * float(m.sum())
+    assert float(got["point_position"]) == pytest.approx(num_p / den, rel=1e-5)
+    assert float(got["point_motion"]) == pytest.approx(num_m / den, rel=1e-5)

@@ -130,4 +130,11 @@ class FramePairDataset(Dataset[dict[str, Any]]):
             item["flow_points"] = torch.from_numpy(pts)
             item["flow_delta"] = torch.from_numpy(delta)
             item["flow_valid"] = torch.from_numpy(valid)
+            px = r.flow_pixels(ep, self.flow_source, self.gap)
+            if px is not None and len(px) == len(pts):
+                # Normalized image coordinates ([-1, 1], pixel centres: grid_sample's
+                # align_corners=False convention), so any input size reads them alike.
+                h, w = ep.image_hw
+                uv = (px + 0.5) / np.array([w, h], np.float32) * 2.0 - 1.0
+                item["flow_pixels"] = torch.from_numpy(uv.astype(np.float32))
         return item

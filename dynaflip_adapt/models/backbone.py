@@ -46,6 +46,9 @@ class BackboneConfig:
     text_encoder: str = "minilm"
     flow_points: int = 256
     flow_width: int = 128
+    # Per-point heads on patch tokens (position and motion of tracked points): trained by the
+    # point_* pretraining terms; bundles without them load as before.
+    point_heads: bool = False
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     channel_order: str = "RGB"
@@ -101,6 +104,9 @@ class Backbone(nn.Module):
         self.text_proj = _mlp(TEXT_DIM, 2 * d, d)
         self.flow = FlowEncoder(cfg.flow_width, d)
         self.flow_pred = _mlp(w + 3, w, 3)
+        if cfg.point_heads:
+            self.point_position = _mlp(w, w, 3)
+            self.point_motion = _mlp(2 * w, w, 3)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.temporal_scale = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
@@ -135,6 +141,15 @@ class Backbone(nn.Module):
         """Displacements (B, P, 3) of centred points (B, P, 3) predicted from f(I_t)."""
         ctx = f0.unsqueeze(1).expand(-1, points.shape[1], -1)
         return self.flow_pred(torch.cat([ctx, points], dim=-1))
+
+    def point_tokens(self, tokens: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, 1 + N, D) sampled bilinearly at image points uv (B, P, 2) in
+        normalized coordinates ([-1, 1], pixel centres) -> (B, P, D)."""
+        B, n, D = tokens.shape
+        g = round((n - 1) ** 0.5)
+        grid = tokens[:, 1:].transpose(1, 2).reshape(B, D, g, g)
+        out = F.grid_sample(grid, uv[:, :, None, :], mode="bilinear", align_corners=False)
+        return out[..., 0].transpose(1, 2)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("image.")}

@@ -65,9 +65,13 @@ class PretrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+POSITION_SCALE = 0.1  # metres: point positions (relative to their centroid) in these units
+
+
 def backbone_config(recipe: PretrainRecipe) -> BackboneConfig:
     m = recipe.model
     return BackboneConfig(
+        point_heads=recipe.loss.point_position > 0 or recipe.loss.point_motion > 0,
         image_size=m.image_size,
         patch_size=m.patch_size,
         width=m.width,
@@ -113,8 +117,11 @@ def trimodal_losses(
     The area and cosine weights ramp up over ``weights.anchor_ramp_steps`` (see LossSection).
     """
     rgb = torch.cat([batch["rgb0"], batch["rgb1"]])
+    points = (weights.point_position > 0 or weights.point_motion > 0) and model.cfg.point_heads
     with torch.set_grad_enabled(image_grad and torch.is_grad_enabled()):
-        f = model.features(rgb)
+        x = model.preprocess(rgb)
+        tokens = model.image.tokens(x) if points else None
+        f = tokens[:, 0] if tokens is not None else model.image(x)
     f0, f1 = f.chunk(2)
     a = model.embed_transition(f0, f1)
     b = model.embed_text(text_table[batch["text"]])
@@ -141,6 +148,8 @@ def trimodal_losses(
     if weights.flow_prediction > 0:
         pred = model.predict_flow(f0, feats[..., :3])
         parts["flow_prediction"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, mask)
+    if tokens is not None:
+        parts |= point_losses(model, tokens, batch, weights)
     if weights.variance > 0:
         parts["variance"] = variance_floor(f.float(), weights.variance_target)
     ramp = 1.0
@@ -150,6 +159,32 @@ def trimodal_losses(
     total = sum(getattr(weights, k) * scale.get(k, 1.0) * v for k, v in parts.items())
     assert isinstance(total, torch.Tensor)
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def point_losses(
+    model: Backbone, tokens: torch.Tensor, batch: dict[str, Any], weights: Any
+) -> dict[str, torch.Tensor]:
+    """Per-point terms on the patch tokens of both frames (B2 = 2B, 1 + N, D): each tracked
+    point's 3D position relative to its frame's valid points' centroid, from the token at its
+    pixel at frame t, and its motion to t + k, from the tokens there at both ends. Items whose
+    flow has no pixel coordinates are left out."""
+    t0, t1 = tokens.chunk(2)
+    mask = batch["flow_mask"] & batch["flow_has_pixels"][:, None]
+    uv = batch["flow_pixels"]
+    p0 = model.point_tokens(t0, uv)
+    out: dict[str, torch.Tensor] = {}
+    if weights.point_position > 0:
+        m = mask.float().unsqueeze(-1)
+        centre = (batch["flow_points"] * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(
+            min=1.0
+        )
+        target = (batch["flow_points"] - centre) / POSITION_SCALE
+        out["point_position"] = masked_mse(model.point_position(p0), target, mask)
+    if weights.point_motion > 0:
+        p1 = model.point_tokens(t1, uv)
+        pred = model.point_motion(torch.cat([p0, p1 - p0], dim=-1))
+        out["point_motion"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, mask)
+    return out
 
 
 def image_only_losses(

@@ -26,10 +26,16 @@ def resize_uint8(rgb: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sample_points(
-    points: np.ndarray, delta: np.ndarray, valid: np.ndarray, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    points: np.ndarray,
+    delta: np.ndarray,
+    valid: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    pixels: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
     """Up to `n` valid points, half of them moving when there are enough (moving points are a
-    few percent of a scene, and they carry the dynamics); padded with masked zeros."""
+    few percent of a scene, and they carry the dynamics); padded with masked zeros. With
+    `pixels` (P, 2), their image coordinates too (a fourth array)."""
     idx_valid = np.flatnonzero(valid)
     moving = idx_valid[np.linalg.norm(delta[idx_valid], axis=-1) > MOVING]
     static = np.setdiff1d(idx_valid, moving, assume_unique=True)
@@ -44,7 +50,11 @@ def sample_points(
     D = np.zeros((n, 3), np.float32)
     M = np.zeros(n, bool)
     P[: len(idx)], D[: len(idx)], M[: len(idx)] = points[idx], delta[idx], True
-    return P, D, M
+    if pixels is None:
+        return P, D, M
+    U = np.zeros((n, 2), np.float32)
+    U[: len(idx)] = pixels[idx]
+    return P, D, M, U
 
 
 class TripletDataset(Dataset[dict[str, Any]]):
@@ -82,18 +92,29 @@ class TripletDataset(Dataset[dict[str, Any]]):
             "episode": it["episode"],
         }
         n = self.n_points
+        # Image coordinates of the points, where the logs have them (zeros and no mask: the
+        # per-point terms then skip the item; every item has the key so batches collate).
+        u = np.zeros((n, 2), np.float32)
+        has_pixels = False
         if self.has_flow:
             rng = np.random.default_rng([self.seed, i])
-            p, d, m = sample_points(
+            px = it.get("flow_pixels")
+            drawn = sample_points(
                 it["flow_points"].numpy(),
                 it["flow_delta"].numpy(),
                 it["flow_valid"].numpy(),
                 n,
                 rng,
+                None if px is None else px.numpy(),
             )
+            p, d, m = drawn[:3]
+            if px is not None:
+                u, has_pixels = drawn[3], True
         else:
             p, d, m = np.zeros((n, 3), np.float32), np.zeros((n, 3), np.float32), np.zeros(n, bool)
         out["flow_points"] = torch.from_numpy(p)
         out["flow_delta"] = torch.from_numpy(d)
         out["flow_mask"] = torch.from_numpy(m)
+        out["flow_pixels"] = torch.from_numpy(u)
+        out["flow_has_pixels"] = torch.tensor(has_pixels)
         return out
