@@ -1,4 +1,4 @@
-"""Held-out evaluation of a backbone against baselines (the README's backbone table).
+"""Held-out evaluation of a backbone against baselines (docs/results/2026-11-backbone.md).
 
 Candidates, all evaluated on held-out triplets (sites and episodes never seen in training):
 - the backbone with its own heads;

@@ -20,7 +20,7 @@ def triangle_area(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Te
     """Area of the triangle (a_i, b_i, c_i), edge form: (B,).
 
     ``area = 0.5 * sqrt(clamp(|u|^2 |v|^2 - (u.v)^2, min=eps))`` with ``u = b - a, v = c - a``.
-    The clamp keeps the gradient finite when two or three vertices coincide (DESIGN.md §2); it
+    The clamp keeps the gradient finite when two or three vertices coincide (docs/design.md); it
     also sets a floor: areas below ``0.5 * sqrt(eps) = 5e-7`` read as 5e-7. Works for any vectors,
     unit or not.
     """

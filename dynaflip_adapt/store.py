@@ -3,7 +3,7 @@
 Order: an explicit ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else an embedded sqlite
 registry under the home directory (``$DYNAFLIP_HOME``, default ``~/.dynaflip``). URIs are always
 made absolute: MLflow 3 resolves a relative sqlite path against the current directory and silently
-switches to the deprecated file store when a ``./mlruns`` folder exists (DESIGN.md §6).
+switches to the deprecated file store when a ``./mlruns`` folder exists (docs/deploy.md).
 
 This module imports nothing heavy: it runs at CLI start-up.
 """

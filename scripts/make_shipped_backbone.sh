@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the backbone shipped in dynaflip_adapt/assets/backbone:
 #   generated simulator logs from the base site and 24 random sites x 24 episodes (appearance and
-#   camera-pose diversity: DESIGN.md §7 found 8 sites too few; episodes per site: README "The
+#   camera-pose diversity: 8 sites were too few; episodes per site: docs/results/2026-11-backbone.md "The
 #   backbone"), then `pretrain --recipe pretrain/small` (2400 steps, one site per batch).
-# About 43 minutes on 2 CPU cores (logs ~5, pretraining ~38); deterministic (same fingerprint).
+# About 43 minutes on 2 CPU cores (logs ~5, pretraining ~38); deterministic (same fingerprint)
+# with the simulator it was made with (0.2.0): later simulators record other logs (CHANGELOG),
+# so the same command now trains another backbone.
 # Usage: scripts/make_shipped_backbone.sh [WORKDIR [PRETRAIN OPTIONS]]
 # Other backbones the same way: SITES, EPISODES, RECIPE (default pretrain/small) and EXPORT
 # (default: the shipped bundle's folder) from the environment.

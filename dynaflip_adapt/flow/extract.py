@@ -45,8 +45,8 @@ class ExtractConfig:
     grid: int = 4
     preset: str = "medium"
     fb_check: bool = True
-    # Defaults chosen on simulator logs (README table): 1.5 px / 6% keep 86% of moving points at
-    # a 2.9 mm median error; 1.0 px / 3% keep 80% at 2.9 mm.
+    # Defaults chosen on simulator logs (docs/design.md, the flow table): 1.5 px / 6% keep 86%
+    # of moving points at a 2.9 mm median error; 1.0 px / 3% keep 80% at 2.9 mm.
     fb_threshold: float = 1.5
     edge_tolerance: float = 0.06
     source: str | None = None

@@ -277,7 +277,8 @@ def finetune(
     if active["invariance"] and retain is None:
         warnings.append(
             "loss.invariance without --retain frames: on the OOD benchmark it then cost gain "
-            "(README, 'Does it help?'); pass --retain FLEET_LOGS or --set loss.invariance=0"
+            "(docs/results/2026-11-ood-benchmark.md); pass --retain FLEET_LOGS or "
+            "--set loss.invariance=0"
         )
     if w.replay_area > 0 and not active["replay_area"]:
         warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
