@@ -111,10 +111,17 @@ class OptimSection(_Section):
 
 
 class LossSection(_Section):
-    """Loss weights; zero disables a term."""
+    """Loss weights both recipe kinds read; zero disables a term."""
 
     area: float = Field(1.0, ge=0, description="simplex (triangle) area of the three embeddings")
     cosine: float = Field(0.5, ge=0, description="cosine regularizer, language <-> flow")
+    contrastive: float = Field(1.0, ge=0, description="InfoNCE with the area as energy")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class PretrainLoss(LossSection):
+    """Pretraining loss weights (a finetune-only key here is refused, not ignored)."""
+
     cosine_margin: float | None = Field(
         0.5,
         ge=-1,
@@ -122,15 +129,13 @@ class LossSection(_Section):
         description="keep cos(language, flow) below this (anti-degeneracy); "
         "null pulls them together",
     )
-    contrastive: float = Field(1.0, ge=0, description="InfoNCE with the area as energy")
     temperature_init: float = Field(
-        0.07, gt=0, description="pretrain: initial temperature of the learnable InfoNCE scale"
+        0.07, gt=0, description="initial temperature of the learnable InfoNCE scale"
     )
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
     pairwise: float = Field(
         0.0,
         ge=0,
-        description="pretrain: CLIP-style cosine InfoNCE from the image transition to its flow "
+        description="CLIP-style cosine InfoNCE from the image transition to its flow "
         "(in-batch negatives, both directions) and to its instruction (all instructions as "
         "negatives): "
         "the area term is zero when the image sits on either other vertex, so on its own it "
@@ -148,16 +153,15 @@ class LossSection(_Section):
     point_position: float = Field(
         0.0,
         ge=0,
-        description="pretrain: each flow point's 3D position (relative to the scene's centroid) "
+        description="each flow point's 3D position (relative to the scene's centroid) "
         "regressed from the patch token at its pixel, so tokens say where things are",
     )
     point_motion: float = Field(
         0.0,
         ge=0,
-        description="pretrain: each flow point's 3D motion regressed from the tokens at its "
+        description="each flow point's 3D motion regressed from the tokens at its "
         "pixel at both ends of the transition (a dense flow head)",
     )
-    single_frame: float = Field(0.0, ge=0, description="anchor on single-frame embeddings")
     variance: float = Field(
         0.0,
         ge=0,
@@ -166,6 +170,19 @@ class LossSection(_Section):
         "sit near one point and only their differences carry information)",
     )
     variance_target: float = Field(0.5, gt=0, description="per-dimension std floor")
+    anchor_ramp_steps: int = Field(
+        0,
+        ge=0,
+        description="ramp the area and cosine weights from 0 over these steps: minimised first, "
+        "they collapse every embedding to one point, where the contrastive term has no gradient",
+    )
+
+
+class FinetuneLoss(LossSection):
+    """Finetuning loss weights: the anchors plus the teacher's terms (a pretrain-only key
+    here is refused, not ignored)."""
+
+    single_frame: float = Field(0.0, ge=0, description="anchor on single-frame embeddings")
     distill_replay: float = Field(0.0, ge=0, description="teacher distillation, source replay")
     replay_area: float = Field(
         0.0,
@@ -207,12 +224,6 @@ class LossSection(_Section):
         ge=0,
         description="augmentation consistency on site frames (student vs itself, no teacher; "
         "an ablation: alone it collapses the features)",
-    )
-    anchor_ramp_steps: int = Field(
-        0,
-        ge=0,
-        description="ramp the area and cosine weights from 0 over these steps: minimised first, "
-        "they collapse every embedding to one point, where the contrastive term has no gradient",
     )
 
 
@@ -286,7 +297,7 @@ class PretrainRecipe(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
-    loss: LossSection = LossSection()
+    loss: PretrainLoss = PretrainLoss()
     augment: AugmentSection = Field(
         AugmentSection(enabled=False),
         description="the same kornia pipeline as finetune, one draw shared by both frames of a "
@@ -303,7 +314,7 @@ class FinetuneRecipe(_Section):
     description: str = ""
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection(lr=1e-3, warmup_steps=20, max_steps=400)
-    loss: LossSection = LossSection(distill_replay=1.0)
+    loss: FinetuneLoss = FinetuneLoss(distill_replay=1.0)
     lora: LoraSection = LoraSection()
     augment: AugmentSection = AugmentSection()
     ema: EmaSection = EmaSection()
@@ -422,6 +433,17 @@ def _loc(loc: Sequence[Any], kind: str | None) -> str:
     return ".".join(parts) or "(root)"
 
 
+def _has_key(model: type[BaseModel], loc: Sequence[Any]) -> bool:
+    """Whether the dotted key `loc` is a field of `model` (a recipe of another kind)."""
+    section: Any = model
+    for part in loc:
+        fields = getattr(section, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        section = fields[part].annotation
+    return True
+
+
 def _problems(
     err: ValidationError, kind: str | None, model: type[BaseModel]
 ) -> list[tuple[str, str, str]]:
@@ -434,7 +456,11 @@ def _problems(
                 f = getattr(section, "model_fields", {}).get(part)
                 section = f.annotation if f is not None else None
             valid = sorted(getattr(section, "model_fields", {}) or [])
-            out.append((key, "an unknown key", "one of " + ", ".join(valid)))
+            found = "an unknown key"
+            other = [k for k in RECIPE_KINDS if k != kind and _has_key(RECIPE_KINDS[k], e["loc"])]
+            if other:
+                found = f"a {other[0]} setting, which a {kind} recipe does not read"
+            out.append((key, found, "one of " + ", ".join(valid)))
             continue
         found = repr(e.get("input")) if e["type"] != "missing" else "nothing"
         msg = e["msg"]
@@ -489,7 +515,7 @@ def validate_recipe_data(data: dict[str, Any], file: str | Path | None = None) -
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(file, _problems(err, None, model)) from None
+        raise RecipeError(file, _problems(err, kind, model)) from None
 
 
 def load_recipe(
@@ -525,11 +551,14 @@ def _blame_overrides(err: RecipeError, overrides: Sequence[str]) -> RecipeError:
     every problem came from an override)."""
     given = [".".join(parse_override(o)[0]) for o in overrides]
 
-    def blame(key: str) -> str:
+    def blame(key: str, found: str) -> str:
         ours = any(key == g or key.startswith(g + ".") for g in given)
-        return f"--set {key}" if ours else key
+        # `--set lora.r=4` on a pretrain recipe adds the unknown section `lora`.
+        unknown = found.startswith("an unknown key") or found.endswith("does not read")
+        created = unknown and any(g.startswith(key + ".") for g in given)
+        return f"--set {key}" if ours or created else key
 
-    problems = [(blame(k), f, e) for k, f, e in err.problems]
+    problems = [(blame(k, f), f, e) for k, f, e in err.problems]
     mine = all(k.startswith("--set ") for k, _, _ in problems)
     return RecipeError(None if mine else err.file, problems)
 
@@ -557,6 +586,9 @@ def recipe_params(recipe: BaseModel) -> dict[str, str]:
 
 
 def recipe_hash(recipe: BaseModel) -> str:
-    """sha256 of the resolved recipe's canonical JSON (``sha256:...``)."""
-    blob = json.dumps(recipe_to_dict(recipe), sort_keys=True, separators=(",", ":"))
+    """sha256 of the resolved recipe's canonical JSON without its description (``sha256:...``):
+    two recipes that train the same way hash the same, whatever their prose says."""
+    settings = recipe_to_dict(recipe)
+    settings.pop("description", None)
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from dynaflip_adapt.cli.app import app
 from dynaflip_adapt.config import (
+    FinetuneLoss,
     FinetuneRecipe,
+    PretrainLoss,
     RecipeError,
     apply_overrides,
     list_recipes,
@@ -126,3 +128,51 @@ def test_cli_list_show_copy_validate(tmp_path):
     )
     assert r.exit_code == 2
     assert "optim.lr" in r.stderr and "lora.r" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "other"),
+    [
+        ("finetune/default", "loss.temporal", "pretrain"),
+        ("finetune/default", "loss.point_position", "pretrain"),
+        ("finetune/default", "model.width", "pretrain"),
+        ("pretrain/small", "loss.invariance", "finetune"),
+        ("pretrain/small", "lora.r", "finetune"),
+    ],
+)
+def test_a_key_of_the_other_kind_is_refused_not_ignored(name, key, other):
+    """`--set loss.temporal=1` on a finetune recipe used to validate and then do nothing."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(name, [f"{key}=1"])
+    msg = str(err.value)
+    assert msg.startswith(f"--set {key.split('.')[0]}")
+    assert f"a {other} setting" in msg and "does not read" in msg
+
+
+def test_a_misspelt_key_is_still_unknown():
+    with pytest.raises(RecipeError, match=r"--set loss.tempral: found an unknown key"):
+        load_recipe("pretrain/small", ["loss.tempral=1"])
+
+
+@pytest.mark.parametrize(
+    ("model", "trainer"),
+    [(PretrainLoss, "train/pretrain.py"), (FinetuneLoss, "train/finetune.py")],
+)
+def test_every_loss_key_a_recipe_accepts_is_read_by_its_trainer(model, trainer):
+    """The schema per kind lists only what that kind's training reads: each field name appears
+    as an attribute or key in the trainer's source."""
+    import re
+    from pathlib import Path
+
+    import dynaflip_adapt
+
+    src = (Path(dynaflip_adapt.__file__).parent / trainer).read_text()
+    unread = [k for k in model.model_fields if not re.search(rf"(\.{k}\b|\"{k}\"|'{k}')", src)]
+    assert not unread, f"{trainer} never reads loss keys {unread}"
+
+
+def test_recipe_hash_ignores_the_description_only():
+    recipe, _ = load_recipe("finetune/default")
+    same = load_recipe("finetune/default", ["description=another text"])[0]
+    other = load_recipe("finetune/default", ["loss.align=0.5"])[0]
+    assert recipe_hash(same) == recipe_hash(recipe) != recipe_hash(other)

@@ -195,7 +195,7 @@ def _tiny_backbone_and_batch(seed: int, text_ids: torch.Tensor):
 def test_temporal_term_in_feature_space_is_infonce_on_the_encoder_outputs():
     """temporal_space=features: symmetric InfoNCE of frames t and t+k on the image encoder's own
     features (hand-computed here), not through the single-frame head."""
-    from dynaflip_adapt.config import LossSection
+    from dynaflip_adapt.config import PretrainLoss
     from dynaflip_adapt.train.pretrain import trimodal_losses
 
     B = 5
@@ -203,9 +203,9 @@ def test_temporal_term_in_feature_space_is_infonce_on_the_encoder_outputs():
     text = torch.randn(3, 384)
     with torch.no_grad():
         _, feat = trimodal_losses(
-            model, batch, text, LossSection(temporal=1.0, temporal_space="features")
+            model, batch, text, PretrainLoss(temporal=1.0, temporal_space="features")
         )
-        _, head = trimodal_losses(model, batch, text, LossSection(temporal=1.0))
+        _, head = trimodal_losses(model, batch, text, PretrainLoss(temporal=1.0))
         f0 = F.normalize(model.features(batch["rgb0"]), dim=-1).double()
         f1 = F.normalize(model.features(batch["rgb1"]), dim=-1).double()
         logits = f0 @ f1.T * math.exp(float(model.temporal_scale))
@@ -236,7 +236,7 @@ def test_vocabulary_infonce_equals_a_hand_computation():
 def test_pairwise_term_is_image_flow_and_image_instruction_infonce():
     """loss.pairwise: the mean of in-batch cosine InfoNCE (transition <-> flow) and the
     instruction-vocabulary InfoNCE of the transition, recomputed here from the embeddings."""
-    from dynaflip_adapt.config import LossSection
+    from dynaflip_adapt.config import PretrainLoss
     from dynaflip_adapt.models.flow_encoder import flow_features
     from dynaflip_adapt.train.pretrain import trimodal_losses
 
@@ -244,8 +244,8 @@ def test_pairwise_term_is_image_flow_and_image_instruction_infonce():
     model, batch = _tiny_backbone_and_batch(1, torch.tensor([0, 1, 1, 2, 0, 2]))
     text = torch.randn(3, 384)
     with torch.no_grad():
-        _, parts = trimodal_losses(model, batch, text, LossSection(pairwise=1.0, label_smoothing=0))
-        _, off = trimodal_losses(model, batch, text, LossSection(label_smoothing=0))
+        _, parts = trimodal_losses(model, batch, text, PretrainLoss(pairwise=1.0, label_smoothing=0))
+        _, off = trimodal_losses(model, batch, text, PretrainLoss(label_smoothing=0))
         f0, f1 = model.features(batch["rgb0"]), model.features(batch["rgb1"])
         a = model.embed_transition(f0, f1).double()
         feats = flow_features(batch["flow_points"], batch["flow_delta"], batch["flow_mask"])

@@ -114,7 +114,7 @@ def trimodal_losses(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The pretraining objective on one batch; returns the total and its parts.
 
-    The area and cosine weights ramp up over ``weights.anchor_ramp_steps`` (see LossSection).
+    The area and cosine weights ramp up over ``weights.anchor_ramp_steps`` (see PretrainLoss).
     """
     rgb = torch.cat([batch["rgb0"], batch["rgb1"]])
     points = (weights.point_position > 0 or weights.point_motion > 0) and model.cfg.point_heads
