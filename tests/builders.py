@@ -101,3 +101,37 @@ def write_aloha_folder(
 ) -> tuple[list[Path], list[EpisodeData]]:
     eps = [make_episode(seed=20 + i, flow=False, cameras=("cam_high", "cam_low")) for i in range(n)]
     return write_aloha(folder, eps, jpeg_quality=jpeg), eps
+
+
+def _holds(check: dict) -> bool:
+    """Whether a check's value meets its limit, recomputed from value, op and limit (falls back
+    to the reported `passed` only where the value is not a number or a string)."""
+    value, limit, op = check.get("value"), check.get("limit"), check.get("op", "==")
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (value, limit))
+    if numbers and op in ("<=", ">="):
+        return value <= limit if op == "<=" else value >= limit
+    if op == "==" and isinstance(value, (str, int, float, bool)) and value is not None:
+        return value == limit
+    return bool(check["passed"])
+
+
+def expected_verdict(report: dict) -> str:
+    """An audit's verdict recomputed from its checks (not read from the report): a failed error
+    check anywhere is incompatible, no pinned policy is unaudited, any other failure a warning.
+    Also asserts that every check's `passed` agrees with its value and limit."""
+    checks = list(report["static"]) + [c for p in report["policies"] for c in p["checks"]]
+    for c in checks:
+        assert _holds(c) == bool(c["passed"]), c
+
+    def blocks(c: dict) -> bool:
+        return not _holds(c) and c.get("severity", "error") == "error"
+
+    if any(blocks(c) for c in report["static"]):
+        return "incompatible"
+    if not report["policies"]:
+        return "unaudited"
+    if any(blocks(c) for p in report["policies"] for c in p["checks"]):
+        return "incompatible"
+    if any(not _holds(c) for c in checks):
+        return "warning"
+    return "compatible"

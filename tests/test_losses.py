@@ -166,9 +166,18 @@ def test_masked_mse_ignores_masked_points():
 
 
 def test_bf16_inputs_are_computed_in_fp32():
-    a, b, c = (_unit(4, 8, seed=s) for s in (26, 27, 28))
-    out = triangle_area(a.bfloat16(), b.bfloat16(), c.bfloat16())
+    """bf16 inputs (autocast) are upcast before the arithmetic, not after: the result matches
+    the fp64 Gram-determinant area of the same (bf16-rounded) vectors to fp32 precision. Doing
+    the sums in bf16 and casting the result (8 mantissa bits) misses by ~1e-2 relative."""
+    a, b, c = (_unit(64, 128, seed=s) for s in (26, 27, 28))
+    a16, b16, c16 = a.bfloat16(), b.bfloat16(), c.bfloat16()
+    out = triangle_area(a16, b16, c16)
     assert out.dtype == torch.float32
+    ref = gram_area(a16.double(), b16.double(), c16.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-7)
+    u, v = b16 - a16, c16 - a16  # what bf16 arithmetic gives
+    in_bf16 = 0.5 * torch.sqrt((u * u).sum(-1) * (v * v).sum(-1) - ((u * v).sum(-1)) ** 2)
+    assert float((in_bf16.double() - ref).abs().max()) > 1e-4  # the check can tell them apart
 
 
 def _tiny_backbone_and_batch(seed: int, text_ids: torch.Tensor):
@@ -244,7 +253,9 @@ def test_pairwise_term_is_image_flow_and_image_instruction_infonce():
     model, batch = _tiny_backbone_and_batch(1, torch.tensor([0, 1, 1, 2, 0, 2]))
     text = torch.randn(3, 384)
     with torch.no_grad():
-        _, parts = trimodal_losses(model, batch, text, PretrainLoss(pairwise=1.0, label_smoothing=0))
+        _, parts = trimodal_losses(
+            model, batch, text, PretrainLoss(pairwise=1.0, label_smoothing=0)
+        )
         _, off = trimodal_losses(model, batch, text, PretrainLoss(label_smoothing=0))
         f0, f1 = model.features(batch["rgb0"]), model.features(batch["rgb1"])
         a = model.embed_transition(f0, f1).double()

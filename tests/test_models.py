@@ -158,3 +158,26 @@ def test_bundle_refuses_path_traversal_and_truncation(tmp_path):
     img.write_bytes(img.read_bytes()[:100])
     with pytest.raises(InputError, match="tampered or truncated"):
         load_bundle(out2)
+
+
+def test_pos_embed_resize_keeps_rows_as_rows(tmp_path):
+    """A checkpoint whose position embedding encodes (row, column) in two channels, resized from
+    an 8x8 to a 4x4 grid: channel 0 must still vary down the rows only and channel 1 across the
+    columns only (a transposed resize swaps them; a square grid hides it from a shape check)."""
+    src = VisionTransformer(64, 8, 32, 2, 2, 4.0)
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    pos = state["pos_embed"].clone()
+    pos[0, 1:, 0] = rows.reshape(-1)
+    pos[0, 1:, 1] = cols.reshape(-1)
+    state["pos_embed"] = pos
+    p = tmp_path / "vit.safetensors"
+    save_file(state, str(p))
+    smaller = VisionTransformer(32, 8, 32, 2, 2, 4.0)
+    load_timm_checkpoint(smaller, p)
+    grid = smaller.pos_embed.detach()[0, 1:, :2].reshape(4, 4, 2)
+    torch.testing.assert_close(grid[..., 0], grid[:, :1, 0].expand(4, 4))  # constant in a row
+    torch.testing.assert_close(grid[..., 1], grid[:1, :, 1].expand(4, 4))  # constant in a column
+    assert bool((grid[1:, 0, 0] > grid[:-1, 0, 0]).all())  # rows increase downwards
+    assert bool((grid[0, 1:, 1] > grid[0, :-1, 1]).all())
+    torch.testing.assert_close(smaller.pos_embed.detach()[0, 0], pos[0, 0])  # CLS kept

@@ -368,3 +368,29 @@ def test_point_losses_match_their_definitions():
         den += 3 * float(m.sum())
     assert float(got["point_position"]) == pytest.approx(num_p / den, rel=1e-5)
     assert float(got["point_motion"]) == pytest.approx(num_m / den, rel=1e-5)
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 2])
+def test_grouped_sampler_batches_hold_whole_chunks_of_one_group(epoch):
+    """The property the grouped batches exist for, which a sampler ignoring `groups` breaks:
+    with group sizes that are multiples of the chunk, every aligned chunk of the stream is one
+    group; otherwise the group changes at most (number of chunks - 1) times per epoch (a random
+    permutation of these 21 pairs changes group ~14 times)."""
+    import itertools
+    import math
+
+    from dynaflip_adapt.train.common import ResumableSampler
+
+    groups = [0] * 8 + [1] * 4 + [2] * 12
+    stream = list(itertools.islice(iter(ResumableSampler(24, seed=5, groups=groups, chunk=4)), 72))
+    ep = stream[24 * epoch : 24 * (epoch + 1)]
+    assert sorted(ep) == list(range(24))
+    for k in range(0, 24, 4):
+        assert len({groups[i] for i in ep[k : k + 4]}) == 1, (k, ep[k : k + 4])
+
+    uneven = [0] * 7 + [1] * 5 + [2] * 9
+    s = list(itertools.islice(iter(ResumableSampler(21, seed=3, groups=uneven, chunk=4)), 63))
+    ep = s[21 * epoch : 21 * (epoch + 1)]
+    switches = sum(uneven[a] != uneven[b] for a, b in itertools.pairwise(ep))
+    chunks = sum(math.ceil(uneven.count(g) / 4) for g in (0, 1, 2))
+    assert switches <= chunks - 1

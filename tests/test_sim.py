@@ -290,3 +290,30 @@ def test_objects_are_named_in_language():
     spec = make_spec("reach", np.random.default_rng(0))
     assert any(w in spec.language for w in words)
     assert f"{OBJECTS[spec.target][2]} {OBJECTS[spec.target][1]}" in spec.language
+
+
+@pytest.mark.parametrize("task", ["pick_place", "push"])
+def test_the_object_the_instruction_names_is_the_one_that_moves(task):
+    """Read back by MuJoCo body name (not the generator's own index): the body whose colour the
+    instruction names is the one the expert displaced, and no other object moved as far."""
+    import mujoco
+
+    physics = TabletopEnv(PRESETS["base"], 32, render=False)
+    colours = [c for _, _, c, _ in OBJECTS]
+    bodies = {c: physics.model.body(name).id for name, _, c, _ in OBJECTS}
+
+    def where() -> dict[str, np.ndarray]:
+        mujoco.mj_forward(physics.model, physics.data)
+        return {c: physics.data.xpos[b][:2].copy() for c, b in bodies.items()}
+
+    for seed in range(6):
+        spec = make_spec(task, E.episode_rngs(seed)[0])
+        named = [c for c in colours if f"{c} " in spec.language]
+        assert len(named) == 1, spec.language
+        E.reset(physics, spec)
+        before = where()
+        assert run_expert(physics, seed, task, 50)
+        moved = {c: float(np.linalg.norm(where()[c] - before[c])) for c in colours}
+        assert moved[named[0]] > 0.04, (spec.language, moved)
+        assert all(moved[c] < 0.5 * moved[named[0]] for c in colours if c != named[0]), moved
+    physics.close()
