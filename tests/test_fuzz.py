@@ -204,6 +204,13 @@ def test_random_recipes_validate_or_fail_in_one_line(tmp_path_factory, base, edi
     assert "Traceback" not in r.output and "internal error" not in r.output, (doc, r.output)
     if r.exit_code == 2:
         lines = [x for x in r.stderr.splitlines() if x.strip()]
-        # One line per problem, each naming the file, and nothing else.
-        assert lines and all(x.startswith("fail ") and "recipe.yaml" in x for x in lines), lines
-        assert all("expected" in x for x in lines), lines
+        # One line per problem, each naming the file and one key: a shipped recipe is valid,
+        # so every problem is an edited key (or a section above one), or the missing kind.
+        assert lines and all(x.startswith(f"fail {p}: ") for x in lines), lines
+        keys = [x[len(f"fail {p}: ") :].split(": found ", 1)[0] for x in lines]
+        assert all(x.count(", expected ") == 1 for x in lines), lines
+        assert len(set(keys)) == len(keys) <= len(edits) + 1, lines
+        for k in keys:
+            assert k == "kind" or any(e == k or e.startswith(k + ".") for e in edits), (k, edits)
+    else:
+        assert r.stdout.strip().splitlines()[-1].startswith("ok "), r.stdout
