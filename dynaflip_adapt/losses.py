@@ -139,12 +139,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1]).clamp(min=1.0)
 
 
-def feature_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean ``1 - cos(student_i, teacher_i)``; the teacher gets no gradient."""
-    student, teacher = _f32(student, teacher)
-    return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
-
-
 def variance_floor(x: torch.Tensor, target: float, eps: float = 1e-4) -> torch.Tensor:
     """VICReg's variance term (Bardes et al. 2022): mean over dimensions of
     ``relu(target - sqrt(var_batch + eps))`` for features (B, D)."""

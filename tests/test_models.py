@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -181,3 +182,21 @@ def test_pos_embed_resize_keeps_rows_as_rows(tmp_path):
     assert bool((grid[1:, 0, 0] > grid[:-1, 0, 0]).all())  # rows increase downwards
     assert bool((grid[0, 1:, 1] > grid[0, :-1, 1]).all())
     torch.testing.assert_close(smaller.pos_embed.detach()[0, 0], pos[0, 0])  # CLS kept
+
+
+def test_minilm_encoder_of_the_shipped_backbone_embeds_meaning():
+    """all-MiniLM-L6-v2 from its wheel (the shipped backbone's language anchor): unit vectors of
+    384 dimensions, deterministic, and a paraphrase sits closer than another task on another
+    object (which a hashed bag of words cannot do: the pairs below share no more words)."""
+    enc = get_text_encoder("minilm")
+    texts = [
+        "push the red cube to the left",
+        "slide the red block leftwards",
+        "reach above the blue cylinder",
+        "push the red cube to the left",
+    ]
+    e = enc.encode(texts)
+    assert e.shape == (4, 384) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(e[0], e[3], atol=1e-6)
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.1, (e[0] @ e[1], e[0] @ e[2])
