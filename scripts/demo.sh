@@ -59,10 +59,11 @@ da promote "$NEW" --site "$SITE" || da promote "$NEW" --site "$SITE" --force --r
 echo "==> the gain: action error on held-out '$SITE' episodes, base encoder vs adapter v$NEW,"
 echo "    and on held-out base episodes (retention)"
 da eval logs "$OUT/heldout/$SITE.h5" --adapter "$NEW" --base-logs "$OUT/heldout/base.h5" \
-  --paired-logs "$OUT/heldout/base.h5"
+  --paired-logs "$OUT/heldout/base.h5" --out "$OUT/eval_logs.json" --overwrite
 echo "==> closed loop: does the robot still succeed? Success at both sites, base encoder vs adapter v$NEW,"
 echo "    on 20 paired episodes per site (the held-out episodes' scenes), the scripted expert as the ceiling"
-da eval rollout --site "$SITE" --site base --policies-of "$SITE" --adapter "$NEW" --episodes 20 --seed 300
+da eval rollout --site "$SITE" --site base --policies-of "$SITE" --adapter "$NEW" --episodes 20 --seed 300 \
+  --out "$OUT/rollout.json" --overwrite
 da history --site "$SITE"
 
 echo "==> roll back (to the previous promotion, if there is one)"
@@ -70,4 +71,7 @@ da rollback --site "$SITE" --reason "demo rollback" || echo "(nothing to roll ba
 
 echo "==> export the merged image-only encoder (standalone, verified)"
 da export "$NEW" --out "$OUT/export" --format torchscript --overwrite
-echo "demo done: logs in $OUT/logs, MLflow store in $DYNAFLIP_HOME (mlflow ui --backend-store-uri sqlite:///$DYNAFLIP_HOME/mlflow.db)"
+echo
+echo "==> summary"
+python "$(dirname "$0")/demo_summary.py" "$OUT" "$SITE" "$NEW" "$SECONDS"
+echo "logs in $OUT/logs, MLflow store in $DYNAFLIP_HOME (mlflow ui --backend-store-uri sqlite:///$DYNAFLIP_HOME/mlflow.db)"

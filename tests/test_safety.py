@@ -450,3 +450,14 @@ def test_sigterm_during_finetune_is_handled_like_ctrl_c(tmp_path):
     runs = Registry(resolve_store()).search_runs(FINETUNE_EXPERIMENT, "")
     assert [r.info.status for r in runs] == ["KILLED"]
     assert "dynaflip.reaped" not in runs[0].data.tags  # ended by itself, not by a later reaper
+
+
+def test_eval_logs_out_refuses_an_existing_file_and_writes_its_json(fleet, tmp_path):
+    out = tmp_path / "eval.json"
+    out.write_text("mine")
+    args = ["eval", "logs", fleet["logs"], "--adapter", fleet["lab"], "--out", str(out)]
+    line = refused(args, 2)
+    assert "--overwrite" in line and out.read_text() == "mine"
+    printed = ok([*args, "--overwrite"])
+    written = json.loads(out.read_text())
+    assert written["reduction"] == printed["reduction"] and written["site"] == "lab"

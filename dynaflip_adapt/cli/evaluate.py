@@ -53,6 +53,10 @@ def logs_cmd(
     site: Annotated[
         str | None, typer.Option("--site", help="Policies of this site (default: the adapter's).")
     ] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Also write the JSON here.")
+    ] = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Action error of a site's policies on held-out shifted logs: base encoder vs adapter.
@@ -67,10 +71,13 @@ def logs_cmd(
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
     from dynaflip_adapt.ood import evaluate_encoder
+    from dynaflip_adapt.outputs import check_output_file
     from dynaflip_adapt.policies import collect, instruction_embedder
     from dynaflip_adapt.registry import metric_key
 
     adapter = one_adapter(None, adapter)
+    if out_file is not None:
+        check_output_file(out_file, overwrite=overwrite)
     reg = registry(ctx)
     bundle, ad, ainfo = open_adapter(reg, adapter)
     site = site or ad.manifest.get("site")
@@ -123,6 +130,8 @@ def logs_cmd(
         metrics |= {metric_key("base_change", p): v for p, v in out.get("base_change", {}).items()}
         run.log_metrics(0, metrics)
         run.log_dict(out, "eval.json")
+    if out_file is not None:
+        out_file.write_text(json.dumps(out, indent=1))
     if as_json:
         print_json(out)
         return

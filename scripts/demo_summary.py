@@ -1,0 +1,70 @@
+"""The demo's last screen: what the adapter did, offline and in closed loop, read back from the
+JSON that `eval logs --out` and `eval rollout --out` wrote.
+
+Usage: demo_summary.py OUT SITE VERSION SECONDS
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(x: float) -> str:
+    x = x + 0.0  # no "-0.0%"
+    colour = "green" if x < 0 else "red" if x > 0 else "white"
+    return f"[{colour}]{100 * x:+.1f}%[/]"
+
+
+def _rate(s: dict) -> str:
+    lo, hi = s["ci95"]
+    return f"{s['successes']}/{s['episodes']} [{lo:.2f}, {hi:.2f}]"
+
+
+def main(out: Path, site: str, version: str, seconds: int) -> None:
+    console = Console()
+    offline = json.loads((out / "eval_logs.json").read_text())
+    loop = json.loads((out / "rollout.json").read_text())
+    console.print(
+        f"adapter v{version} for site {site}: audit [bold]{offline['audit']}[/]; "
+        f"the demo took {seconds / 60:.1f} min"
+    )
+    t = Table(title="offline: action error change with the adapter (held-out episodes)")
+    t.add_column("policy")
+    t.add_column(f"at {site}", justify="right")
+    t.add_column("at base (retention)", justify="right")
+    for p, r in offline["reduction"].items():
+        base = offline.get("base_change", {}).get(p)
+        t.add_row(p, _pct(0.0 - r), _pct(base) if base is not None else "-")
+    console.print(t)
+    sites = list(dict.fromkeys(c["site"] for c in loop["cells"]))
+    cols = list(dict.fromkeys((c["site"], c["encoder"]) for c in loop["cells"]))
+    t = Table(title="closed loop: success on paired episodes [95% interval]")
+    t.add_column("policy")
+    for s, e in cols:
+        t.add_column(f"{s}\n{'no encoder' if e == '-' else e}", justify="right")
+    rows: dict[str, dict] = {}
+    for c in loop["cells"]:
+        rows.setdefault(c["policy"], {})[(c["site"], c["encoder"])] = c["success"]["all"]
+    expert = loop.get("expert") or {}
+    if expert:
+        first = {s: next(k for k in cols if k[0] == s) for s in sites}
+        rows["scripted expert (ceiling)"] = {
+            first[s]: expert[s]["all"] for s in sites if s in expert
+        }
+    for policy, cells in rows.items():
+        # A policy that reads no image (proprio only) is the same under every encoder.
+        t.add_row(policy, *[_rate(cells[k]) if k in cells else "" for k in cols])
+    console.print(t)
+    console.print(
+        f"sites {', '.join(sites)}; offline: change < 0 is better; "
+        "image policies should beat the proprio-only control (docs/results/)"
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
