@@ -59,8 +59,26 @@ def make_episode(
     return out
 
 
-def write_native(path: Path, n: int = 2, **kw: object) -> tuple[Path, list[EpisodeData]]:
-    eps = [make_episode(seed=i, **kw) for i in range(n)]  # type: ignore[arg-type]
+INSTRUCTIONS = (
+    "pick up the red cube",
+    "push the blue cube to the left",
+    "reach the green cylinder",
+    "put the green cylinder on the yellow plate",
+)
+
+
+def write_native(
+    path: Path, n: int = 2, *, varied_language: bool = False, **kw: object
+) -> tuple[Path, list[EpisodeData]]:
+    """`n` episodes in the native layout; `varied_language` gives episode i the instruction
+    ``INSTRUCTIONS[i % 4]`` (contrastive terms then have negatives that differ)."""
+    if varied_language:
+        eps = [
+            make_episode(seed=i, language=INSTRUCTIONS[i % len(INSTRUCTIONS)], **kw)  # type: ignore[arg-type]
+            for i in range(n)
+        ]
+    else:
+        eps = [make_episode(seed=i, **kw) for i in range(n)]  # type: ignore[arg-type]
     with NativeWriter(path) as w:
         for ep in eps:
             w.add(ep)

@@ -21,9 +21,10 @@ from dynaflip_adapt.models.flow_encoder import flow_features
 from dynaflip_adapt.train.finetune import finetune
 from dynaflip_adapt.train.pretrain import pretrain
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"
-)
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"),
+    pytest.mark.slow,  # trains real adapters on simulator logs: minutes
+]
 
 FT = ["data.num_workers=0", "optim.batch_size=8", "optim.max_steps=30", "optim.warmup_steps=3",
       "run.checkpoint_every=10", "optim.lr=3e-3", "ema.decay=0.8"]  # fmt: skip

@@ -17,6 +17,7 @@ from tests.builders import expected_verdict
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"),
     pytest.mark.shared_home,
+    pytest.mark.slow,  # one registry with trained policies and adapters for the module
 ]
 runner = CliRunner()
 FAST = ["--set", "data.num_workers=0", "--set", "optim.batch_size=8"]

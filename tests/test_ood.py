@@ -94,6 +94,7 @@ def _toy(n: int, seed: int):
     return f, p, a
 
 
+@pytest.mark.slow
 def test_diffusion_head_learns_generalises_and_is_deterministic(tmp_path):
     f, p, a = _toy(600, 0)
     ep = torch.arange(600) // 50

@@ -35,6 +35,7 @@ def _mse(policy: Policy, d: dict[str, torch.Tensor], language: bool) -> float:
     return float((((a - d["actions"]) / policy.action_scale) ** 2).mean())
 
 
+@pytest.mark.slow
 def test_a_language_conditioned_head_resolves_what_the_frame_cannot(tmp_path):
     train, test = _ambiguous_task(), _ambiguous_task(200)
     test = {k: v.flip(0) for k, v in test.items()}

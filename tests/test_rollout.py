@@ -129,6 +129,7 @@ def sim_fleet(tmp_path_factory):
 
 @needs_sim
 @pytest.mark.shared_home
+@pytest.mark.slow
 def test_eval_rollout_pairs_cells_and_logs_videos(sim_fleet, tmp_path):
     ok = sim_fleet["ok"]
     out = ok(["eval", "rollout", "--site", "base", "--site", "random-5", "--policies-of", "lab",

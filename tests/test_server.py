@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import expected_verdict
+from tests.builders import expected_verdict, write_native
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"),
     pytest.mark.skipif(
         importlib.util.find_spec("flask") is None, reason="needs the server extra (full mlflow)"
     ),
@@ -80,11 +79,10 @@ def world(tmp_path_factory, server):
     """Site logs, and a tiny base backbone registered on the server."""
     d = tmp_path_factory.mktemp("world")
     env = _env(d / "home")
-    logs = str(d / "lab.h5")
-    _cli(env, None, "sim", "generate", logs, "-n", "3", "--frames", "16", "--size", "32",
-         "--workers", "1", "--flow-stride", "4")  # fmt: skip
+    logs = str(write_native(d / "lab.h5", n=3, T=16, H=32, W=32, varied_language=True)[0])
     _cli(env, server.uri, "pretrain", logs, "-r", "pretrain/tiny", "--set", "data.num_workers=0",
-         "--set", "optim.max_steps=10", "--set", "replay.frames=16", "--set-base")  # fmt: skip
+         "--set", "optim.max_steps=10", "--set", "replay.frames=16", "--set", "data.gap=1",
+         "--set-base")  # fmt: skip
     return {"logs": logs, "env": env, "home": d / "home"}
 
 
@@ -101,7 +99,7 @@ def _cli(env: dict[str, str], uri: str | None, *args: str) -> dict:
     return json.loads(r.stdout)
 
 
-FAST = ["--set", "data.num_workers=0", "--set", "optim.batch_size=8"]
+FAST = ["--set", "data.num_workers=0", "--set", "optim.batch_size=8", "--set", "data.gap=1"]
 
 
 def test_lifecycle_against_a_tracking_server(server, world):
