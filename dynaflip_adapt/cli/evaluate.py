@@ -34,6 +34,11 @@ def _fmt(m: dict[str, float], pct: bool = False) -> str:
     return f"{m['mean']:.3g} ± {m['sd']:.2g}"
 
 
+def _mean_rate(m: dict[str, float]) -> str:
+    """A success rate's mean ± sd over runs (a rate, not a change: no sign)."""
+    return f"{100 * m['mean']:.0f}% ± {100 * m['sd']:.0f}"
+
+
 @app.command("logs")
 def logs_cmd(
     ctx: typer.Context,
@@ -667,13 +672,13 @@ def print_success_summary(result: dict[str, Any]) -> None:
             table.add_row(
                 ab if i == 0 else "",
                 h,
-                _fmt(hs["shifted_success"], True).replace("%", "% "),
+                _mean_rate(hs["shifted_success"]),
                 f"{100 * hs['success_gain']['mean']:+.0f} pts",
-                _fmt(hs["base_success"], True),
+                _mean_rate(hs["base_success"]),
             )
         e = loop["expert"]
-        table.add_row("", "expert", _fmt(e["shifted_success"], True), "",
-                      _fmt(e["base_success"], True), end_section=True)  # fmt: skip
+        table.add_row("", "expert", _mean_rate(e["shifted_success"]), "",
+                      _mean_rate(e["base_success"]), end_section=True)  # fmt: skip
     c.print(table)
     for ab, s in result["summary"].items():
         loop = s.get("closed_loop")
