@@ -32,7 +32,7 @@ def run(cmd: list[str], env: dict[str, str]) -> str:
     return r.stdout
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     env = {**os.environ, "DYNAFLIP_HOME": str(tmp_path / "home"), "MUJOCO_GL": "egl",
@@ -67,7 +67,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
 
-    os.environ["DYNAFLIP_HOME"] = env["DYNAFLIP_HOME"]
+    monkeypatch.setenv("DYNAFLIP_HOME", env["DYNAFLIP_HOME"])  # restored for later tests
     reg = Registry(resolve_store(None))
     exp = reg.client.get_experiment_by_name(FINETUNE_EXPERIMENT)
     runs = reg.client.search_runs([exp.experiment_id])

@@ -30,7 +30,7 @@ def cli(*args: str, env: dict[str, str]) -> dict:
     return json.loads(r.stdout)
 
 
-def test_sigkill_at_a_random_step_then_resume_gives_the_same_adapter(tmp_path):
+def test_sigkill_at_a_random_step_then_resume_gives_the_same_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     env = {**os.environ, "DYNAFLIP_HOME": str(tmp_path / "home"), "MUJOCO_GL": "egl"}
@@ -76,7 +76,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_adapter(tmp_path):
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
 
-    os.environ["DYNAFLIP_HOME"] = env["DYNAFLIP_HOME"]
+    monkeypatch.setenv("DYNAFLIP_HOME", env["DYNAFLIP_HOME"])  # restored for later tests
     reg = Registry(resolve_store(None))
     exp = reg.client.get_experiment_by_name(FINETUNE_EXPERIMENT)
     runs = reg.client.search_runs([exp.experiment_id], f"tags.workdir = '{work}'")

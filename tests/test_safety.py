@@ -414,7 +414,7 @@ def test_a_relative_sqlite_uri_keeps_artifacts_beside_the_database(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_sigterm_during_finetune_is_handled_like_ctrl_c(tmp_path):
+def test_sigterm_during_finetune_is_handled_like_ctrl_c(tmp_path, monkeypatch):
     import signal
     import subprocess
     import sys
@@ -442,7 +442,7 @@ def test_sigterm_during_finetune_is_handled_like_ctrl_c(tmp_path):
     assert err.strip().splitlines()[-1] == "terminated"
     assert (work / "checkpoint.pt").exists()
 
-    os.environ["DYNAFLIP_HOME"] = env["DYNAFLIP_HOME"]
+    monkeypatch.setenv("DYNAFLIP_HOME", env["DYNAFLIP_HOME"])  # restored for later tests
     from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
