@@ -92,9 +92,11 @@ def audited_policies(
         pinfos = policies_for_site(registry, site) if site else []
     out = []
     for p in pinfos:
-        if p.tags.get("head") in ("cnn", "oracle"):
+        if p.tags.get("head") in ("cnn", "oracle", "proprio_only"):
             continue  # reads no backbone features: an adapter cannot change what it does
         pol = load_policy_version(registry, p)
+        if not pol.uses_image:
+            continue  # the same for any policy whose spec reads no backbone features
         pinned = None
         pinned_ref = pol.spec["pin"].get("adapter_version")
         if pinned_ref:

@@ -461,3 +461,20 @@ def test_eval_logs_out_refuses_an_existing_file_and_writes_its_json(fleet, tmp_p
     printed = ok([*args, "--overwrite"])
     written = json.loads(out.read_text())
     assert written["reduction"] == printed["reduction"] and written["site"] == "lab"
+
+
+def test_a_policy_that_reads_no_image_is_not_held_to_the_backbone(fleet):
+    """A proprio-only control pinned to a site (as the demo pins one) used to fail every audit
+    on `policy_feature_dim` (it reads 0 features), so `--strength auto` fell to 0 and the demo's
+    adapter was incompatible at any strength. An adapter cannot change what such a policy does:
+    alone it leaves the site unaudited; beside an image policy the verdict is that policy's."""
+    logs = fleet["logs"]
+    ok(["policies", "train", logs, "--site", "blind", "--head", "proprio_only", "--steps", "20",
+        "--name", "blind-proprio"])  # fmt: skip
+    r = runner.invoke(app, ["audit", fleet["lab"], "--site", "blind", "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["verdict"] == "unaudited", r.output
+    ok(["policies", "train", logs, "--site", "blind", "--head", "bc", "--steps", "20",
+        "--name", "blind-bc", "--tolerance", "0.2"])  # fmt: skip
+    rep = ok(["audit", fleet["lab"], "--site", "blind"])
+    assert [p["policy"].split(" ")[0] for p in rep["policies"]] == ["blind-bc"]
+    assert rep["verdict"] == expected_verdict(rep) and rep["verdict"] in ("compatible", "warning")
