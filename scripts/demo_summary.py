@@ -22,7 +22,7 @@ def _pct(x: float) -> str:
 
 def _rate(s: dict) -> str:
     lo, hi = s["ci95"]
-    return f"{s['successes']}/{s['episodes']} [{lo:.2f}, {hi:.2f}]"
+    return f"{s['successes']}/{s['episodes']} ({100 * lo:.0f}-{100 * hi:.0f}%)"
 
 
 def main(out: Path, site: str, version: str, seconds: int) -> None:
@@ -33,7 +33,7 @@ def main(out: Path, site: str, version: str, seconds: int) -> None:
         f"adapter v{version} for site {site}: audit [bold]{offline['audit']}[/]; "
         f"the demo took {seconds / 60:.1f} min"
     )
-    t = Table(title="offline: action error change with the adapter (held-out episodes)")
+    t = Table(title="offline: action error change with the adapter, held-out episodes")
     t.add_column("policy")
     t.add_column(f"at {site}", justify="right")
     t.add_column("at base (retention)", justify="right")
@@ -42,22 +42,22 @@ def main(out: Path, site: str, version: str, seconds: int) -> None:
         t.add_row(p, _pct(0.0 - r), _pct(base) if base is not None else "-")
     console.print(t)
     sites = list(dict.fromkeys(c["site"] for c in loop["cells"]))
-    cols = list(dict.fromkeys((c["site"], c["encoder"]) for c in loop["cells"]))
-    t = Table(title="closed loop: success on paired episodes [95% interval]")
+    encoders = [e for e in dict.fromkeys(c["encoder"] for c in loop["cells"]) if e != "-"]
+    cols = [(s, e) for s in sites for e in encoders or ["-"]]
+    t = Table(title="closed loop: successes on paired episodes (95% interval)")
     t.add_column("policy")
     for s, e in cols:
-        t.add_column(f"{s}\n{'no encoder' if e == '-' else e}", justify="right")
+        t.add_column(f"{s}\n{e}", justify="right")
     rows: dict[str, dict] = {}
     for c in loop["cells"]:
-        rows.setdefault(c["policy"], {})[(c["site"], c["encoder"])] = c["success"]["all"]
+        name = c.get("head") or c["policy"]
+        # A policy that reads no image (encoder "-") is the same under every encoder.
+        for e in [c["encoder"]] if c["encoder"] != "-" else encoders or ["-"]:
+            rows.setdefault(name, {})[(c["site"], e)] = c["success"]["all"]
     expert = loop.get("expert") or {}
     if expert:
-        first = {s: next(k for k in cols if k[0] == s) for s in sites}
-        rows["scripted expert (ceiling)"] = {
-            first[s]: expert[s]["all"] for s in sites if s in expert
-        }
+        rows["expert"] = {k: expert[k[0]]["all"] for k in cols if k[0] in expert}
     for policy, cells in rows.items():
-        # A policy that reads no image (proprio only) is the same under every encoder.
         t.add_row(policy, *[_rate(cells[k]) if k in cells else "" for k in cols])
     console.print(t)
     console.print(
