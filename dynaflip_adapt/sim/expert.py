@@ -304,6 +304,18 @@ def episode_rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
     return np.random.default_rng(scene), np.random.default_rng(noise)
 
 
+def begin_episode(
+    env: TabletopEnv, seed: int, task: str, noise: float
+) -> tuple[EpisodeSpec, Expert, DartNoise]:
+    """Episode `seed` of `task` set up in `env`: its spec (scene, target, instruction), the
+    expert that acts on it and the DART noise on the executed motion, drawn from the seed's
+    scene and noise streams (recording and the expert-only rollout see the same episode)."""
+    scene_rng, noise_rng = episode_rngs(seed)
+    spec = make_spec(task, scene_rng)
+    reset(env, spec)
+    return spec, Expert(spec), DartNoise(noise_rng, noise)
+
+
 def run_episode(
     env: TabletopEnv,
     seed: int,
@@ -328,11 +340,7 @@ def run_episode(
         noise: DART noise std on the executed motion (action units; 0: none). The logged
             action is always the expert's clean action at the state reached.
     """
-    scene_rng, noise_rng = episode_rngs(seed)
-    spec = make_spec(task, scene_rng)
-    reset(env, spec)
-    expert = Expert(spec)
-    perturb = DartNoise(noise_rng, noise)
+    spec, expert, perturb = begin_episode(env, seed, task, noise)
     K = env.intrinsics()
     size = env.size
     rgb = np.zeros((frames, size, size, 3), np.uint8)
@@ -412,11 +420,7 @@ def run_episode(
 def run_expert(env: TabletopEnv, seed: int, task: str, frames: int, noise: float = 0.0) -> bool:
     """The expert alone, in closed loop without rendering (the ceiling of a success table):
     whether it succeeds within `frames` control steps."""
-    scene_rng, noise_rng = episode_rngs(seed)
-    spec = make_spec(task, scene_rng)
-    reset(env, spec)
-    expert = Expert(spec)
-    perturb = DartNoise(noise_rng, noise)
+    spec, expert, perturb = begin_episode(env, seed, task, noise)
     start = env.object_positions()
     for _ in range(frames):
         if success(spec, start, env.state()):
