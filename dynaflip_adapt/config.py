@@ -433,15 +433,14 @@ def _loc(loc: Sequence[Any], kind: str | None) -> str:
     return ".".join(parts) or "(root)"
 
 
-def _has_key(model: type[BaseModel], loc: Sequence[Any]) -> bool:
-    """Whether the dotted key `loc` is a field of `model` (a recipe of another kind)."""
+def _keys_at(model: type[BaseModel], path: Sequence[Any]) -> list[str]:
+    """The field names of the section at `path` in `model` (none where there is no such
+    section)."""
     section: Any = model
-    for part in loc:
-        fields = getattr(section, "model_fields", None)
-        if not fields or part not in fields:
-            return False
-        section = fields[part].annotation
-    return True
+    for part in path:
+        f = getattr(section, "model_fields", {}).get(part)
+        section = f.annotation if f is not None else None
+    return sorted(getattr(section, "model_fields", {}) or [])
 
 
 def _problems(
@@ -451,13 +450,12 @@ def _problems(
     for e in err.errors():
         key = _loc(e["loc"], kind)
         if e["type"] == "extra_forbidden":
-            section: Any = model
-            for part in [p for p in e["loc"][:-1] if p != kind]:
-                f = getattr(section, "model_fields", {}).get(part)
-                section = f.annotation if f is not None else None
-            valid = sorted(getattr(section, "model_fields", {}) or [])
+            valid = _keys_at(model, [p for p in e["loc"][:-1] if p != kind])
             found = "an unknown key"
-            other = [k for k in RECIPE_KINDS if k != kind and _has_key(RECIPE_KINDS[k], e["loc"])]
+            *path, leaf = e["loc"]
+            other = [
+                k for k in RECIPE_KINDS if k != kind and leaf in _keys_at(RECIPE_KINDS[k], path)
+            ]
             if other:
                 found = f"a {other[0]} setting, which a {kind} recipe does not read"
             out.append((key, found, "one of " + ", ".join(valid)))
