@@ -19,7 +19,13 @@ from typing import Any
 from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.backbone import Bundle
-from dynaflip_adapt.policies import Policy, load_policy, read_policy_spec
+from dynaflip_adapt.policies import (
+    HEAD_KINDS,
+    IMAGE_HEADS,
+    Policy,
+    load_policy,
+    read_policy_spec,
+)
 from dynaflip_adapt.registry import Registry, RunHandle, VersionInfo, metric_key
 
 POLICY_MODEL = "dynaflip-policy"
@@ -92,11 +98,12 @@ def audited_policies(
         pinfos = policies_for_site(registry, site) if site else []
     out = []
     for p in pinfos:
-        if p.tags.get("head") in ("cnn", "oracle", "proprio_only"):
+        head = p.tags.get("head")
+        if head in HEAD_KINDS and head not in IMAGE_HEADS:
             continue  # reads no backbone features: an adapter cannot change what it does
         pol = load_policy_version(registry, p)
         if not pol.uses_image:
-            continue  # the same for any policy whose spec reads no backbone features
+            continue  # the same for a policy of your own whose spec reads none
         pinned = None
         pinned_ref = pol.spec["pin"].get("adapter_version")
         if pinned_ref:
