@@ -336,12 +336,17 @@ def _site_logs(workdir: Path, site: str, seed: int, episodes: int, frames: int, 
     return path
 
 
-def _frames(bundle: Bundle, path: Path, language: bool) -> Frames:
+def _frames(bundle: Bundle, path: Path, language: bool, state: bool = False) -> Frames:
+    """A log's frames as `collect` gives them; `state` also reads the object state (what
+    object heads are trained against; simulator logs record it)."""
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.policies import collect, instruction_embedder
 
     embed = instruction_embedder(bundle) if language else None
-    return collect(open_logs([path]), EpisodeReader(), bundle.model.cfg.image_size, language=embed)
+    size = bundle.model.cfg.image_size
+    return collect(
+        open_logs([path]), EpisodeReader(), size, language=embed, state=state, objects=state
+    )
 
 
 def _ensure_extracted(path: Path, gap: int) -> None:
@@ -384,9 +389,13 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
 
+    from dynaflip_adapt.policies import HEAD_KINDS
+
+    state = any(HEAD_KINDS[h].needs_state for h in cfg.heads)
+
     def frames(site: str, seed: int, episodes: int) -> Frames:
         path = _site_logs(workdir, site, seed, episodes, cfg.frames, cfg.size)
-        return _frames(bundle, path, cfg.language)
+        return _frames(bundle, path, cfg.language, state)
 
     def trained(
         ab: Ablation, preset: str, seed: int, train_path: Path, s_train: int

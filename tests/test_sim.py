@@ -317,3 +317,26 @@ def test_the_object_the_instruction_names_is_the_one_that_moves(task):
         assert moved[named[0]] > 0.04, (spec.language, moved)
         assert all(moved[c] < 0.5 * moved[named[0]] for c in colours if c != named[0]), moved
     physics.close()
+
+
+def test_object_heads_tell_objects_apart_by_the_logged_target(tmp_path):
+    """`collect(objects=True)` places each episode's instructed object in the simulator's
+    object order (what slot k of an object head is held to): the place agrees with the
+    instruction's colour word, and a log without the attribute is refused, naming it."""
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.policies import collect
+
+    path = tmp_path / "s.h5"
+    r = CliRunner().invoke(app, ["sim", "generate", str(path), "-n", "6", "--frames", "12",
+                                 "--size", "32", "--workers", "1", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    logs = open_logs([path])
+    d = collect(logs, EpisodeReader(), 32, state=True, objects=True)
+    for i, ep in enumerate(logs.episodes):
+        k = int(d["target_index"][d["episode"] == i].unique())
+        colour = OBJECTS[k][2]
+        assert colour in ep.language, (ep.language, colour)
+    with h5py.File(path, "a") as f:
+        del f[f"data/{logs.episodes[2].group.split('/')[-1]}"].attrs["target_object"]
+    with pytest.raises(InputError, match="target_object"):
+        collect(open_logs([path]), EpisodeReader(), 32, state=True, objects=True)

@@ -126,7 +126,8 @@ def train(
             bundle.model.cfg.image_size,
             max_frames=20000,
             language=embed,
-            state=HEAD_KINDS[head].reads == "state",
+            state=HEAD_KINDS[head].reads == "state" or HEAD_KINDS[head].needs_state,
+            objects=HEAD_KINDS[head].needs_state,
         )
     steps = steps or HEAD_KINDS[head].steps
     pin = {

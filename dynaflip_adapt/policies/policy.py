@@ -29,7 +29,14 @@ from torch import nn
 
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.backbone import read_json_manifest, sha256_file, verify_files
-from dynaflip_adapt.policies.heads import HORIZON, DiffusionHead, MLPHead, PixelHead, TokenHead
+from dynaflip_adapt.policies.heads import (
+    HORIZON,
+    DiffusionHead,
+    MLPHead,
+    ObjectHead,
+    PixelHead,
+    TokenHead,
+)
 
 POLICY_VERSION = 1
 SPEC = "policy.json"
@@ -43,11 +50,14 @@ class HeadKind:
     name: str
     reads: str  # features | tokens | state | pixels | none
     proprio: bool
-    network: str  # mlp | diffusion | tokens | pixels
+    network: str  # mlp | diffusion | tokens | pixels | objects
     description: str
     hidden: int = 256
     layers: int = 2
     steps: int = 2000
+    # Trained with its estimate of the objects held to the logged object state (`ObjectHead`):
+    # needs logs that record it; reads only `reads` at run time.
+    needs_state: bool = False
 
 
 HEAD_KINDS: dict[str, HeadKind] = {
@@ -74,6 +84,25 @@ HEAD_KINDS: dict[str, HeadKind] = {
             "pixels",
             "baseline: a CNN trained from scratch on the frames (spatial softmax, random shift)",
             steps=3000,
+        ),
+        HeadKind(
+            "objects",
+            "tokens",
+            True,
+            "objects",
+            "backbone patch tokens -> where the instructed object and the plate are -> action "
+            "(training needs logs with object state)",
+            steps=4000,
+            needs_state=True,
+        ),
+        HeadKind(
+            "cnn_objects",
+            "pixels",
+            True,
+            "objects",
+            "baseline: the same estimate-then-act head on a CNN trained from scratch",
+            steps=4000,
+            needs_state=True,
         ),
         HeadKind(
             "oracle",
@@ -113,6 +142,11 @@ def build_head(spec: dict[str, Any], feature_dim: int, proprio_dim: int) -> nn.M
         return TokenHead(feature_dim, proprio_dim, spec["action_dim"], hidden, layers)
     if kind.network == "pixels":
         return PixelHead(proprio_dim, spec["action_dim"], hidden, layers)
+    if kind.network == "objects":
+        lang = spec.get("language_dim", 0) if spec.get("inputs", {}).get("language") else 0
+        return ObjectHead(
+            kind.reads, feature_dim, proprio_dim, spec["action_dim"], hidden, layers, lang
+        )
     return MLPHead(feature_dim, proprio_dim, spec["action_dim"], hidden, layers)
 
 
