@@ -335,3 +335,29 @@ def log_audit(
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+def run_audit(
+    registry: Any,
+    adapter_ref: str,
+    site: str | None,
+    policy: str | None,
+    opened: tuple[Any, Any, Any] | None = None,
+) -> tuple[Any, Any, str]:
+    """(report, adapter version info, audit run id) for an adapter against a site's policies;
+    `opened` is ``open_adapter(registry, adapter_ref)`` when the caller already has it."""
+    from dynaflip_adapt import activity
+    from dynaflip_adapt.adapters import open_adapter
+    from dynaflip_adapt.audit import audit
+
+    with activity.step(f"loading adapter {adapter_ref}"):
+        bundle, adapter, ainfo = opened or open_adapter(registry, adapter_ref)
+    site = site or adapter.manifest.get("site")
+    with activity.step(f"loading the policies pinned to site {site}"):
+        policies = audited_policies(registry, bundle, site, policy)
+    name = f"{ADAPTER_MODEL} v{ainfo.version}" if ainfo else str(adapter.path)
+    with activity.step(f"auditing {name} against {len(policies)} policies"):
+        report = audit(bundle, adapter, policies, name=name, site=site)
+    with activity.step("logging the audit to MLflow"):
+        run_id = log_audit(registry, report.to_dict(), site, ainfo.version if ainfo else None)
+    return report, ainfo, run_id

@@ -83,3 +83,26 @@ def test_inspect_warns_when_flow_anchors_cannot_exist(tmp_path):
     p, _ = write_robomimic_file(tmp_path / "r.h5")
     r = CliRunner().invoke(app, ["data", "inspect", str(p)])
     assert r.exit_code == 0 and "flow anchors" in r.stdout
+
+
+def test_command_modules_do_not_import_each_other():
+    """A CLI command module reads only the shared CLI helpers (common, output, progress) and
+    the library: what one command needs from another's domain lives in the library, where the
+    Python API reaches it too."""
+    import ast
+    from pathlib import Path
+
+    import dynaflip_adapt.cli as cli
+
+    folder = Path(cli.__file__).parent
+    shared = {"__init__", "app", "common", "output", "progress"}
+    commands = {p.stem for p in folder.glob("*.py")} - shared
+    assert {"evaluate", "sim", "lifecycle", "finetune", "adapters"} <= commands
+    found = []
+    for name in sorted(commands):
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                if parts[:2] == ["dynaflip_adapt", "cli"] and len(parts) > 2 and parts[2] in commands:
+                    found.append(f"{name} imports cli.{parts[2]}")
+    assert found == []

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dynaflip_adapt.cli.common import JsonOpt
-from dynaflip_adapt.cli.output import console, err_console, print_json, registry
+from dynaflip_adapt.cli.common import BudgetOpt, JsonOpt, StrengthOpt
+from dynaflip_adapt.cli.output import console, print_fit, print_json, registry
 
 app = typer.Typer(help="Registered site adapters: list, show, rescale.", no_args_is_help=True)
 
@@ -95,45 +95,6 @@ def _readable(value: object) -> str:
     if isinstance(value, dict):
         return "; ".join(f"{k} {_readable(v)}" for k, v in value.items()) or "-"
     return str(value)
-
-
-StrengthOpt = Annotated[
-    str,
-    typer.Option(
-        "--strength",
-        help="Share of the adapter's weight update to apply, in [0, 1], or 'auto': the largest "
-        "share at which the audit against the site's pinned policies passes.",
-    ),
-]
-BudgetOpt = Annotated[
-    float,
-    typer.Option(
-        "--budget",
-        help="With --strength auto: each policy's action deviation on its own frames may use at "
-        "most this share of its tolerance (0.5 also clears the audit's margin warning).",
-    ),
-]
-
-
-def print_fit(fit: object) -> None:
-    """The strengths tried by `fit_strength` and why each passed or failed."""
-    from dynaflip_adapt.strength import StrengthFit
-
-    assert isinstance(fit, StrengthFit)
-    table = Table(title=f"strength fit (budget {fit.budget:g} x tolerance)")
-    for col in ("strength", "passed", "verdict", "own-frame deviation", "failed"):
-        table.add_column(col)
-    for t in fit.trials:
-        table.add_row(
-            f"{t.strength:.4f}",
-            "yes" if t.passed else "[red]no[/]",
-            t.verdict,
-            ", ".join(f"{k} {v:.3f}" for k, v in t.own_deviation.items()),
-            "; ".join(t.failed),
-        )
-    console().print(table)
-    if fit.hint:
-        err_console().print(f"[yellow]hint:[/] {fit.hint}", highlight=False)
 
 
 @app.command("rescale")

@@ -116,3 +116,33 @@ def one_steps(steps: int | None, max_steps: int | None) -> int | None:
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace an existing output (never other files).")
 ]
+
+
+StrengthOpt = Annotated[
+    str,
+    typer.Option(
+        "--strength",
+        help="Share of the adapter's weight update to apply, in [0, 1], or 'auto': the largest "
+        "share at which the audit against the site's pinned policies passes.",
+    ),
+]
+BudgetOpt = Annotated[
+    float,
+    typer.Option(
+        "--budget",
+        help="With --strength auto: each policy's action deviation on its own frames may use at "
+        "most this share of its tolerance (0.5 also clears the audit's margin warning).",
+    ),
+]
+
+
+def require_mujoco() -> None:
+    """Refuses (exit 2) a simulator command where the `sim` extra is not installed."""
+    import importlib.util
+
+    from dynaflip_adapt.errors import InputError
+
+    if importlib.util.find_spec("mujoco") is None:
+        raise InputError(
+            None, "mujoco", "not installed", "the 'sim' extra: pip install 'dynaflip-adapt[sim]'"
+        )

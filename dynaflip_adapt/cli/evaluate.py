@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dynaflip_adapt.cli.common import AdapterOpt, JsonOpt, LogsArg, OverwriteOpt
+from dynaflip_adapt.cli.common import AdapterOpt, JsonOpt, LogsArg, OverwriteOpt, require_mujoco
 from dynaflip_adapt.cli.output import (
     console,
     err_console,
@@ -71,10 +71,9 @@ def logs_cmd(
     """
     from dynaflip_adapt.adapters import open_adapter
     from dynaflip_adapt.cli.common import one_adapter
-    from dynaflip_adapt.cli.lifecycle import run_audit
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
+    from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site, run_audit
     from dynaflip_adapt.ood import evaluate_encoder
     from dynaflip_adapt.outputs import check_output_file
     from dynaflip_adapt.policies import collect, instruction_embedder
@@ -243,7 +242,6 @@ def rollout_cmd(
     --horizon steps. Success per task with 95% Wilson intervals; logged to MLflow (experiment
     dynaflip-eval) with labelled videos. Exit code 0 (the table says how it went).
     """
-    from dynaflip_adapt.cli.sim import _require_mujoco
     from dynaflip_adapt.outputs import check_output_file
     from dynaflip_adapt.workflows.rollout import RolloutRequest
 
@@ -268,7 +266,7 @@ def rollout_cmd(
         raise InputError(None, "--no-base", "no --adapter", "an adapter to run instead")
     if out is not None:
         check_output_file(out, overwrite=overwrite)
-    _require_mujoco()
+    require_mujoco()
 
     from dynaflip_adapt import activity
     from dynaflip_adapt.adapters import open_adapter
@@ -504,9 +502,7 @@ def benchmark_cmd(
     from dynaflip_adapt.sim.sites import PRESETS
 
     if closed_loop:
-        from dynaflip_adapt.cli.sim import _require_mujoco
-
-        _require_mujoco()
+        require_mujoco()
 
     reg = registry(ctx)
     rec, rec_path = load_recipe(recipe, overrides or [], kind="finetune")

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from dynaflip_adapt.cli.adapters import BudgetOpt, StrengthOpt, print_fit
 from dynaflip_adapt.cli.common import (
+    BudgetOpt,
     CameraOpt,
     DepthScaleOpt,
     JsonOpt,
@@ -18,9 +18,17 @@ from dynaflip_adapt.cli.common import (
     LogsArg,
     MaxStepsHidden,
     OrientationOpt,
+    StrengthOpt,
     one_steps,
 )
-from dynaflip_adapt.cli.output import console, err_console, print_json, progress_enabled, state
+from dynaflip_adapt.cli.output import (
+    console,
+    err_console,
+    print_fit,
+    print_json,
+    progress_enabled,
+    state,
+)
 
 
 def _site_of(logs: list[Path]) -> str:

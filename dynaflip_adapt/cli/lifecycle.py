@@ -20,33 +20,6 @@ COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red", "un
 _OPS = {"<=": "must stay <=", ">=": "must stay >=", "==": "must equal"}
 
 
-def run_audit(
-    registry: Any,
-    adapter_ref: str,
-    site: str | None,
-    policy: str | None,
-    opened: tuple[Any, Any, Any] | None = None,
-) -> tuple[Any, Any, str]:
-    """(report, adapter version info, audit run id) for an adapter against a site's policies;
-    `opened` is ``open_adapter(registry, adapter_ref)`` when the caller already has it."""
-    from dynaflip_adapt import activity
-    from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
-    from dynaflip_adapt.audit import audit
-    from dynaflip_adapt.lifecycle import audited_policies, log_audit
-
-    with activity.step(f"loading adapter {adapter_ref}"):
-        bundle, adapter, ainfo = opened or open_adapter(registry, adapter_ref)
-    site = site or adapter.manifest.get("site")
-    with activity.step(f"loading the policies pinned to site {site}"):
-        policies = audited_policies(registry, bundle, site, policy)
-    name = f"{ADAPTER_MODEL} v{ainfo.version}" if ainfo else str(adapter.path)
-    with activity.step(f"auditing {name} against {len(policies)} policies"):
-        report = audit(bundle, adapter, policies, name=name, site=site)
-    with activity.step("logging the audit to MLflow"):
-        run_id = log_audit(registry, report.to_dict(), site, ainfo.version if ainfo else None)
-    return report, ainfo, run_id
-
-
 def _num(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
@@ -156,6 +129,8 @@ def audit_cmd(
     simplex area). Exit code 0: compatible or warning; 1: incompatible, or unaudited (no policy
     is pinned to the site, so nothing vouches for the adapter). Logged to MLflow.
     """
+    from dynaflip_adapt.lifecycle import run_audit
+
     ref = one_adapter(adapter, adapter_opt)
     report, ainfo, run_id = run_audit(registry(ctx), ref, site, policy)
     if as_json:
@@ -199,7 +174,7 @@ def promote_cmd(
     from dynaflip_adapt import activity
     from dynaflip_adapt.adapters import open_adapter
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import promote, promotion_refusal, site_alias
+    from dynaflip_adapt.lifecycle import promote, promotion_refusal, run_audit, site_alias
 
     ref = one_adapter(adapter, adapter_opt)
     site_alias(site)  # a name with nothing usable fails before anything loads

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 
 @dataclass
@@ -65,3 +66,24 @@ def progress_enabled(as_json: bool) -> bool:
 def print_json(data: Any) -> None:
     """Writes JSON to stdout (no colour, no wrapping: for scripts)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_fit(fit: object) -> None:
+    """The strengths tried by `fit_strength` and why each passed or failed."""
+    from dynaflip_adapt.strength import StrengthFit
+
+    assert isinstance(fit, StrengthFit)
+    table = Table(title=f"strength fit (budget {fit.budget:g} x tolerance)")
+    for col in ("strength", "passed", "verdict", "own-frame deviation", "failed"):
+        table.add_column(col)
+    for t in fit.trials:
+        table.add_row(
+            f"{t.strength:.4f}",
+            "yes" if t.passed else "[red]no[/]",
+            t.verdict,
+            ", ".join(f"{k} {v:.3f}" for k, v in t.own_deviation.items()),
+            "; ".join(t.failed),
+        )
+    console().print(table)
+    if fit.hint:
+        err_console().print(f"[yellow]hint:[/] {fit.hint}", highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dynaflip_adapt.cli.common import JsonOpt, OverwriteOpt
+from dynaflip_adapt.cli.common import JsonOpt, OverwriteOpt, require_mujoco
 from dynaflip_adapt.cli.output import console, print_json, progress_enabled
 
 app = typer.Typer(
@@ -16,17 +16,6 @@ app = typer.Typer(
     "(extra 'sim': pip install dynaflip-adapt\\[sim]).",
     no_args_is_help=True,
 )
-
-
-def _require_mujoco() -> None:
-    import importlib.util
-
-    from dynaflip_adapt.errors import InputError
-
-    if importlib.util.find_spec("mujoco") is None:
-        raise InputError(
-            None, "mujoco", "not installed", "the 'sim' extra: pip install 'dynaflip-adapt[sim]'"
-        )
 
 
 @app.command("generate")
@@ -99,7 +88,7 @@ def generate(
     from dynaflip_adapt.outputs import check_output_file
 
     check_output_file(out, overwrite=overwrite, option="OUT")
-    _require_mujoco()
+    require_mujoco()
     from dynaflip_adapt.cli.progress import count_progress
     from dynaflip_adapt.sim.generate import GenerateSpec
     from dynaflip_adapt.sim.generate import generate as run
