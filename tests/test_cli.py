@@ -103,6 +103,10 @@ def test_command_modules_do_not_import_each_other():
         for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 parts = node.module.split(".")
-                if parts[:2] == ["dynaflip_adapt", "cli"] and len(parts) > 2 and parts[2] in commands:
+                if (
+                    parts[:2] == ["dynaflip_adapt", "cli"]
+                    and len(parts) > 2
+                    and parts[2] in commands
+                ):
                     found.append(f"{name} imports cli.{parts[2]}")
     assert found == []

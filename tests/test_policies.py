@@ -137,7 +137,7 @@ def test_object_head_learns_where_the_instructed_object_is_from_the_logged_state
     d = _object_scenes(1200, 0)
     kw = {"head": "objects", "language": d["language"], "episode": d["episode"]}
     fit = fit_head(d["tokens"], d["proprio"], d["actions"], state=d["state"], val_fraction=0.1,
-                   target_index=d["target_index"], feature_noise=0.0, steps=2500, lr=3e-3,
+                   target_index=d["target_index"], feature_noise=0.0, steps=1200, lr=3e-3, batch=64,
                    **kw)  # fmt: skip
     test = _object_scenes(300, 1)
     f, p = head_inputs(fit.stats, test["tokens"], test["proprio"], test["language"], "tokens", True)

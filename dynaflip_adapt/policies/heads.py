@@ -168,25 +168,29 @@ class PixelHead(nn.Module):
         return self.net(torch.cat([self.softmax(self.conv(x)), proprio], dim=-1))
 
 
-class TokenPool(nn.Module):
-    """Patch tokens (B, N, D) -> (B, Q * (K + 2)): `queries` learned queries, each one softmax
-    over the N positions, pooling the tokens' values and their grid positions (x, y in [-1, 1]:
-    a spatial soft-argmax over tokens)."""
+class TokenMapEncoder(nn.Module):
+    """Patch tokens (B, N, D) of a square grid -> spatial-softmax keypoints (B, 2K): the tokens
+    as a feature map, upsampled 2x, two conv layers, one softmax per channel (what
+    `PixelEncoder` does on pixels, on the backbone's map instead; ~10 M multiply-adds for 8 x 8
+    tokens of width 128)."""
 
-    def __init__(self, token_dim: int, queries: int = 8, key_dim: int = 64) -> None:
+    def __init__(self, token_dim: int, channels: int = 64, keypoints: int = 32) -> None:
         super().__init__()
-        self.key_dim = key_dim
-        self.key = nn.Linear(token_dim + 2, key_dim)
-        self.value = nn.Linear(token_dim, key_dim)
-        self.query = nn.Parameter(torch.randn(queries, key_dim) * key_dim**-0.5)
-        self.dim = queries * (key_dim + 2)
+        self.conv = nn.Sequential(
+            nn.Conv2d(token_dim, channels, 1),
+            nn.ReLU(),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, keypoints, 1),
+        )
+        self.softmax = SpatialSoftmax()
+        self.dim = 2 * keypoints
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        xy = TokenHead.grid(tokens.shape[1], tokens.device).expand(len(tokens), -1, -1)
-        keys = self.key(torch.cat([tokens, xy], dim=-1))
-        att = (torch.einsum("qk,bnk->bqn", self.query, keys) * self.key_dim**-0.5).softmax(-1)
-        values = torch.cat([self.value(tokens), xy], dim=-1)
-        return torch.einsum("bqn,bnk->bqk", att, values).flatten(1)
+        B, N, D = tokens.shape
+        g = round(N**0.5)
+        return self.softmax(self.conv(tokens.transpose(1, 2).reshape(B, D, g, g)))
 
 
 # The estimate an `ObjectHead` makes, as columns of `oracle_features` (policies.training): the
@@ -200,7 +204,9 @@ class ObjectHead(nn.Module):
     """Frames or patch tokens ++ conditioning (B, P) -> normalized action (B, A), through an
     estimate of where things are.
 
-    The image alone is encoded (`PixelEncoder` keypoints, or `TokenPool` over backbone tokens)
+    The image alone is encoded (`PixelEncoder` keypoints on pixels, `TokenMapEncoder` keypoints
+    on the backbone's token map: attention pooling over the 8 x 8 tokens measured 5.1 / 8.6 cm
+    where the map gives 2.5 / 1.3 cm, on the same random-init tokens)
     and an MLP proposes where each object slot and the plate are relative to the grasp point
     (which the image shows too); the instruction alone weighs the slots (a softmax), which
     selects the instructed object. The estimate (`ESTIMATE_COLUMNS`, decimetres) is what the
@@ -226,7 +232,9 @@ class ObjectHead(nn.Module):
         slots: int = 3,
     ) -> None:
         super().__init__()
-        self.encoder: nn.Module = PixelEncoder() if source == "pixels" else TokenPool(feature_dim)
+        self.encoder: nn.Module = (
+            PixelEncoder() if source == "pixels" else TokenMapEncoder(feature_dim)
+        )
         z = int(self.encoder.dim)
         self.slots, self.language_dim = slots, language_dim
         self.propose = _mlp([z, hidden, hidden, slots * 3 + 2])
