@@ -119,6 +119,12 @@ class SpatialSoftmax(nn.Module):
         return torch.cat([x, y], dim=-1)
 
 
+def keypoints(conv: nn.Module, softmax: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (B, 3, S, S) scaled to [-1, 1], through `conv`, to spatial-softmax keypoints."""
+    out: torch.Tensor = softmax(conv(images.float() / 127.5 - 1.0))
+    return out
+
+
 class PixelEncoder(nn.Module):
     """RGB frames (B, 3, S, S) uint8 -> spatial-softmax keypoints (B, 2K): four 3x3 conv layers
     to a quarter-resolution map (~25 M multiply-adds at 64 px), one softmax per channel."""
@@ -141,7 +147,7 @@ class PixelEncoder(nn.Module):
         self.dim = 2 * keypoints
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.softmax(self.conv(images.float() / 127.5 - 1.0))
+        return keypoints(self.conv, self.softmax, images)
 
 
 class PixelHead(nn.Module):
@@ -164,8 +170,7 @@ class PixelHead(nn.Module):
         self.net = _mlp([enc.dim + proprio_dim] + [hidden] * layers + [action_dim])
 
     def forward(self, images: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 127.5 - 1.0
-        return self.net(torch.cat([self.softmax(self.conv(x)), proprio], dim=-1))
+        return self.net(torch.cat([keypoints(self.conv, self.softmax, images), proprio], dim=-1))
 
 
 class TokenMapEncoder(nn.Module):
