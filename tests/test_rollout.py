@@ -188,3 +188,23 @@ def test_eval_rollout_bad_input_is_one_line(sim_fleet, tmp_path):
     assert r.exit_code == 2 and "action_dim" in r.stderr and "4 (the simulator's)" in r.stderr, (
         r.output
     )
+
+
+@needs_sim
+@pytest.mark.shared_home
+def test_eval_rollout_runs_every_policy_folder_even_of_one_name(sim_fleet, tmp_path):
+    """Policy folders are labelled by name; two folders of one name (every home's first policy
+    is dynaflip-policy-v1) both run, labelled by path, and a folder given twice runs once."""
+    from dynaflip_adapt.lifecycle import POLICY_MODEL
+    from dynaflip_adapt.policies import load_policy, save_policy
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    reg = Registry(resolve_store())
+    pol = load_policy(reg.download(reg.resolve(POLICY_MODEL, sim_fleet["oracle"]), "p"))
+    a = save_policy(tmp_path / "a" / "p", pol.head, pol.spec, pol.stats)
+    b = save_policy(tmp_path / "b" / "p", pol.head, pol.spec, pol.stats)
+    out = sim_fleet["ok"](["eval", "rollout", "--site", "base", "--policy", str(a), "--policy",
+                           str(b), "--policy", str(a), "--episodes", "1", "--horizon", "2",
+                           "--render-size", "32", "--envs", "1", "--no-expert", "--videos", "0"])  # fmt: skip
+    assert sorted(c["policy"] for c in out["cells"]) == sorted([str(a.resolve()), str(b.resolve())])

@@ -305,9 +305,13 @@ def rollout_cmd(
         for info in infos:
             label = f"{info.tags.get('name', 'policy')} (v{info.version})"
             policies[label] = load_policy_version(reg, info)
-        for r in policy or []:
-            if Path(r).is_dir():
-                policies[Path(r).name] = load_policy(r)
+        # Folders run once each, labelled by name; folders of one name (every home's first
+        # policy is dynaflip-policy-v1) by their full paths, so none replaces another.
+        folders = list(dict.fromkeys(Path(r).resolve() for r in policy or [] if Path(r).is_dir()))
+        names = [f.name for f in folders]
+        for f in folders:
+            unique = names.count(f.name) == 1 and f.name not in policies
+            policies[f.name if unique else str(f)] = load_policy(f)
     if not policies:
         raise InputError(None, "--policies-of", repr(policies_of), "a site with policies")
     for name, pol in policies.items():
