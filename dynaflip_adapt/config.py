@@ -207,6 +207,12 @@ class FinetuneLoss(LossSection):
         "to the augmentation's shifts, anchored at the features the fleet's policies read "
         "(measured to help with --retain only)",
     )
+    distill_tokens: bool = Field(
+        False,
+        description="the teacher terms (distill_replay, invariance, distill_site) also hold "
+        "every patch token to the teacher's (relative drift), not only the pooled CLS feature: "
+        "what heads reading the token map (objects, tokens) consume",
+    )
     distill_space: Literal["relative", "standardized"] = Field(
         "relative",
         description="distillation error: relative to the teacher's feature norm, or per "
@@ -583,10 +589,18 @@ def recipe_params(recipe: BaseModel) -> dict[str, str]:
     return out
 
 
+_LATER_FIELDS: tuple[tuple[str, str, object], ...] = (("loss", "distill_tokens", False),)
+
+
 def recipe_hash(recipe: BaseModel) -> str:
     """sha256 of the resolved recipe's canonical JSON without its description (``sha256:...``):
     two recipes that train the same way hash the same, whatever their prose says."""
     settings = recipe_to_dict(recipe)
     settings.pop("description", None)
+    # Fields added after recipes were first hashed count only when set away from their default,
+    # so an earlier recipe keeps its hash (and runs keyed by it are found again).
+    for section, key, default in _LATER_FIELDS:
+        if settings.get(section, {}).get(key, default) == default:
+            settings.get(section, {}).pop(key, None)
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()

@@ -176,3 +176,20 @@ def test_recipe_hash_ignores_the_description_only():
     same = load_recipe("finetune/default", ["description=another text"])[0]
     other = load_recipe("finetune/default", ["loss.align=0.5"])[0]
     assert recipe_hash(same) == recipe_hash(recipe) != recipe_hash(other)
+
+
+def test_a_field_added_later_keeps_earlier_recipes_hashes():
+    """`loss.distill_tokens` came after recipes were hashed and registered: at its default it
+    leaves the hash as it was (the canonical JSON without the key), set it changes it."""
+    import hashlib
+
+    from dynaflip_adapt.config import recipe_hash, recipe_to_dict
+
+    rec = load_recipe("finetune/default")[0]
+    settings = recipe_to_dict(rec)
+    settings.pop("description")
+    assert settings["loss"].pop("distill_tokens") is False
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    assert recipe_hash(rec) == "sha256:" + hashlib.sha256(blob).hexdigest()
+    on = load_recipe("finetune/default", ["loss.distill_tokens=true"])[0]
+    assert recipe_hash(on) != recipe_hash(rec)

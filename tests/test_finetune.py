@@ -367,3 +367,40 @@ def test_invariance_term_maps_augmented_source_frames_to_their_clean_features(wo
     _, plain = run(5.0, "noaug", ["augment.enabled=false"])
     assert any("invariance term" in w for w in plain.warnings)
     assert "invariance" not in plain.history[0]
+
+
+def test_distill_tokens_also_holds_the_patch_tokens(world, tmp_path):
+    """`loss.distill_tokens`: the teacher terms compare every patch token as well as the CLS
+    feature, so an adapter trained with the invariance term maps augmented source frames'
+    patch tokens (what token-map heads read) closer to the base encoder's tokens of the clean
+    frames than the same run comparing the CLS alone; the CLS stays held either way."""
+    from dynaflip_adapt.metrics import relative_mse
+    from dynaflip_adapt.train.augment import aug_frames, build_augment
+
+    site = open_logs(world["site"])
+    bundle = load_bundle(world["backbone"])
+    heads = bundle.model
+
+    def run(tokens, name):
+        over = [*FT, "ema.enabled=false", "loss.invariance=5", f"loss.distill_tokens={tokens}"]
+        rec = load_recipe("finetune/default", over)[0]
+        return rec, finetune(load_bundle(world["backbone"]), site, rec, tmp_path / name, site="s")
+
+    rec, cls_only = run("false", "cls")
+    _, tokens = run("true", "tokens")
+    clean = bundle.replay["rgb0"]
+    torch.manual_seed(321)
+    shifted = aug_frames(build_augment(rec.augment, heads.cfg.image_size, crop=False), clean)
+    with torch.no_grad():
+        ref = heads.image(heads.preprocess(clean), all_tokens=True)
+        err = {}
+        encoders = {"cls": cls_only.encoder, "tokens": tokens.encoder, "base": heads.image}
+        for k, e in encoders.items():
+            out = e(heads.preprocess(shifted), all_tokens=True)
+            err[k] = (
+                float(relative_mse(out[:, 1:], ref[:, 1:])),
+                float(relative_mse(out[:, 0], ref[:, 0])),
+            )
+    assert err["tokens"][0] < 0.8 * min(err["cls"][0], err["base"][0]), err
+    assert err["tokens"][1] < err["base"][1], err
+

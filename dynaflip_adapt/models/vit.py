@@ -112,9 +112,12 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """CLS features (B, width): what downstream policies consume."""
-        return self.tokens(x)[:, 0]
+    def forward(self, x: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
+        """CLS features (B, width): what downstream policies consume; with ``all_tokens`` every
+        output token (B, 1 + N, width), CLS first (one forward for training code that reads both
+        through a PEFT or DDP wrapper, which pass keyword arguments on)."""
+        t = self.tokens(x)
+        return t if all_tokens else t[:, 0]
 
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens as a spatial map (B, width, grid, grid)."""

@@ -333,13 +333,20 @@ def finetune(
     check_batch(dist, o.batch_size, n_area)
     model = dist.wrap(student, device)
 
+    # With loss.distill_tokens the teacher terms compare every output token (B, 1 + N, width),
+    # CLS first; otherwise the CLS feature (B, width). The anchors read the CLS either way.
+    tokens = bool(w.distill_tokens)
+
     def teacher(x: torch.Tensor) -> torch.Tensor:
         """The frozen base encoder (for LoRA: the student with its adapter disabled)."""
         with torch.no_grad():
             if full:
-                return heads.image(x)
+                return heads.image(x, all_tokens=tokens)
             with student.disable_adapter():
-                return student(x)
+                return student(x, all_tokens=tokens)
+
+    def cls(f: torch.Tensor) -> torch.Tensor:
+        return f[:, 0] if tokens else f
 
     # Per-dimension spread of the teacher's features over the replay set: "standardized"
     # distillation measures drift in these units, which is what a z-scoring policy head sees.
@@ -349,7 +356,7 @@ def finetune(
         with torch.no_grad():
             ref = torch.cat(
                 [
-                    teacher(heads.preprocess(replay["rgb0"][i : i + 128]))
+                    cls(teacher(heads.preprocess(replay["rgb0"][i : i + 128])))
                     for i in range(0, replay["rgb0"].shape[0], 128)
                 ]
             )
@@ -375,8 +382,8 @@ def finetune(
         base_area = torch.cat(
             [
                 replay_areas(
-                    teacher(heads.preprocess(replay["rgb0"][i])),
-                    teacher(heads.preprocess(replay["rgb1"][i])),
+                    cls(teacher(heads.preprocess(replay["rgb0"][i]))),
+                    cls(teacher(heads.preprocess(replay["rgb1"][i]))),
                     i,
                 )
                 for i in chunks
@@ -384,9 +391,15 @@ def finetune(
         ).detach()
 
     def distill(student_f: torch.Tensor, teacher_f: torch.Tensor) -> torch.Tensor:
+        s, t = cls(student_f), cls(teacher_f)
         if w.distill_space == "standardized":
-            return (((student_f - teacher_f) / scale) ** 2).mean()
-        return relative_mse(student_f, teacher_f)
+            out = (((s - t) / scale) ** 2).mean()
+        else:
+            out = relative_mse(s, t)
+        if tokens:
+            # The patch tokens' drift relative to their own energy, beside the CLS term.
+            out = out + relative_mse(student_f[:, 1:], teacher_f[:, 1:])
+        return out
 
     start = 0
     ckpt: dict[str, Any] = {}
@@ -435,12 +448,13 @@ def finetune(
             images += [replay["rgb0"][tri], replay["rgb1"][tri]]
         # One forward through the (DDP-wrapped) student per step.
         sizes = [len(x) for x in images]
-        f = model(heads.preprocess(torch.cat(images)))
+        f = model(heads.preprocess(torch.cat(images)), all_tokens=tokens)
         outs = list(f.split(sizes))
-        f0, f1 = outs.pop(0), outs.pop(0)
+        f0_all, f1 = outs.pop(0), cls(outs.pop(0))
+        f0 = cls(f0_all)
         f_rep = outs.pop(0) if use_rep else None
         f_inv = outs.pop(0) if use_inv else None
-        fa0, fa1 = (outs.pop(0), outs.pop(0)) if n_area > 0 else (None, None)
+        fa0, fa1 = (cls(outs.pop(0)), cls(outs.pop(0))) if n_area > 0 else (None, None)
         parts: dict[str, torch.Tensor] = {}
         if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
             a = heads.embed_transition(f0, f1)
@@ -477,7 +491,7 @@ def finetune(
         if active["distill_site"] > 0:
             # The student sees the augmented frame, the teacher the clean one: without the
             # augmentation the two agree at the start and the term has no gradient.
-            parts["distill_site"] = distill(f0, teacher(heads.preprocess(batch["rgb0"])))
+            parts["distill_site"] = distill(f0_all, teacher(heads.preprocess(batch["rgb0"])))
         if active["align"] > 0:
             z = (f0 - center) / scale
             parts["align"] = z.mean(0).pow(2).mean() + z.std(0).clamp_min(1e-3).log().pow(2).mean()
