@@ -1,9 +1,48 @@
 """dynaflip-adapt: field adaptation of DynaFLIP robot-vision backbones.
 
 The package root stays import-light (no torch, h5py or mlflow) so that the CLI starts fast;
-heavy modules are imported by the functions that need them.
+heavy modules are imported by the functions that need them. The Python API (the same jobs the
+CLI runs, a request object in and a result object out) is importable from here::
+
+    from dynaflip_adapt import AdaptRequest, adapt_site
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.3.0.dev0"
 
-__all__ = ["__version__"]
+# Public name -> the module that defines it (imported on first use).
+_API = {
+    "AdaptRequest": "dynaflip_adapt.workflows.adapt",
+    "AdaptResult": "dynaflip_adapt.workflows.adapt",
+    "DryRunResult": "dynaflip_adapt.workflows.adapt",
+    "adapt_site": "dynaflip_adapt.workflows.adapt",
+    "RolloutRequest": "dynaflip_adapt.workflows.rollout",
+    "RolloutReport": "dynaflip_adapt.workflows.rollout",
+    "closed_loop": "dynaflip_adapt.workflows.rollout",
+}
+
+__all__ = [
+    "AdaptRequest",
+    "AdaptResult",
+    "DryRunResult",
+    "RolloutReport",
+    "RolloutRequest",
+    "__version__",
+    "adapt_site",
+    "closed_loop",
+]
+
+if TYPE_CHECKING:
+    from dynaflip_adapt.workflows.adapt import AdaptRequest, AdaptResult, DryRunResult, adapt_site
+    from dynaflip_adapt.workflows.rollout import RolloutReport, RolloutRequest, closed_loop
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'dynaflip_adapt' has no attribute {name!r}")

@@ -40,3 +40,51 @@ def test_readme_is_a_manual_not_a_lab_notebook() -> None:
     assert len(readme.splitlines()) <= 300
     for page in PAGES:
         assert "DESIGN.md" not in page.read_text(encoding="utf-8"), page
+
+
+PY_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def _api_problems(code: str) -> list[str]:
+    """What a Python example in the docs gets wrong about the API: names imported from
+    dynaflip_adapt that do not exist, keywords its request dataclasses do not take."""
+    import ast
+    import dataclasses
+    import importlib
+
+    problems = []
+    imported: dict[str, object] = {}
+    tree = ast.parse(code)  # a syntax error fails the test here
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dynaflip_adapt"):
+            module = importlib.import_module(node.module or "")
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    problems.append(f"{node.module} has no {alias.name}")
+                else:
+                    imported[alias.name] = getattr(module, alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            target = imported.get(node.func.id)
+            if isinstance(target, type) and dataclasses.is_dataclass(target):
+                fields = {f.name for f in dataclasses.fields(target)}
+                problems += [
+                    f"{node.func.id} takes no {k.arg}"
+                    for k in node.keywords
+                    if k.arg and k.arg not in fields
+                ]
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_use_the_api_as_it_is(page: Path) -> None:
+    for block in PY_BLOCK.findall(page.read_text(encoding="utf-8")):
+        assert not _api_problems(block), (page.name, _api_problems(block))
+
+
+def test_example_checker_sees_a_wrong_name_and_keyword() -> None:
+    code = "from dynaflip_adapt import AdaptRequest, adapt_sites\nAdaptRequest(logs=[], sites=1)\n"
+    assert _api_problems(code) == [
+        "dynaflip_adapt has no adapt_sites",
+        "AdaptRequest takes no sites",
+    ]

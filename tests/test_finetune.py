@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -404,3 +405,39 @@ def test_distill_tokens_also_holds_the_patch_tokens(world, tmp_path):
     assert err["tokens"][0] < 0.8 * min(err["cls"][0], err["base"][0]), err
     assert err["tokens"][1] < err["base"][1], err
 
+
+def test_python_api_adapts_a_site_as_the_cli_does(world, tmp_path):
+    """`dynaflip_adapt.adapt_site` is the job behind `finetune`: the same request gives the same
+    adapter (losses, geometry) as the CLI, registered with the same tags; warnings reach the
+    caller's `notify`; a dry run registers nothing."""
+    from dynaflip_adapt import AdaptRequest, AdaptResult, DryRunResult, adapt_site
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    seen: list[tuple[str, str]] = []
+    request = AdaptRequest(
+        logs=[str(world["site"])], site="night", backbone=str(world["backbone"]),
+        overrides=FT, workdir=tmp_path / "api",
+    )  # fmt: skip
+    dry = adapt_site(replace(request, dry_run=True))
+    assert isinstance(dry, DryRunResult) and dry.anchors["flow"] and dry.initial["loss"] > 0
+    assert Registry(resolve_store()).client.search_registered_models() == []
+    res = adapt_site(request, notify=lambda level, message: seen.append((level, message)))
+    assert isinstance(res, AdaptResult) and res.steps == 30 and res.strength == 1.0
+    assert [m for level, m in seen if level == "warning"] == res.warnings
+    sets = [a for s in FT for a in ("--set", s)]
+    r = CliRunner().invoke(
+        app,
+        ["finetune", str(world["site"]), "--backbone", str(world["backbone"]), "--site", "night",
+         *sets, "--workdir", str(tmp_path / "cli"), "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["adapter"]["version"] != res.adapter.version
+    def losses(final):
+        return {k: v for k, v in final.items() if not k.endswith("_per_s")}  # not the timing
+
+    assert losses(out["final"]) == losses(res.final) and out["geometry"] == res.geometry
+    keep = ("site", "recipe_hash", "data_fingerprint", "base_fingerprint")
+    assert {k: out["adapter"]["tags"][k] for k in keep} == {k: res.adapter.tags[k] for k in keep}
+    assert set(out) == set(res.to_dict())

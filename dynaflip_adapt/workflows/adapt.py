@@ -1,0 +1,481 @@
+"""Adapting the backbone to a site: the job behind ``dynaflip-adapt finetune``.
+
+`adapt_site` takes an `AdaptRequest` and returns an `AdaptResult` (or a `DryRunResult`): it
+validates the recipe candidates (the recipe, then each ``fallback``) and the logs before touching
+the registry, trains a LoRA adapter in an MLflow run, audits it against the site's pinned
+policies when a fallback or ``strength="auto"`` asks for it, scales it, and registers it with its
+lineage. The CLI parses options into the request and renders the result; scripts call it the
+same way::
+
+    from dynaflip_adapt import AdaptRequest, adapt_site
+
+    result = adapt_site(AdaptRequest(logs=("site_logs.h5",), site="night_shift"))
+    print(result.adapter.version, result.geometry["replay_cka"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dynaflip_adapt.config import FinetuneRecipe
+    from dynaflip_adapt.models.backbone import Bundle
+    from dynaflip_adapt.registry import RunHandle, VersionInfo
+    from dynaflip_adapt.strength import StrengthFit
+
+OnStep = Callable[[int, dict[str, float]], None]
+# monitor(title, total, run, log_every, keys) -> a context manager yielding on_step(step, metrics)
+Monitor = Callable[
+    [str, int, "RunHandle", int, tuple[str, ...]], contextlib.AbstractContextManager[OnStep]
+]
+# notify(level, message): "warning" for what the user should act on, "info" for what happened.
+Notify = Callable[[Literal["warning", "info"], str], None]
+
+# Losses shown live while an adapter trains (the rest are logged to MLflow).
+LIVE_KEYS = ("loss", "area", "distill_replay", "invariance", "replay_area")
+
+
+@dataclass(frozen=True)
+class AdaptRequest:
+    """What to adapt, and how.
+
+    Attributes:
+        logs: HDF5 files or folders of them (the site's logs).
+        site: Site name (default: the logs' ``site`` attribute, else the first file's name).
+        recipe: Finetune recipe name or YAML path.
+        overrides: Dotted recipe overrides ``KEY=VALUE``, applied to every candidate.
+        backbone: Backbone version, alias or folder (default: the registry's base).
+        parent: Continue from this adapter (version, alias or folder).
+        steps: Optimizer steps (a recipe override of ``optim.max_steps``).
+        seed: A recipe override of ``run.seed``.
+        workdir: Checkpoints (default: under the store's ``runs/finetune``).
+        resume: Continue a killed run from its checkpoint.
+        dry_run: Validate logs, recipe, backbone and one forward pass; train nothing.
+        layout, camera, orientation, depth_scale, language: How to read the logs (None: the
+            recipe's, else detected).
+        retain: Logs whose encoding must not change: their frames join the teacher's pool.
+        retain_frames: Frames taken from the ``retain`` logs.
+        fallback: Recipes tried in order when the adapter fails the audit of the site's pinned
+            policies at full strength; the first that passes, or else the last, is registered.
+        strength: Share of the adapter's update applied, ``"0"``..``"1"``, or ``"auto"`` (the
+            largest share the site's pinned policies pass the audit with).
+        budget: With ``strength="auto"``: the share of each policy's tolerance its action
+            deviation may use.
+    """
+
+    logs: tuple[Path, ...]
+    site: str | None = None
+    recipe: str = "finetune/default"
+    overrides: tuple[str, ...] = ()
+    backbone: str | None = None
+    parent: str | None = None
+    steps: int | None = None
+    seed: int | None = None
+    workdir: Path | None = None
+    resume: bool = False
+    dry_run: bool = False
+    layout: str | None = None
+    camera: str | None = None
+    orientation: str | None = None
+    depth_scale: float | None = None
+    language: str | None = None
+    retain: tuple[Path, ...] = ()
+    retain_frames: int = 512
+    fallback: tuple[str, ...] = ()
+    strength: str = "1"
+    budget: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Accept any sequence of str / Path from Python callers.
+        object.__setattr__(self, "logs", tuple(Path(p) for p in self.logs))
+        object.__setattr__(self, "retain", tuple(Path(p) for p in self.retain))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "fallback", tuple(self.fallback))
+        object.__setattr__(self, "strength", str(self.strength))
+
+
+@dataclass
+class AdaptResult:
+    """A registered adapter and how it was trained."""
+
+    adapter: VersionInfo
+    site: str
+    steps: int
+    seconds: float
+    frames_per_second: float
+    final: dict[str, float]
+    geometry: dict[str, float]
+    anchors: dict[str, bool]
+    strength: float
+    strength_fit: StrengthFit | None
+    recipe: Path
+    fallback_rejected: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter.to_dict(),
+            "site": self.site,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "frames_per_second": round(self.frames_per_second, 1),
+            "final": self.final,
+            "geometry": self.geometry,
+            "anchors": self.anchors,
+            "strength": self.strength,
+            "strength_fit": self.strength_fit.to_dict() if self.strength_fit else None,
+            "recipe": str(self.recipe),
+            "fallback_rejected": self.fallback_rejected,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class DryRunResult:
+    """What a dry run checked: nothing was trained or registered."""
+
+    site: str
+    anchors: dict[str, bool]
+    warnings: list[str]
+    initial: dict[str, float]
+    backbone: str
+    episodes: int
+    workdir: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": True,
+            "site": self.site,
+            "anchors": self.anchors,
+            "warnings": self.warnings,
+            "initial": self.initial,
+            "backbone": self.backbone,
+            "episodes": self.episodes,
+            "workdir": str(self.workdir),
+        }
+
+
+def site_of(logs: tuple[Path, ...]) -> str:
+    """The logs' ``site`` attribute (first file), else the first file's name."""
+    import h5py
+
+    from dynaflip_adapt.data.logs import expand_paths
+
+    first = expand_paths(list(logs))[0]
+    with h5py.File(first, "r") as f:
+        site = f.attrs.get("site")
+    if isinstance(site, bytes):
+        site = site.decode()
+    return str(site) if site else first.stem
+
+
+@contextlib.contextmanager
+def mlflow_steps(
+    title: str, total: int, run: RunHandle, log_every: int, keys: tuple[str, ...]
+) -> Iterator[OnStep]:
+    """The default monitor: metrics to the MLflow run every `log_every` steps and at the last."""
+    del title, keys
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step % log_every == 0 or step == total:
+            run.log_metrics(step, metrics)
+
+    yield on_step
+
+
+def _ignore(_level: Literal["warning", "info"], _message: str) -> None:
+    return None
+
+
+def adapt_site(
+    request: AdaptRequest,
+    *,
+    tracking_uri: str | None = None,
+    monitor: Monitor = mlflow_steps,
+    notify: Notify = _ignore,
+) -> AdaptResult | DryRunResult | None:
+    """Trains, audits, scales and registers an adapter for a site (see the module docstring).
+
+    Args:
+        request: What to adapt.
+        tracking_uri: MLflow store (default: ``$DYNAFLIP_TRACKING_URI`` or the embedded one).
+        monitor: Wraps each training run; yields the per-step callback (progress, metrics).
+        notify: Receives warnings and notices as they happen (also kept in the result).
+
+    Returns:
+        The registered adapter's result, a `DryRunResult` with ``request.dry_run``, or None on
+        a non-main process under torchrun (rank 0 registers).
+
+    Raises:
+        InputError: Bad logs, recipe, backbone, parent or option (before anything is written).
+    """
+    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, register_adapter, resolve_adapter
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.config import (
+        FinetuneRecipe,
+        load_recipe,
+        recipe_hash,
+        recipe_params,
+        recipe_to_dict,
+    )
+    from dynaflip_adapt.data.fingerprint import logs_fingerprint
+    from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.strength import audit_at, parse_strength
+    from dynaflip_adapt.train.distributed import init_from_env
+    from dynaflip_adapt.train.finetune import finetune as run_finetune
+    from dynaflip_adapt.train.finetune import retention_frames
+
+    req = request
+    fixed = parse_strength(req.strength)  # bad input fails before any training
+    overrides = list(req.overrides)
+    if req.seed is not None:
+        overrides.append(f"run.seed={req.seed}")
+    if req.steps is not None:
+        # A recipe override, so the recipe logged with the run is the run that happened.
+        overrides.append(f"optim.max_steps={req.steps}")
+    # The recipe, then the fallback recipes: all validated before any training.
+    candidates: list[tuple[FinetuneRecipe, Path]] = []
+    for name in [req.recipe, *req.fallback]:
+        loaded, loaded_path = load_recipe(name, overrides, kind="finetune")
+        assert isinstance(loaded, FinetuneRecipe)
+        candidates.append((loaded, loaded_path))
+    # Only the last candidate is ever scaled.
+    rec, rec_path = candidates[-1]
+    if fixed != 1.0 and rec.lora.use_dora:
+        raise InputError(
+            rec_path,
+            "lora.use_dora",
+            f"true with --strength {req.strength}",
+            "a LoRA adapter (DoRA renormalizes: its update cannot be scaled)",
+        )
+    settings = {
+        "layout": req.layout,
+        "camera": req.camera,
+        "orientation": req.orientation,
+        "depth_scale": req.depth_scale,
+        "language": req.language,
+    }
+    logs = list(req.logs)
+    # Bad logs fail here, before the registry is touched.
+    logsets = [open_logs(logs, r.data.source_settings(**settings)) for r, _ in candidates]
+    site = req.site or site_of(req.logs)
+    store = resolve_store(tracking_uri)
+    # Under torchrun: rank 0 loads (and may bootstrap) the base backbone first; only rank 0
+    # logs to MLflow and registers the adapter.
+    dist = init_from_env()
+    if len(candidates) > 1 and dist.world > 1:
+        raise InputError(
+            None, "--fallback", f"with {dist.world} processes", "a single process (no torchrun)"
+        )
+    if not dist.is_main:
+        dist.barrier()
+    registry = Registry(store)
+    bundle, base_info = load_backbone(registry, req.backbone)
+    if dist.is_main:
+        dist.barrier()
+    parent_dir, parent_info = resolve_adapter(registry, req.parent) if req.parent else (None, None)
+    fingerprint = logs_fingerprint(logs)
+    held = None
+    retained: dict[str, Any] = {}
+    if req.retain:
+        held = retention_frames(
+            open_logs(list(req.retain), candidates[0][0].data.source_settings()),
+            bundle.model.cfg.image_size,
+            req.retain_frames,
+        )
+        retained = {
+            "retain_logs": [str(p.resolve()) for p in req.retain],
+            "retain_fingerprint": logs_fingerprint(list(req.retain)),
+            "retain_frames": len(held),
+        }
+    rejected: list[dict[str, Any]] = []
+    policies: list[Any] | None = None
+    for i, (rec, rec_path) in enumerate(candidates):
+        last = i == len(candidates) - 1
+        logset = logsets[i]
+        # The work folder's key (unchanged since the first release, so --resume finds it).
+        key_parts = [
+            fingerprint, recipe_hash(rec), bundle.fingerprint, str(parent_dir), str(req.steps)
+        ]  # fmt: skip
+        if retained:
+            key_parts += [retained["retain_fingerprint"], str(retained["retain_frames"])]
+        key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:12]
+        if req.workdir is not None:
+            work = req.workdir / f"fallback-{i}" if i else req.workdir
+        else:
+            work = store.home / "runs" / "finetune" / f"{site}-{key}"
+        total = rec.optim.max_steps
+        lineage = {
+            "base_version": base_info.version if base_info else None,
+            "data_fingerprint": fingerprint,
+            "parent_version": parent_info.version if parent_info else None,
+            "parent_fingerprint": None,
+            "logs": [str(p.resolve()) for p in logs],
+            **retained,
+            # Recipes whose adapters failed the audit before this one (fallback).
+            **({"fallback_rejected": list(rejected)} if rejected else {}),
+        }
+        if req.dry_run:
+            res = run_finetune(
+                bundle, logset, rec, work, site=site, parent=parent_dir, dry_run=True,
+                max_steps=total, retain=held,
+            )  # fmt: skip
+            return DryRunResult(
+                site=site,
+                anchors=res.anchors,
+                warnings=res.warnings,
+                initial=res.final,
+                backbone=bundle.fingerprint,
+                episodes=len(logset.episodes),
+                workdir=work,
+            )
+        if not dist.is_main:
+            run_finetune(
+                bundle, logset, rec, work, site=site, parent=parent_dir, resume=req.resume,
+                max_steps=total, lineage=lineage, retain=held,
+            )  # fmt: skip
+            return None
+        tags = {
+            "site": site,
+            "recipe": str(rec_path),
+            "data_fingerprint": fingerprint,
+            "base_fingerprint": bundle.fingerprint,
+            "workdir": str(work),
+        }
+        # A run on this work folder whose process died (SIGKILL, power loss) is still RUNNING.
+        for run_id in registry.reap_dead_runs(FINETUNE_EXPERIMENT, {"workdir": str(work)}):
+            notify("info", f"marked run {run_id} KILLED (its process is gone)")
+        with registry.run(FINETUNE_EXPERIMENT, f"finetune-{site}", tags) as run:
+            run.log_params(
+                {
+                    **recipe_params(rec),
+                    "recipe_hash": recipe_hash(rec),
+                    "max_steps": total,
+                    "site": site,
+                    "workdir": str(work),
+                    "world_size": dist.world,
+                }
+            )
+            run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
+            with monitor(f"finetune {site}", total, run, rec.run.log_every, LIVE_KEYS) as on_step:
+                res = run_finetune(
+                    bundle, logset, rec, work, site=site, parent=parent_dir,
+                    # A fallback resumes only where the killed run had got to.
+                    resume=req.resume and (i == 0 or _has_checkpoint(work)),
+                    max_steps=total, lineage=lineage, on_step=on_step, retain=held,
+                )  # fmt: skip
+            for w in res.warnings:
+                notify("warning", w)
+            assert res.adapter is not None
+            if policies is None and (not last or fixed is None):
+                policies = _pinned(registry, bundle, site, last, fixed, notify)
+            trial = None
+            if not last and policies:
+                adapter = load_adapter(bundle, res.adapter)
+                trial = audit_at(bundle, adapter, policies, budget=req.budget)
+                if not trial.passed:
+                    reason = "; ".join(trial.failed)
+                    run.set_tags({"fallback_rejected": reason[:4000]})
+                    rejected.append({"recipe": str(rec_path), "failed": trial.failed})
+                    notify(
+                        "info",
+                        f"recipe {rec_path.stem}: the audit fails at full strength ({reason}); "
+                        f"training fallback {candidates[i + 1][1].stem}",
+                    )
+                    continue
+            fit, chosen = apply_strength(
+                bundle, res.adapter, fixed, req.budget, policies or [], first=trial, notify=notify
+            )
+            if fit is not None:
+                run.log_dict(fit.to_dict(), "strength_fit.json")
+            if chosen != 1.0:
+                run.log_params({"strength": chosen, "strength_budget": req.budget})
+                res.geometry = read_adapter_manifest(res.adapter)["geometry"]
+            if rejected:
+                run.log_dict({"rejected": rejected}, "fallback_rejected.json")
+            run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
+            info = register_adapter(registry, run, res.adapter)
+            run.set_tags({"adapter_version": info.version})
+        return AdaptResult(
+            adapter=info,
+            site=site,
+            steps=res.steps,
+            seconds=res.seconds,
+            frames_per_second=res.frames_per_second,
+            final=res.final,
+            geometry=res.geometry,
+            anchors=res.anchors,
+            strength=chosen,
+            strength_fit=fit,
+            recipe=rec_path,
+            fallback_rejected=rejected,
+            warnings=res.warnings,
+        )
+    raise AssertionError("unreachable: the last candidate always returns")
+
+
+def _pinned(
+    registry: Any, bundle: Bundle, site: str, last: bool, fixed: float | None, notify: Notify
+) -> list[Any]:
+    """The site's pinned policies the audits hold the adapter to (resolved once per job)."""
+    from dynaflip_adapt.lifecycle import audited_policies
+
+    policies = audited_policies(registry, bundle, site)
+    if not policies:
+        unused = []
+        if not last:
+            unused.append("--fallback: the first recipe's adapter is kept")
+        if fixed is None:
+            unused.append("--strength auto: the adapter keeps its full strength")
+        notify("warning", f"no policies pinned to site {site}; " + "; ".join(unused))
+    return policies
+
+
+def apply_strength(
+    bundle: Bundle,
+    folder: Path,
+    fixed: float | None,
+    budget: float,
+    policies: list[Any],
+    first: Any = None,
+    notify: Notify = _ignore,
+) -> tuple[StrengthFit | None, float]:
+    """Scales the freshly trained adapter in `folder` in place: to `fixed`, or (None) to the
+    largest strength `policies` pass the audit with (full strength when there are none; `first`:
+    its audit at full strength, if already done). Returns (fit, strength)."""
+    from dynaflip_adapt.models.adapter import load_adapter
+    from dynaflip_adapt.strength import fit_strength, save_scaled
+
+    if fixed == 1.0 or (fixed is None and not policies):
+        return None, 1.0
+    adapter = load_adapter(bundle, folder)
+    fit = None
+    if fixed is None:
+        fit = fit_strength(bundle, adapter, policies, budget=budget, first=first)
+        chosen = fit.strength
+        if chosen == 0.0:
+            notify(
+                "warning",
+                "--strength auto: no strength above 0 passes the audit; the registered adapter "
+                "leaves the encoder as it was",
+            )
+    else:
+        chosen = fixed
+    if chosen != 1.0:
+        save_scaled(bundle, adapter, chosen, folder, fit=fit)
+    return fit, chosen
+
+
+def _has_checkpoint(work: Path) -> bool:
+    from dynaflip_adapt.train.common import CHECKPOINT, PREVIOUS
+
+    return any((work / name).exists() for name in (CHECKPOINT, PREVIOUS))
