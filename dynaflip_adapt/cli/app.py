@@ -23,6 +23,7 @@ from dynaflip_adapt.cli import finetune as finetune_cmd
 from dynaflip_adapt.cli import flow as flow_cmd
 from dynaflip_adapt.cli import inspect as inspect_cmd
 from dynaflip_adapt.cli import lifecycle as lifecycle_cmd
+from dynaflip_adapt.cli import monitor as monitor_cmd
 from dynaflip_adapt.cli import policies as policies_cmd
 from dynaflip_adapt.cli import pretrain as pretrain_cmd
 from dynaflip_adapt.cli import recipes as recipes_cmd
@@ -176,6 +177,7 @@ app.command("promote")(lifecycle_cmd.promote_cmd)
 app.command("rollback")(lifecycle_cmd.rollback_cmd)
 app.command("history")(lifecycle_cmd.history_cmd)
 app.command("export")(lifecycle_cmd.export_cmd)
+app.command("monitor")(monitor_cmd.monitor_cmd)
 app.command("inspect")(inspect_cmd.inspect_cmd)
 app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(store_cmd.app, name="store")

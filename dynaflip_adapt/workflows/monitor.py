@@ -1,0 +1,175 @@
+"""Does a site's production encoder still fit its new logs? The job behind ``monitor``.
+
+`monitor_site` scores new logs against the frames the site's production encoder is known to fit
+(`dynaflip_adapt.drift`): the production adapter (alias ``prod-<site>``) merged into its backbone,
+or the base backbone for a site never adapted; the reference is ``reference`` logs when given,
+else the logs the production adapter was trained on (its lineage), else its probe frames. The
+verdict is ``adapt`` when the score exceeds the threshold, ``fits`` otherwise; every run is
+logged to MLflow (experiment ``dynaflip-monitor``) so a site's drift reads as a time series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dynaflip_adapt.drift import DriftScore
+
+MONITOR_EXPERIMENT = "dynaflip-monitor"
+# Calibrated on the simulator with the shipped backbone (docs/design.md, "Drift"): new base-site
+# episodes scored 0.007-0.009, the mildest preset (a moved camera) 0.058-0.063.
+DEFAULT_THRESHOLD = 0.025
+
+
+@dataclass(frozen=True)
+class MonitorRequest:
+    """What to score.
+
+    Attributes:
+        logs: The site's new logs (HDF5 files or folders).
+        site: The site (its production adapter is ``prod-<site>``).
+        reference: Logs the production encoder is known to fit (default: the production
+            adapter's training logs, else its probe frames; required for a site never adapted).
+        backbone: For a site never adapted: the backbone its policies read (default: base).
+        frames: Frames sampled from each side, spread evenly over every episode.
+        threshold: Score above which the verdict is ``adapt``.
+        layout, camera: How to read the logs (None: detected).
+    """
+
+    logs: tuple[Path, ...]
+    site: str
+    reference: tuple[Path, ...] = ()
+    backbone: str | None = None
+    frames: int = 256
+    threshold: float = DEFAULT_THRESHOLD
+    layout: str | None = None
+    camera: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logs", tuple(Path(p) for p in self.logs))
+        object.__setattr__(self, "reference", tuple(Path(p) for p in self.reference))
+
+
+@dataclass
+class MonitorResult:
+    """The verdict and what it rests on."""
+
+    site: str
+    verdict: str  # "fits" or "adapt"
+    threshold: float
+    drift: DriftScore
+    encoder: str
+    reference: str
+    mlflow_run: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def drifted(self) -> bool:
+        return self.verdict == "adapt"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "verdict": self.verdict,
+            "threshold": self.threshold,
+            **self.drift.to_dict(),
+            "encoder": self.encoder,
+            "reference": self.reference,
+            "mlflow_run": self.mlflow_run,
+            "notes": self.notes,
+        }
+
+
+def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) -> MonitorResult:
+    """Scores `request.logs` against the site's production encoder (see the module docstring).
+
+    Raises:
+        InputError: Bad logs or options, or no reference for a site never adapted.
+    """
+    import torch
+
+    from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
+    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.data.fingerprint import logs_fingerprint
+    from dynaflip_adapt.data.logs import SourceSettings, open_logs
+    from dynaflip_adapt.drift import drift_score, sample_frames, token_maps
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.lifecycle import site_alias
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    req = request
+    if req.frames < 8:
+        raise InputError(None, "--frames", str(req.frames), ">= 8")
+    if not req.threshold > 0:
+        raise InputError(None, "--threshold", str(req.threshold), "> 0")
+    alias = site_alias(req.site)
+    settings = SourceSettings(layout=req.layout, camera=req.camera)
+    new_logs = open_logs(list(req.logs), settings)  # bad logs fail before the registry
+    ref_logs = open_logs(list(req.reference), settings) if req.reference else None
+    registry = Registry(resolve_store(tracking_uri))
+    prod = next((v for v in registry.versions(ADAPTER_MODEL) if alias in v.aliases), None)
+    notes: list[str] = []
+    adapter = None
+    if prod is not None:
+        bundle, adapter, _ = open_adapter(registry, prod.version)
+        encoder = adapter.merged().eval()
+        encoder_name = f"adapter v{prod.version} ({alias})"
+        if req.backbone is not None:
+            notes.append(f"--backbone ignored: {alias} is on its own backbone")
+    else:
+        if ref_logs is None:
+            raise InputError(
+                None,
+                "--reference",
+                f"none, and site {req.site!r} has no production adapter ({alias})",
+                "--reference LOGS: logs the site's policies were trained on",
+            )
+        bundle, _ = load_backbone(registry, req.backbone)
+        encoder = bundle.model.image.eval()
+        encoder_name = f"backbone {bundle.fingerprint[:19]}"
+    size = bundle.model.cfg.image_size
+    reference_name = f"--reference ({len(req.reference)} path(s))"
+    if ref_logs is None and adapter is not None:
+        lineage_logs = [Path(p) for p in adapter.manifest.get("lineage", {}).get("logs", [])]
+        if lineage_logs and all(p.exists() for p in lineage_logs):
+            ref_logs = open_logs(lineage_logs, settings)
+            reference_name = f"the production adapter's training logs ({len(lineage_logs)})"
+        else:
+            notes.append("the production adapter's training logs are gone: its probe frames")
+    if ref_logs is not None:
+        ref = sample_frames(ref_logs, size, req.frames)
+        ref_frames, ref_episodes = ref.frames, ref.episodes
+    else:
+        assert adapter is not None
+        ref_frames = adapter.probe["site_rgb0"]
+        ref_episodes = torch.arange(len(ref_frames))  # unknown: each frame its own
+        reference_name = f"the production adapter's probe frames ({len(ref_frames)})"
+    if len(ref_frames) < 8:
+        raise InputError(None, "--reference", f"{len(ref_frames)} frames", ">= 8 frames")
+    new = sample_frames(new_logs, size, req.frames)
+    if len(new.frames) < 8:
+        raise InputError(str(req.logs[0]), None, f"{len(new.frames)} frames", ">= 8 frames")
+    pre = bundle.model.preprocess
+    score = drift_score(token_maps(encoder, pre, ref_frames), ref_episodes,
+                        token_maps(encoder, pre, new.frames))  # fmt: skip
+    verdict = "adapt" if score.score > req.threshold else "fits"
+    result = MonitorResult(
+        req.site, verdict, req.threshold, score, encoder_name, reference_name, notes=notes
+    )
+    tags = {
+        "site": req.site,
+        "verdict": verdict,
+        "encoder": encoder_name,
+        "data_fingerprint": logs_fingerprint(list(req.logs)),
+    }
+    with registry.run(MONITOR_EXPERIMENT, f"monitor-{req.site}", tags) as run:
+        run.log_params(
+            {"threshold": req.threshold, "frames": req.frames, "reference": reference_name}
+        )
+        run.log_metrics(0, {f"drift.{k}": float(v) for k, v in score.to_dict().items()})
+        run.log_dict(result.to_dict(), "monitor.json")
+        result.mlflow_run = run.run_id
+    return result

@@ -1,0 +1,138 @@
+"""The drift score: MMD^2 against an explicit double sum, the token-map signature, the
+episode-level null, and `monitor` end to end (fits / adapt / refused) on simulator logs."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dynaflip_adapt.drift import GRID, Signature, drift_score, median_distance, mmd2, token_maps
+from dynaflip_adapt.models.vit import VisionTransformer
+
+
+def _mmd2_by_loops(x: torch.Tensor, y: torch.Tensor, bw: float) -> float:
+    """The unbiased estimator written as its definition: mean kernel over distinct pairs."""
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> float:
+        return math.exp(-float(((a - b) ** 2).sum()) / (2 * bw * bw))
+
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_mmd2_is_the_unbiased_estimator():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 3, generator=g), torch.randn(5, 3, generator=g) + 0.5
+    assert mmd2(x, y, 1.3) == pytest.approx(_mmd2_by_loops(x, y, 1.3), abs=1e-6)
+    # Same distribution: near 0 (unbiased: either sign); shifted: clearly positive.
+    a, b = torch.randn(400, 4, generator=g), torch.randn(400, 4, generator=g)
+    assert abs(mmd2(a, b, 2.0)) < 0.01
+    assert mmd2(a, b + 1.0, 2.0) > 0.1
+    with pytest.raises(ValueError):
+        mmd2(x[:1], y, 1.0)
+
+
+def test_median_distance_of_distinct_pairs():
+    x = torch.tensor([[0.0], [1.0], [3.0]])  # distances 1, 3, 2
+    assert median_distance(x) == pytest.approx(2.0)
+
+
+def test_token_maps_pool_the_patch_grid_and_signature_standardises():
+    vit = VisionTransformer(32, 8, 16, 1, 2, 2.0).eval()  # 4 x 4 patches, width 16
+    frames = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+
+    def pre(x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
+    maps = token_maps(vit, pre, frames, batch=4)
+    assert maps.shape == (6, GRID * GRID * 16)
+    with torch.no_grad():
+        tokens = vit(pre(frames), all_tokens=True)[:, 1:]  # (6, 16 patches, 16)
+    # A 4 x 4 grid pooled to 4 x 4 is the grid itself, channel-major.
+    torch.testing.assert_close(maps, tokens.transpose(1, 2).flatten(1))
+    sig = Signature.fit(maps, dims=8)
+    z = (maps - maps.mean(0)) / sig.scale
+    torch.testing.assert_close(sig(maps), z @ sig.projection)
+    assert sig.projection.shape == (maps.shape[1], 8)
+
+
+def test_drift_score_null_splits_the_reference_by_episode():
+    g = torch.Generator().manual_seed(1)
+    # 20 episodes of 8 frames; each episode has its own offset (frames within one correlate).
+    offsets = torch.randn(20, 1, 12, generator=g)
+    ref = (offsets + 0.1 * torch.randn(20, 8, 12, generator=g)).reshape(160, 12)
+    episodes = torch.arange(20).repeat_interleave(8)
+    same = torch.randn(20, 1, 12, generator=g) + 0.1 * torch.randn(20, 8, 12, generator=g)
+    shifted = same + 1.5
+    a = drift_score(ref, episodes, same.reshape(160, 12), splits=40)
+    b = drift_score(ref, episodes, shifted.reshape(160, 12), splits=40)
+    assert a.reference_episodes == 20 and a.new_frames == 160
+    assert b.score > 5 * a.score and b.score > b.null_q95 and b.p_value < 0.05
+    # Frame-level splits would put correlated frames on both sides: a smaller null.
+    frames = drift_score(ref, torch.arange(160), same.reshape(160, 12), splits=40)
+    assert frames.null_q95 < a.null_q95
+
+
+needs_sim = pytest.mark.skipif(
+    importlib.util.find_spec("mujoco") is None, reason="needs the sim extra"
+)
+
+
+@needs_sim
+@pytest.mark.slow
+def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_path):
+    from dynaflip_adapt.cli.app import app
+
+    runner = CliRunner()
+    logs = {}
+    for name, site, seed in (("ref", "base", 1), ("same", "base", 2), ("night", "night_shift", 3)):
+        logs[name] = str(tmp_path / f"{name}.h5")
+        r = runner.invoke(app, ["sim", "generate", logs[name], "--site", site, "-n", "16",
+                                "--size", "64", "--workers", "1", "--seed", str(seed)])  # fmt: skip
+        assert r.exit_code == 0, r.output
+
+    def monitor(name, *extra):
+        return runner.invoke(app, ["monitor", logs[name], "--site", "lab", *extra, "--json"])
+
+    # A site never adapted needs the frames its encoder is known to fit: one line, exit 2.
+    r = monitor("same")
+    assert r.exit_code == 2 and "--reference" in r.stderr and len(r.stderr.splitlines()) == 1
+    fits = monitor("same", "--reference", logs["ref"])
+    assert fits.exit_code == 0, fits.output
+    drift = monitor("night", "--reference", logs["ref"])
+    assert drift.exit_code == 1, drift.output
+    a, b = json.loads(fits.stdout), json.loads(drift.stdout)
+    assert a["verdict"] == "fits" and b["verdict"] == "adapt"
+    assert b["score"] > 10 * max(a["score"], 1e-3)
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    run = Registry(resolve_store()).client.get_run(b["mlflow_run"])
+    assert run.data.tags["site"] == "lab" and run.data.tags["verdict"] == "adapt"
+    assert run.data.metrics["drift.score"] == pytest.approx(b["score"], rel=1e-5)
+    # Once the site has a production adapter, its training logs are the reference.
+    r = runner.invoke(app, ["finetune", logs["ref"], "--site", "lab", "--steps", "2", "--set",
+                            "data.num_workers=0", "--set", "optim.batch_size=4", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    version = json.loads(r.stdout)["adapter"]["version"]
+    r = runner.invoke(app, ["promote", version, "--site", "lab", "--allow-unaudited"])
+    assert r.exit_code == 0, r.output
+    adapted = monitor("night")
+    assert adapted.exit_code == 1, adapted.output
+    out = json.loads(adapted.stdout)
+    assert (
+        out["encoder"] == f"adapter v{version} (prod-lab)" and "training logs" in out["reference"]
+    )
+    # Its training logs gone: the probe frames it keeps, said in a note.
+    (tmp_path / "ref.h5").unlink()
+    out = json.loads(monitor("same").stdout)
+    assert "probe frames" in out["reference"] and out["notes"]
