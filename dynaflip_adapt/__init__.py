@@ -19,6 +19,9 @@ _API = {
     "AdaptResult": "dynaflip_adapt.workflows.adapt",
     "DryRunResult": "dynaflip_adapt.workflows.adapt",
     "adapt_site": "dynaflip_adapt.workflows.adapt",
+    "MonitorRequest": "dynaflip_adapt.workflows.monitor",
+    "MonitorResult": "dynaflip_adapt.workflows.monitor",
+    "monitor_site": "dynaflip_adapt.workflows.monitor",
     "RolloutRequest": "dynaflip_adapt.workflows.rollout",
     "RolloutReport": "dynaflip_adapt.workflows.rollout",
     "closed_loop": "dynaflip_adapt.workflows.rollout",
@@ -28,15 +31,19 @@ __all__ = [
     "AdaptRequest",
     "AdaptResult",
     "DryRunResult",
+    "MonitorRequest",
+    "MonitorResult",
     "RolloutReport",
     "RolloutRequest",
     "__version__",
     "adapt_site",
     "closed_loop",
+    "monitor_site",
 ]
 
 if TYPE_CHECKING:
     from dynaflip_adapt.workflows.adapt import AdaptRequest, AdaptResult, DryRunResult, adapt_site
+    from dynaflip_adapt.workflows.monitor import MonitorRequest, MonitorResult, monitor_site
     from dynaflip_adapt.workflows.rollout import RolloutReport, RolloutRequest, closed_loop
 
 
