@@ -534,3 +534,28 @@ def test_strength_fit_hints_the_replay_area_recipe_only_for_that_failure():
         fit("bc (v1): trimodal_area.replay", "bc (v1): action_deviation.policy_probe").hint is None
     )
     assert fit().hint is None
+
+
+def test_token_readers_names_the_site_policies_that_read_the_token_map():
+    """`finetune` warns when a site's policies read the token map and the recipe's teacher holds
+    the CLS only: which policies read tokens comes from their registered `head` tag."""
+    from dynaflip_adapt.registry import VersionInfo
+    from dynaflip_adapt.workflows.adapt import token_readers
+
+    def version(n, name, head, site="lab", **tags):
+        t = {"name": name, "head": head, "site": site, **tags}
+        return VersionInfo("dynaflip-policy", str(n), "", None, t, [], 0)
+
+    class Registry:
+        def versions(self, _model):
+            return [
+                version(5, "grasp", "objects"),
+                version(4, "old", "tokens", retired="true"),
+                version(3, "arm", "bc"),
+                version(2, "mine", "my_custom_head"),
+                version(1, "elsewhere", "objects", site="night"),
+            ]
+
+    assert token_readers(Registry(), "lab") == ["grasp (v5)"]
+    assert token_readers(Registry(), "night") == ["elsewhere (v1)"]
+    assert token_readers(Registry(), "nowhere") == []

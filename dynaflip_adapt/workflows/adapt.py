@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from dynaflip_adapt.config import FinetuneRecipe
     from dynaflip_adapt.models.backbone import Bundle
-    from dynaflip_adapt.registry import RunHandle, VersionInfo
+    from dynaflip_adapt.registry import Registry, RunHandle, VersionInfo
     from dynaflip_adapt.strength import StrengthFit
 
 OnStep = Callable[[int, dict[str, float]], None]
@@ -283,6 +283,16 @@ def adapt_site(
     if dist.is_main:
         dist.barrier()
     parent_dir, parent_info = resolve_adapter(registry, req.parent) if req.parent else (None, None)
+    if dist.is_main and not any(r.loss.distill_tokens for r, _ in candidates):
+        readers = token_readers(registry, site)
+        if readers:
+            notify(
+                "warning",
+                f"policies pinned to site {site} read the patch-token map ({', '.join(readers)}) "
+                "but the recipe's teacher holds the CLS feature only; --set "
+                "loss.distill_tokens=true holds the tokens too (3x less action deviation for "
+                "such policies, docs/results/2026-12-02-shifted-sites.md)",
+            )
     fingerprint = logs_fingerprint(logs)
     held = None
     retained: dict[str, Any] = {}
@@ -421,6 +431,19 @@ def adapt_site(
             warnings=res.warnings,
         )
     raise AssertionError("unreachable: the last candidate always returns")
+
+
+def token_readers(registry: Registry, site: str) -> list[str]:
+    """Names of the active policies pinned to `site` whose head reads the patch-token map."""
+    from dynaflip_adapt.lifecycle import policies_for_site
+    from dynaflip_adapt.policies import HEAD_KINDS
+
+    names = []
+    for v in policies_for_site(registry, site):
+        kind = HEAD_KINDS.get(v.tags.get("head", ""))
+        if kind is not None and kind.reads == "tokens":
+            names.append(f"{v.tags.get('name', 'policy')} (v{v.version})")
+    return names
 
 
 def _pinned(
