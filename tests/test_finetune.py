@@ -434,6 +434,7 @@ def test_python_api_adapts_a_site_as_the_cli_does(world, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["adapter"]["version"] != res.adapter.version
+
     def losses(final):
         return {k: v for k, v in final.items() if not k.endswith("_per_s")}  # not the timing
 
