@@ -203,9 +203,11 @@ def adapt_site(
 
     Args:
         request: What to adapt.
-        tracking_uri: MLflow store (default: ``$DYNAFLIP_TRACKING_URI`` or the embedded one).
+        tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI``, else the embedded
+            sqlite store under ``$DYNAFLIP_HOME``).
         monitor: Wraps each training run; yields the per-step callback (progress, metrics).
-        notify: Receives warnings and notices as they happen (also kept in the result).
+        notify: Receives warnings and notices as they happen (the training's warnings are
+            also kept in the result's ``warnings``).
 
     Returns:
         The registered adapter's result, a `DryRunResult` with ``request.dry_run``, or None on
