@@ -136,3 +136,28 @@ def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_p
     (tmp_path / "ref.h5").unlink()
     out = json.loads(monitor("same").stdout)
     assert "probe frames" in out["reference"] and out["notes"]
+
+
+def test_monitor_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    """A threshold <= 0, a logs file that is not HDF5, and a site never adapted without a
+    reference: exit 2, one line naming the option or file, and no MLflow run."""
+    from dynaflip_adapt.cli.app import app
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+    from tests.builders import write_native
+
+    logs, _ = write_native(tmp_path / "site.h5", n=2)
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    runner = CliRunner()
+    cases = [
+        ([str(logs), "--site", "lab", "--threshold", "0", "--reference", str(logs)], "--threshold"),
+        ([str(junk), "--site", "lab", "--reference", str(logs)], "junk.h5"),
+        ([str(logs), "--site", "lab"], "--reference"),
+    ]
+    for args, named in cases:
+        r = runner.invoke(app, ["monitor", *args])
+        assert r.exit_code == 2, r.output
+        assert named in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    client = Registry(resolve_store()).client
+    assert client.get_experiment_by_name("dynaflip-monitor") is None
