@@ -168,6 +168,12 @@ def _stack(events: list[dict[str, Any]]) -> list[str]:
     return stack
 
 
+def rollback_target(events: list[dict[str, Any]]) -> str | None:
+    """The version a plain `rollback` would move the site to (None: nothing to roll back to)."""
+    stack = _stack(events)
+    return stack[-2] if len(stack) >= 2 else None
+
+
 def current(registry: Registry, site: str) -> str | None:
     """The version the site's production alias points at."""
     alias = site_alias(site)
@@ -291,12 +297,12 @@ def rollback(
         events = _events(registry, site)
         if not events:
             raise InputError(None, "--site", repr(site), "a site with promotions (see `history`)")
-        stack = _stack(events)
         previous = current(registry, site)
+        earlier = rollback_target(events)
         if to is not None:
             target = registry.resolve(ADAPTER_MODEL, to).version
-        elif len(stack) >= 2:
-            target = stack[-2]
+        elif earlier is not None:
+            target = earlier
         else:
             raise InputError(
                 None,

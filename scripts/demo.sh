@@ -67,7 +67,12 @@ da eval rollout --site "$SITE" --site base --policies-of "$SITE" --adapter "$NEW
 da history --site "$SITE"
 
 echo "==> roll back (to the previous promotion, if there is one)"
-da rollback --site "$SITE" --reason "demo rollback" || echo "(nothing to roll back to yet: run the demo again)"
+BACK=$(da history --site "$SITE" --json | python -c "import json, sys; print(json.load(sys.stdin)['rollback_to'] or '')")
+if [ -n "$BACK" ]; then
+  da rollback --site "$SITE" --reason "demo rollback"
+else
+  echo "(nothing to roll back to yet: the site has one promotion; a second run of the demo adds one)"
+fi
 
 echo "==> export the merged image-only encoder (standalone, verified)"
 da export "$NEW" --out "$OUT/export" --format torchscript --overwrite

@@ -137,12 +137,13 @@ def test_promote_is_gated_forced_with_reason_rolled_back_and_remembered(fleet):
     ok(["promote", fleet["gentle"], "--site", "lab"])
     ok(["promote", fleet["wild"], "--site", "lab", "--force", "--reason", "field trial"])
     h = ok(["history", "--site", "lab"])
-    assert h["current"] == fleet["wild"]
+    assert h["current"] == fleet["wild"] and h["rollback_to"] == fleet["gentle"]
     assert [(e["action"], e["version"], e["forced"]) for e in h["events"]] == [
         ("promote", fleet["gentle"], False), ("promote", fleet["wild"], True)]  # fmt: skip
     assert h["events"][1]["reason"] == "field trial" and h["events"][1]["audit"] == "incompatible"
     ev = ok(["rollback", "--site", "lab", "--reason", "drops cubes"])["event"]
     assert ev["version"] == fleet["gentle"] and ev["previous"] == fleet["wild"]
+    assert ok(["history", "--site", "lab"])["rollback_to"] is None  # what `rollback` refuses
     r = runner.invoke(app, ["rollback", "--site", "lab"])
     assert r.exit_code == 2 and "roll back to" in r.stderr
     ok(["rollback", "--site", "lab", "--to", fleet["wild"]])

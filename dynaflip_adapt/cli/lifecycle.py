@@ -280,16 +280,19 @@ def history_cmd(
     from rich.table import Table
 
     from dynaflip_adapt import activity
-    from dynaflip_adapt.lifecycle import current, history
+    from dynaflip_adapt.lifecycle import current, history, rollback_target
 
     reg = registry(ctx)
     with activity.step(f"reading the history of site {site}"):
         events = history(reg, site)
         now = current(reg, site)
+    back = rollback_target(events)
     if as_json:
-        print_json({"site": site, "current": now, "events": events})
+        print_json({"site": site, "current": now, "rollback_to": back, "events": events})
         return
-    table = Table(title=f"site {site} (production: {_v(now)})")
+    undo = f"rollback restores {_v(back)}" if back else "nothing to roll back to"
+    title = f"site {site} (production: {_v(now)}; {undo})"
+    table = Table(title=title)
     for col in ("#", "time (UTC)", "action", "version", "from", "user", "audit", "reason"):
         table.add_column(col)
     for e in events:
