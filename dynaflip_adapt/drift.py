@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from dynaflip_adapt.data.logs import LogSet
+    from dynaflip_adapt.models.vit import VisionTransformer
 
 SIGNATURE_DIMS = 256
 GRID = 4  # token maps are pooled to GRID x GRID before projection
@@ -64,7 +65,7 @@ def sample_frames(logs: LogSet, image_size: int, count: int) -> FrameSample:
 
 
 def token_maps(
-    encoder: torch.nn.Module,
+    encoder: VisionTransformer,
     preprocess: Callable[[torch.Tensor], torch.Tensor],
     frames: torch.Tensor,
     batch: int = 128,
@@ -73,10 +74,7 @@ def token_maps(
     out = []
     with torch.no_grad():
         for i in range(0, len(frames), batch):
-            t = encoder(preprocess(frames[i : i + batch]), all_tokens=True)[:, 1:].float()
-            n, p, w = t.shape
-            g = round(p**0.5)
-            grid = t.transpose(1, 2).reshape(n, w, g, g)
+            grid = encoder.patch_tokens(preprocess(frames[i : i + batch])).float()
             out.append(F.adaptive_avg_pool2d(grid, GRID).flatten(1))
     return torch.cat(out)
 

@@ -82,12 +82,16 @@ def logged_training(
 ) -> Iterator[Callable[[int, dict[str, float]], None]]:
     """`training_progress` that also logs metrics to an MLflow run every `log_every` steps
     (and at the last); yields the ``on_step(step, metrics)`` callback for the training loop."""
-    with training_progress(title, total, enabled=enabled, keys=keys) as bar:
+    from dynaflip_adapt.workflows.adapt import mlflow_steps
+
+    with (
+        training_progress(title, total, enabled=enabled, keys=keys) as bar,
+        mlflow_steps(title, total, run, log_every, keys) as log,
+    ):
 
         def on_step(step: int, metrics: dict[str, float]) -> None:
             bar(step, metrics)
-            if step % log_every == 0 or step == total:
-                run.log_metrics(step, metrics)
+            log(step, metrics)
 
         yield on_step
 

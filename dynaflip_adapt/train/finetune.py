@@ -181,24 +181,9 @@ def retention_frames(logs: LogSet, image_size: int, count: int) -> torch.Tensor:
     """`count` frames spread evenly over every episode of `logs` (uint8, N x 3 x S x S at the
     encoder's input size): frames whose encoding an adapter must keep, typically the logs the
     fleet's policies were trained on."""
-    from dynaflip_adapt.data.logs import EpisodeReader
-    from dynaflip_adapt.train.triplets import resize_uint8
+    from dynaflip_adapt.drift import sample_frames
 
-    reader = EpisodeReader()
-    lengths = [ep.length for ep in logs.episodes]
-    total = sum(lengths)
-    if total == 0 or count <= 0:
-        return torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
-    picks = torch.linspace(0, total - 1, min(count, total)).round().long().tolist()
-    starts = np.cumsum([0, *lengths])
-    out = []
-    for g in picks:
-        i = int(np.searchsorted(starts, g, side="right")) - 1
-        t = g - int(starts[i])
-        frame = reader.rgb(logs.episodes[i], slice(t, t + 1)).transpose(0, 3, 1, 2)
-        out.append(resize_uint8(torch.from_numpy(np.ascontiguousarray(frame)), image_size))
-    reader.close()
-    return torch.cat(out)
+    return sample_frames(logs, image_size, count).frames
 
 
 def finetune(

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from dynaflip_adapt.drift import DriftScore
+    from dynaflip_adapt.models.vit import VisionTransformer
 
 MONITOR_EXPERIMENT = "dynaflip-monitor"
 # Calibrated on the simulator with the shipped backbone (docs/design.md, "Drift"): 20 draws of
@@ -115,7 +116,8 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
     adapter = None
     if prod is not None:
         bundle, adapter, _ = open_adapter(registry, prod.version)
-        encoder = adapter.merged().eval()
+        # merge_and_unload gives back the plain ViT: the patch-token map reads as on the base.
+        encoder = cast("VisionTransformer", adapter.merged().eval())
         encoder_name = f"adapter v{prod.version} ({alias})"
         if req.backbone is not None:
             notes.append(f"--backbone ignored: {alias} is on its own backbone")
