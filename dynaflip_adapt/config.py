@@ -213,6 +213,22 @@ class FinetuneLoss(LossSection):
         "every patch token to the teacher's (relative drift), not only the pooled CLS feature: "
         "what heads reading the token map (objects, tokens) consume",
     )
+    site_style: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of the invariance term's views that first take the site's appearance "
+        "(the low spatial frequencies' amplitude of one of the batch's site frames, Fourier "
+        "domain adaptation): the teacher sees the clean source frame, so the adapter learns to "
+        "read the site's lighting and surfaces as the base features, without paired frames",
+    )
+    site_style_band: float = Field(
+        0.06,
+        ge=0,
+        le=0.5,
+        description="half-width of the swapped frequencies as a fraction of the image side "
+        "(0: each channel's mean only)",
+    )
     distill_space: Literal["relative", "standardized"] = Field(
         "relative",
         description="distillation error: relative to the teacher's feature norm, or per "
@@ -589,7 +605,11 @@ def recipe_params(recipe: BaseModel) -> dict[str, str]:
     return out
 
 
-_LATER_FIELDS: tuple[tuple[str, str, object], ...] = (("loss", "distill_tokens", False),)
+_LATER_FIELDS: tuple[tuple[str, str, object], ...] = (
+    ("loss", "distill_tokens", False),
+    ("loss", "site_style", 0.0),
+    ("loss", "site_style_band", 0.06),
+)
 
 
 def recipe_hash(recipe: BaseModel) -> str:

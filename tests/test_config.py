@@ -137,6 +137,7 @@ def test_cli_list_show_copy_validate(tmp_path):
         ("finetune/default", "loss.point_position", "pretrain"),
         ("finetune/default", "model.width", "pretrain"),
         ("pretrain/small", "loss.invariance", "finetune"),
+        ("pretrain/small", "loss.site_style", "finetune"),
         ("pretrain/small", "lora.r", "finetune"),
     ],
 )
@@ -189,7 +190,9 @@ def test_a_field_added_later_keeps_earlier_recipes_hashes():
     settings = recipe_to_dict(rec)
     settings.pop("description")
     assert settings["loss"].pop("distill_tokens") is False
+    assert settings["loss"].pop("site_style") == 0.0
+    assert settings["loss"].pop("site_style_band") == 0.06
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
     assert recipe_hash(rec) == "sha256:" + hashlib.sha256(blob).hexdigest()
-    on = load_recipe("finetune/default", ["loss.distill_tokens=true"])[0]
-    assert recipe_hash(on) != recipe_hash(rec)
+    for key in ("loss.distill_tokens=true", "loss.site_style=0.5", "loss.site_style_band=0.1"):
+        assert recipe_hash(load_recipe("finetune/default", [key])[0]) != recipe_hash(rec), key

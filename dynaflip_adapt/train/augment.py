@@ -49,3 +49,34 @@ def aug_frames(aug: Any, rgb: torch.Tensor) -> torch.Tensor:
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] floats to uint8 (kornia can leave [0, 1]: clamp)."""
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def site_style(
+    frames: torch.Tensor,
+    style: torch.Tensor,
+    band: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Frames restyled with another site's appearance (Fourier domain adaptation, Yang & Soatto
+    2020): each frame keeps its phase (where edges and objects are) and takes the amplitude of
+    its lowest spatial frequencies (lighting, colour cast, shading, texture statistics) from a
+    random frame of ``style``. uint8 (N, 3, H, W) in and out; ``style`` (M, 3, H, W), same size.
+
+    ``band`` is the half-width of the swapped square of frequencies as a fraction of the image
+    side: 0 swaps only each channel's mean (its DC term), larger values more of the appearance.
+    """
+    if frames.shape[1:] != style.shape[1:]:
+        raise ValueError(f"style frames {tuple(style.shape[1:])} != {tuple(frames.shape[1:])}")
+    if len(frames) == 0 or len(style) == 0:
+        return frames
+    pick = torch.randint(0, len(style), (len(frames),), generator=generator, device=style.device)
+    src = torch.fft.fft2(frames.float())
+    amp = torch.fft.fft2(style[pick].float()).abs()
+    h, w = frames.shape[-2:]
+    b = max(0, round(band * min(h, w)))
+    # Circular frequency index: k and size - k are the same |frequency| in fft2's layout.
+    fh = torch.arange(h, device=frames.device)
+    fw = torch.arange(w, device=frames.device)
+    low = (torch.minimum(fh, h - fh)[:, None] <= b) & (torch.minimum(fw, w - fw)[None, :] <= b)
+    mixed = torch.polar(torch.where(low, amp, src.abs()), src.angle())
+    return torch.fft.ifft2(mixed).real.clamp(0, 255).round().to(torch.uint8)

@@ -42,7 +42,7 @@ from dynaflip_adapt.models.adapter import PROBE_FILE, lora_state, wrap_lora, wri
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
 from dynaflip_adapt.models.text import embed_instructions
-from dynaflip_adapt.train.augment import aug_frames, augment_pair, build_augment
+from dynaflip_adapt.train.augment import aug_frames, augment_pair, build_augment, site_style
 from dynaflip_adapt.train.common import (
     ResumableSampler,
     autocast,
@@ -265,6 +265,8 @@ def finetune(
             "(docs/results/2026-11-ood-benchmark.md); pass --retain FLEET_LOGS or "
             "--set loss.invariance=0"
         )
+    if w.site_style > 0 and not active["invariance"]:
+        warnings.append("loss.site_style restyles the invariance term's views: it is off too")
     if w.replay_area > 0 and not active["replay_area"]:
         warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
     if not any(v > 0 for v in active.values()):
@@ -425,8 +427,14 @@ def finetune(
             if use_rep:
                 images.append(rep)
             if use_inv:
-                # The same frames as the student sees them at an augmented "site".
-                images.append(aug_frames(inv_aug, rep))
+                # The same frames as the student sees them at an augmented "site"; with
+                # loss.site_style a share first takes this site's appearance from its frames.
+                view = rep
+                if w.site_style > 0:
+                    restyle = torch.rand(len(rep), device=device) < w.site_style
+                    view = rep.clone()
+                    view[restyle] = site_style(rep[restyle], batch["rgb0"], w.site_style_band)
+                images.append(aug_frames(inv_aug, view))
         tri = torch.zeros(0, dtype=torch.long, device=device)
         if n_area > 0:
             tri = dist.shard(torch.randint(0, replay["rgb0"].shape[0], (n_area,), device=device))
