@@ -187,3 +187,52 @@ def test_object_heads_refuse_logs_without_object_state(tmp_path):
     assert len(lines) == 1 and str(path) in lines[0] and "obs/object_state" in lines[0], r.output
     listed = runner.invoke(app, ["policies", "list", "--json"])
     assert listed.exit_code == 0 and json.loads(listed.stdout) == [], listed.output
+
+
+def test_appearance_views_teach_a_head_what_a_shift_leaves_alone():
+    """`fit_head(views=...)`: in the logged frames a nuisance feature (the light, say) copies
+    the signal exactly, so a head can read either; the view of the same frames re-draws the
+    nuisance. At a site where the nuisance is unrelated to the action, the head trained with
+    the view is far more accurate than the one trained on the logged frames alone."""
+    from dynaflip_adapt.policies.training import fit_head
+
+    def task(n: int, seed: int, nuisance_follows: bool) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed)
+        signal = torch.randn(n, 1, generator=g)
+        nuisance = signal.clone() if nuisance_follows else torch.randn(n, 1, generator=g)
+        features = torch.cat([signal, nuisance, torch.randn(n, 2, generator=g)], dim=1)
+        proprio = torch.randn(n, 2, generator=g)
+        return features, proprio, 2.0 * signal
+
+    feats, proprio, actions = task(600, 0, nuisance_follows=True)
+    relit = feats.clone()
+    relit[:, 1] = torch.randn(600, generator=torch.Generator().manual_seed(1))
+    site_f, site_p, site_a = task(300, 2, nuisance_follows=False)
+    err = {}
+    for name, views in (("logged", ()), ("with view", (relit,))):
+        fit = fit_head(feats, proprio, actions, head="bc", steps=600, seed=0, views=views)
+        policy = Policy(None, policy_spec("bc", 4, 2, 1, 0.1, {}), fit.model, fit.stats)
+        with torch.no_grad():
+            a = policy.act(site_f, site_p)
+        err[name] = float(((a - site_a) ** 2).mean() / site_a.var())
+    assert err["with view"] < 0.3 * err["logged"], err
+
+
+def test_appearance_views_relight_without_moving_anything():
+    """`appearance_views`: same shape and dtype, deterministic in its seed, the global RNG left
+    as it was; the light changes (mean colour moves) but an edge stays where it was."""
+    from dynaflip_adapt.train.augment import appearance_views
+
+    rgb = torch.full((16, 3, 32, 32), 60, dtype=torch.uint8)
+    rgb[:, :, :, 16:] = 200  # a vertical edge at column 16
+    styles = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(3),
+                           dtype=torch.uint8)  # fmt: skip
+    state = torch.get_rng_state()
+    a = appearance_views(rgb, styles, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, appearance_views(rgb, styles, seed=5))
+    assert not torch.equal(a, appearance_views(rgb, styles, seed=6))
+    assert a.shape == rgb.shape and a.dtype == torch.uint8
+    assert float((a.float() - rgb.float()).abs().mean()) > 5
+    step = a.float().mean((1, 2)).diff(dim=-1).abs()  # column-to-column change per frame
+    assert bool((step.argmax(-1) == 15).float().mean() >= 0.9), step.argmax(-1)

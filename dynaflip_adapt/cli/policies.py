@@ -77,6 +77,18 @@ def train(
         str | None, typer.Option("--name", help="Policy name (default: SITE-HEAD).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    appearance: Annotated[
+        int,
+        typer.Option(
+            "--appearance",
+            min=0,
+            max=8,
+            help="Also train an image head on this many relit copies of the frames (half "
+            "styled after the backbone's replay frames from its pretraining sites, all with "
+            "photometric jitter), so it reads what light and surfaces leave alone "
+            "(0: the frames as logged).",
+        ),
+    ] = 0,
     language: Annotated[
         bool | None,
         typer.Option(
@@ -142,6 +154,7 @@ def train(
         "seed": seed,
         "tolerance": tolerance,
         "val_fraction": val_fraction,
+        "appearance": appearance,
         "language": bool(language),
         "episodes": len(logset.episodes),
         "frames": len(data["rgb"]),
@@ -166,6 +179,8 @@ def train(
                 extra={"site": site, "preprocessing": bundle.model.cfg.preprocessing()},
                 val_fraction=val_fraction,
                 on_step=lambda step, loss: on_step(step, {"loss": loss}),
+                appearance=appearance,
+                styles=bundle.replay.get("rgb0"),
             )
         frames = int(policy.spec["train_frames"])
         tmp = Path(tempfile.mkdtemp(prefix="dynaflip-policy-"))

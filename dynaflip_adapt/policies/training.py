@@ -279,6 +279,7 @@ def fit_head(
     state: torch.Tensor | None = None,
     target_index: torch.Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    views: Sequence[torch.Tensor] = (),
 ) -> HeadFit:
     """Fits a head on normalized inputs and actions.
 
@@ -304,6 +305,9 @@ def fit_head(
         target_index: (N,) which object the instruction names, in the simulator's order
             (`collect(objects=True)`; required with `state`).
         on_step: Called with (step, loss) after every optimizer step.
+        views: Other inputs of the same frames (each shaped as `inputs`, e.g. the frames
+            relit: `appearance_views`); each training sample reads the clean input or one of
+            them, drawn uniformly. Statistics and the held-out error use the clean input.
     """
     kind = HEAD_KINDS[head]
     steps = steps or kind.steps
@@ -327,6 +331,7 @@ def fit_head(
             stats |= {"bin_mask": mask, "bin_lo": lo, "bin_hi": hi}
             y = torch.where(mask.bool(), (actions == hi).float(), y)
     f, p = head_inputs(stats, inputs, proprio, language, reads, kind.proprio)
+    seen = [head_inputs(stats, v, proprio, None, reads, False)[0] for v in views]
     if kind.network == "diffusion":
         if episode is None:
             raise ValueError("the diffusion head needs the frames' episode ids")
@@ -360,6 +365,11 @@ def fit_head(
     for step in range(1, steps + 1):
         idx = train[torch.randint(0, len(train), (min(bsz, len(train)),), generator=g)]
         fi = f[idx]
+        if seen:
+            which_view = torch.randint(0, 1 + len(seen), (len(idx),), generator=g)
+            fi = fi.clone()
+            for k, v in enumerate(seen, start=1):
+                fi[which_view == k] = v[idx[which_view == k]]
         if reads == "pixels":
             fi = random_shift(fi, SHIFT_PAD * max(1, fi.shape[-1] // 64), g)
         elif feature_noise > 0 and reads in ("features", "tokens") and fi.shape[-1] > 0:
@@ -551,12 +561,23 @@ def fit_policy(
     extra: dict[str, Any] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     val_fraction: float = 0.1,
+    appearance: int = 0,
+    styles: torch.Tensor | None = None,
 ) -> tuple[Policy, float]:
     """Trains a head on `data` (from `collect`) -> an unsaved policy (spec, weights, stats incl.
     a 64-frame probe of its own frames) and its final train loss. The policy is
     language-conditioned when `data` carries instruction embeddings; `val_fraction` of the
-    episodes are held out to stop on."""
+    episodes are held out to stop on. With `appearance` > 0 an image head also trains on that
+    many relit copies of the frames (`appearance_views`, styled after `styles` frames), so
+    it learns to read what a change of light or surface leaves alone."""
     inputs = head_input(head, data, encoder, preprocess)
+    views = []
+    if appearance and HEAD_KINDS[head].reads in ("features", "tokens", "pixels"):
+        from dynaflip_adapt.train.augment import appearance_views
+
+        for k in range(appearance):
+            shifted = appearance_views(data["rgb"], styles, seed=1000 * seed + k)
+            views.append(head_input(head, {**data, "rgb": shifted}, encoder, preprocess))
     language = data.get("language")
     fit = fit_head(
         inputs,
@@ -571,6 +592,7 @@ def fit_policy(
         state=data.get("state") if HEAD_KINDS[head].needs_state else None,
         target_index=data.get("target_index") if HEAD_KINDS[head].needs_state else None,
         on_step=on_step,
+        views=views,
     )
     stats = fit.stats
     sel = torch.linspace(0, len(data["rgb"]) - 1, min(64, len(data["rgb"]))).round().long()
@@ -585,6 +607,8 @@ def fit_policy(
         "validation": fit.info,
         "seed": seed,
     }
+    if views:
+        more["appearance_views"] = len(views)
     if kind.reads == "pixels":
         more["image_size"] = int(data["rgb"].shape[-1])
     spec = policy_spec(

@@ -80,3 +80,38 @@ def site_style(
     low = (torch.minimum(fh, h - fh)[:, None] <= b) & (torch.minimum(fw, w - fw)[None, :] <= b)
     mixed = torch.polar(torch.where(low, amp, src.abs()), src.angle())
     return torch.fft.ifft2(mixed).real.clamp(0, 255).round().to(torch.uint8)
+
+
+def appearance_views(
+    rgb: torch.Tensor,
+    styles: torch.Tensor | None,
+    *,
+    seed: int,
+    band: float = 0.06,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """One appearance-shifted copy of uint8 frames (N, 3, H, W), same geometry: half the frames
+    first take the look of a random ``styles`` frame (`site_style`: e.g. the backbone's replay
+    frames from its pretraining sites), then every frame gets the default photometric draw
+    (colour, white balance, shadows, gamma, noise; no crop). Deterministic in ``seed``; the
+    global RNG is left as it was."""
+    from dynaflip_adapt.config import AugmentSection
+
+    size = int(rgb.shape[-1])
+    aug = build_augment(AugmentSection(), size, crop=False)
+    if styles is not None and tuple(styles.shape[-2:]) != tuple(rgb.shape[-2:]):
+        from dynaflip_adapt.train.triplets import resize_uint8
+
+        styles = resize_uint8(styles, size)
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty_like(rgb)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(rgb), chunk):
+            x = rgb[i : i + chunk]
+            if styles is not None and len(styles):
+                pick = torch.rand(len(x), generator=g) < 0.5
+                x = x.clone()
+                x[pick] = site_style(x[pick], styles, band, g)
+            out[i : i + chunk] = aug_frames(aug, x)
+    return out
