@@ -37,15 +37,39 @@ def adapter_tags(manifest: dict[str, Any], extra: dict[str, str] | None = None) 
     return tags | (extra or {})
 
 
-def register_adapter(registry: Registry, run: RunHandle, folder: Path) -> VersionInfo:
-    """Registers an adapter folder as a new version (checked first: only sound folders land)."""
+def register_adapter(
+    registry: Registry, run: RunHandle, folder: Path, parent: VersionInfo | None = None
+) -> VersionInfo:
+    """Registers an adapter folder as a new version (checked first: only sound folders land);
+    continued from `parent`, its ``ancestors`` tag lists the chain (parent first)."""
     manifest = read_adapter_manifest(folder)
     strength = float(manifest.get("lineage", {}).get("strength", 1.0))
     what = "LoRA adapter" if strength == 1.0 else f"LoRA adapter rescaled to strength {strength:g}"
     description = f"{what} for site {manifest.get('site')!r}"
-    return registry.register(
-        ADAPTER_MODEL, run, folder, "adapter", adapter_tags(manifest), description=description
-    )
+    extra = {}
+    if parent is not None:
+        extra["ancestors"] = ",".join(v.version for v in adapter_chain(registry, parent))
+    tags = adapter_tags(manifest, extra)
+    return registry.register(ADAPTER_MODEL, run, folder, "adapter", tags, description=description)
+
+
+def adapter_chain(registry: Registry, info: VersionInfo, limit: int = 100) -> list[VersionInfo]:
+    """`info` and the adapters it was continued from (``finetune --from``), newest first: the
+    parent, the grandparent... up to one trained from the backbone alone.
+
+    Raises:
+        InputError: A parent version that is no longer in the registry, or a loop.
+    """
+    chain = [info]
+    seen = {info.version}
+    while parent := chain[-1].tags.get("parent_version", ""):
+        if parent in seen or len(chain) >= limit:
+            raise InputError(
+                None, "parent_version", f"a loop at v{parent}", "a chain that ends at a backbone"
+            )
+        seen.add(parent)
+        chain.append(registry.resolve(ADAPTER_MODEL, parent))
+    return chain
 
 
 def _locate(registry: Registry | None, ref: str) -> tuple[Path, VersionInfo | None]:

@@ -560,3 +560,38 @@ def test_token_readers_names_the_site_policies_that_read_the_token_map():
     assert token_readers(Registry(), "lab") == ["grasp (v5)"]
     assert token_readers(Registry(), "night") == ["elsewhere (v1)"]
     assert token_readers(Registry(), "nowhere") == []
+
+
+def test_a_chain_of_adaptations_is_shown_back_to_the_backbone(fleet, tmp_path):
+    """`finetune --from V` twice: the newest adapter's `adapters show` lists itself, its parent
+    and grandparent (each with the logs it was trained on) and the backbone; the first step's
+    adapter has no chain beyond itself; the child trained on from its parent's weights."""
+    from safetensors.torch import load_file
+
+    logs = fleet["logs"]
+    step = ["--max-steps", "2", *FAST, "--set", "ema.enabled=false"]
+    first = ok(["finetune", logs, "--site", "chain", *step])["adapter"]["version"]
+    second = ok(["finetune", logs, "--site", "chain", "--from", first, *step,
+                 "--set", "run.seed=1"])["adapter"]["version"]  # fmt: skip
+    third = ok(["finetune", logs, "--site", "chain", "--from", second, *step,
+                "--set", "run.seed=2"])["adapter"]["version"]  # fmt: skip
+    shown = ok(["adapters", "show", third])
+    chain = [x["version"] for x in shown["chain"]]
+    assert chain == [third, second, first]
+    base = ok(["backbones", "list"])[0]["version"]
+    assert {x["base_version"] for x in shown["chain"]} == {base}
+    assert all(x["data_fingerprint"].startswith("sha256:") for x in shown["chain"])
+    assert [x["version"] for x in ok(["adapters", "show", first])["chain"]] == [first]
+    # The MLflow tag says the same without walking the registry.
+    assert shown["version"]["tags"]["ancestors"] == f"{second},{first}"
+    text = runner.invoke(app, ["adapters", "show", third]).output
+    assert f"v{third}" in text and f"<- v{second}" in text and f"<- v{first}" in text
+    assert f"<- backbone v{base}" in text
+
+    def weights(version: str) -> dict[str, torch.Tensor]:
+        folder = Path(ok(["adapters", "show", version])["path"])
+        return load_file(folder / "adapter_model.safetensors")
+
+    w1, w2 = weights(first), weights(second)
+    assert w1.keys() == w2.keys()
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)

@@ -54,14 +54,31 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """An adapter's manifest: lineage, anchors, geometry fingerprint, files."""
-    from dynaflip_adapt.adapters import resolve_adapter
+    from dynaflip_adapt.adapters import adapter_chain, resolve_adapter
     from dynaflip_adapt.models.adapter import read_adapter_manifest
 
-    folder, info = resolve_adapter(registry(ctx), ref)
+    reg = registry(ctx)
+    folder, info = resolve_adapter(reg, ref)
     manifest = read_adapter_manifest(folder)
+    chain = adapter_chain(reg, info) if info else []
+    steps = [
+        {
+            "version": v.version,
+            "site": v.tags.get("site", ""),
+            "data_fingerprint": v.tags.get("data_fingerprint", ""),
+            "base_version": v.tags.get("base_version", ""),
+            "strength": v.tags.get("strength", "1"),
+        }
+        for v in chain
+    ]
     if as_json:
         print_json(
-            {"version": info.to_dict() if info else None, "path": str(folder), "manifest": manifest}
+            {
+                "version": info.to_dict() if info else None,
+                "path": str(folder),
+                "manifest": manifest,
+                "chain": steps,
+            }
         )
         return
     c = console()
@@ -72,6 +89,13 @@ def show(
     c.print("lineage:", highlight=False)
     for key in sorted(lin):
         c.print(f"  {key}: {_readable(lin[key])}", highlight=False)
+    if len(steps) > 1:
+        # Continual adaptation: what this adapter was continued from, back to the backbone.
+        links = [
+            f"v{x['version']} ({x['site']}, logs {x['data_fingerprint'][7:19]})" for x in steps
+        ]
+        c.print("chain: " + " <- ".join(links) + f" <- backbone v{steps[-1]['base_version']}",
+                highlight=False)  # fmt: skip
     on = [k for k, v in manifest.get("anchors", {}).items() if v]
     off = [k for k, v in manifest.get("anchors", {}).items() if not v]
     c.print(f"anchors: {', '.join(on) or 'none'}" + (f" (off: {', '.join(off)})" if off else ""))

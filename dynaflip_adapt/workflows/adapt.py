@@ -415,7 +415,7 @@ def adapt_site(
             if rejected:
                 run.log_dict({"rejected": rejected}, "fallback_rejected.json")
             run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
-            info = register_adapter(registry, run, res.adapter)
+            info = register_adapter(registry, run, res.adapter, parent=parent_info)
             run.set_tags({"adapter_version": info.version})
         return AdaptResult(
             adapter=info,
