@@ -584,6 +584,12 @@ def test_a_chain_of_adaptations_is_shown_back_to_the_backbone(fleet, tmp_path):
     assert [x["version"] for x in ok(["adapters", "show", first])["chain"]] == [first]
     # The MLflow tag says the same without walking the registry.
     assert shown["version"]["tags"]["ancestors"] == f"{second},{first}"
+    # history: each promoted adapter with what it continues.
+    ok(["promote", third, "--site", "chain", "--force", "--reason", "test", "--allow-unaudited"])
+    events = ok(["history", "--site", "chain"])["events"]
+    assert events[-1]["version"] == third and events[-1]["ancestors"] == [second, first]
+    table = runner.invoke(app, ["history", "--site", "chain"]).output
+    assert f"v{second} <- v{first}" in " ".join(table.split())
     text = runner.invoke(app, ["adapters", "show", third]).output
     assert f"v{third}" in text and f"<- v{second}" in text and f"<- v{first}" in text
     assert f"<- backbone v{base}" in text

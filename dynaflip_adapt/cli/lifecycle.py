@@ -282,10 +282,16 @@ def history_cmd(
     from dynaflip_adapt import activity
     from dynaflip_adapt.lifecycle import current, history, rollback_target
 
+    from dynaflip_adapt.adapters import ADAPTER_MODEL
+
     reg = registry(ctx)
     with activity.step(f"reading the history of site {site}"):
         events = history(reg, site)
         now = current(reg, site)
+        # What each adapter was continued from (finetune --from), parent first.
+        ancestors = {v.version: v.tags.get("ancestors", "") for v in reg.versions(ADAPTER_MODEL)}
+    for e in events:
+        e["ancestors"] = [a for a in ancestors.get(str(e["version"]), "").split(",") if a]
     back = rollback_target(events)
     if as_json:
         print_json({"site": site, "current": now, "rollback_to": back, "events": events})
@@ -293,7 +299,8 @@ def history_cmd(
     undo = f"rollback restores {_v(back)}" if back else "nothing to roll back to"
     title = f"site {site} (production: {_v(now)}; {undo})"
     table = Table(title=title)
-    for col in ("#", "time (UTC)", "action", "version", "from", "user", "audit", "reason"):
+    cols = ("#", "time (UTC)", "action", "version", "from", "continues", "user", "audit", "reason")
+    for col in cols:
         table.add_column(col)
     for e in events:
         how = " (forced)" if e["forced"] else (" (unaudited)" if e["allow_unaudited"] else "")
@@ -303,6 +310,7 @@ def history_cmd(
             e["action"] + how,
             _v(e["version"]),
             _v(e["previous"]),
+            " <- ".join(f"v{a}" for a in e["ancestors"]),
             e["user"],
             e["audit"] or "",
             e["reason"],
