@@ -280,9 +280,8 @@ def history_cmd(
     from rich.table import Table
 
     from dynaflip_adapt import activity
-    from dynaflip_adapt.lifecycle import current, history, rollback_target
-
     from dynaflip_adapt.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.lifecycle import current, history, rollback_target
 
     reg = registry(ctx)
     with activity.step(f"reading the history of site {site}"):
