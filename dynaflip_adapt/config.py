@@ -1,7 +1,7 @@
 """Recipes: YAML files validated by pydantic models (``extra="forbid"``), with dotted overrides.
 
 Every problem in a recipe is reported at once, each as ``FILE: KEY: found ..., expected ...``.
-A recipe's ``kind`` (``pretrain`` or ``finetune``) selects its model.
+A recipe's ``kind`` (``pretrain``, ``finetune`` or ``monitor``) selects its model.
 """
 
 from __future__ import annotations
@@ -347,8 +347,33 @@ class FinetuneRecipe(_Section):
     )
 
 
-Recipe = Annotated[PretrainRecipe | FinetuneRecipe, Field(discriminator="kind")]
-RECIPE_KINDS: dict[str, type[BaseModel]] = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}
+class DriftSection(_Section):
+    """The label-free drift score of `monitor` (docs/design.md, "Drift")."""
+
+    threshold: float = Field(
+        0.04,
+        gt=0,
+        description="score above which the verdict is 'adapt'; calibrated on the simulator with "
+        "the shipped backbone: 20 draws of 16 new same-site episodes scored 0.007-0.029, the "
+        "mildest shifted preset (a moved camera) 0.050-0.102",
+    )
+    frames: int = Field(256, ge=8, description="frames sampled from each side, over every episode")
+
+
+class MonitorRecipe(_Section):
+    """``dynaflip-adapt monitor``: when a site's new logs no longer fit its production encoder."""
+
+    kind: Literal["monitor"]
+    description: str = ""
+    drift: DriftSection = DriftSection()
+
+
+Recipe = Annotated[PretrainRecipe | FinetuneRecipe | MonitorRecipe, Field(discriminator="kind")]
+RECIPE_KINDS: dict[str, type[BaseModel]] = {
+    "pretrain": PretrainRecipe,
+    "finetune": FinetuneRecipe,
+    "monitor": MonitorRecipe,
+}
 
 
 class RecipeError(InputError):
@@ -378,8 +403,9 @@ def list_recipes() -> dict[str, Path]:
     return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
 
 
-def find_recipe(name_or_path: str | Path) -> Path:
-    """Resolves a shipped recipe name (full or unique basename) or a file path.
+def find_recipe(name_or_path: str | Path, kind: str | None = None) -> Path:
+    """Resolves a shipped recipe name (full or unique basename, among `kind`'s recipes when
+    given: ``default`` is ``finetune/default`` to finetune) or a file path.
 
     Raises:
         InputError: Neither an existing file nor a known name; lists the valid names.
@@ -392,6 +418,8 @@ def find_recipe(name_or_path: str | Path) -> Path:
     if key in shipped:
         return shipped[key]
     by_base = [v for k, v in shipped.items() if k.rsplit("/", 1)[-1] == key]
+    if len(by_base) > 1 and kind is not None:
+        by_base = [v for k, v in shipped.items() if k == f"{kind}/{key}"]
     if len(by_base) == 1:
         return by_base[0]
     raise InputError(
@@ -554,7 +582,7 @@ def load_recipe(
     Raises:
         InputError / RecipeError: Any problem; recipe problems are all reported together.
     """
-    path = find_recipe(name_or_path)
+    path = find_recipe(name_or_path, kind)
     data = apply_overrides(load_recipe_data(path), overrides)
     try:
         recipe = validate_recipe_data(data, path)

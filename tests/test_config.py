@@ -196,3 +196,14 @@ def test_a_field_added_later_keeps_earlier_recipes_hashes():
     assert recipe_hash(rec) == "sha256:" + hashlib.sha256(blob).hexdigest()
     for key in ("loss.distill_tokens=true", "loss.site_style=0.5", "loss.site_style_band=0.1"):
         assert recipe_hash(load_recipe("finetune/default", [key])[0]) != recipe_hash(rec), key
+
+
+def test_a_bare_name_resolves_within_the_commands_kind():
+    """`default` names finetune/default and monitor/default: each command finds its own; a
+    caller that does not say the kind is told the name is ambiguous."""
+    from dynaflip_adapt.errors import InputError
+
+    assert load_recipe("default", kind="finetune")[1].as_posix().endswith("finetune/default.yaml")
+    assert load_recipe("default", kind="monitor")[1].as_posix().endswith("monitor/default.yaml")
+    with pytest.raises(InputError, match="ambiguous"):
+        load_recipe("default")

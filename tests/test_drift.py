@@ -113,6 +113,14 @@ def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_p
     a, b = json.loads(fits.stdout), json.loads(drift.stdout)
     assert a["verdict"] == "fits" and b["verdict"] == "adapt"
     assert b["score"] > 10 * max(a["score"], 1e-3)
+    # The threshold is the recipe's: a recipe file (or --set) above the shifted score reads
+    # the same logs as fitting, and the run records the recipe it used.
+    mine = tmp_path / "lenient.yaml"
+    mine.write_text(f"kind: monitor\ndrift:\n  threshold: {2 * b['score']}\n")
+    for extra in (["--recipe", str(mine)], ["--set", f"drift.threshold={2 * b['score']}"]):
+        lenient = monitor("night", "--reference", logs["ref"], *extra)
+        assert lenient.exit_code == 0, lenient.output
+        assert json.loads(lenient.stdout)["threshold"] == pytest.approx(2 * b["score"])
     from dynaflip_adapt.registry import Registry
     from dynaflip_adapt.store import resolve_store
 
@@ -154,7 +162,11 @@ def test_monitor_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([str(logs), "--site", "lab", "--threshold", "0", "--reference", str(logs)], "--threshold"),
         ([str(junk), "--site", "lab", "--reference", str(logs)], "junk.h5"),
         ([str(logs), "--site", "lab"], "--reference"),
-    ]
+        ([str(logs), "--site", "lab", "--set", "drift.threshold=-1", "--reference", str(logs)],
+         "drift.threshold"),
+        ([str(logs), "--site", "lab", "--recipe", "finetune/default", "--reference", str(logs)],
+         "kind"),
+    ]  # fmt: skip
     for args, named in cases:
         r = runner.invoke(app, ["monitor", *args])
         assert r.exit_code == 2, r.output

@@ -27,12 +27,29 @@ def monitor_cmd(
         str | None,
         typer.Option("--backbone", "-b", help="For a site never adapted (default: base)."),
     ] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            "--recipe", "-r", help="Monitor recipe (threshold, frames): name or YAML path."
+        ),
+    ] = "monitor/default",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Recipe override KEY=VALUE (drift.threshold=0.05)."),
+    ] = None,
     frames: Annotated[
-        int, typer.Option("--frames", min=8, help="Frames sampled from each side.")
-    ] = 256,
+        int | None,
+        typer.Option(
+            "--frames", min=8, help="Frames sampled from each side (drift.frames; default 256)."
+        ),
+    ] = None,
     threshold: Annotated[
         float | None,
-        typer.Option("--threshold", help="Drift score above which to adapt (default: calibrated)."),
+        typer.Option(
+            "--threshold",
+            help="Drift score above which to adapt (drift.threshold; default: the recipe's, "
+            "calibrated on the simulator).",
+        ),
     ] = None,
     layout: LayoutOpt = None,
     camera: CameraOpt = None,
@@ -45,15 +62,17 @@ def monitor_cmd(
     logged to MLflow (experiment dynaflip-monitor, tagged with the site) as a drift time series.
     Exit code 0: fits; 1: adaptation recommended; 2: bad input (cron-friendly).
     """
-    from dynaflip_adapt.workflows.monitor import DEFAULT_THRESHOLD, MonitorRequest, monitor_site
+    from dynaflip_adapt.workflows.monitor import MonitorRequest, monitor_site
 
     request = MonitorRequest(
         logs=tuple(logs),
         site=site,
         reference=tuple(reference or []),
         backbone=backbone,
+        recipe=recipe,
+        overrides=tuple(set_ or []),
         frames=frames,
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        threshold=threshold,
         layout=layout,
         camera=camera,
     )

@@ -19,9 +19,6 @@ if TYPE_CHECKING:
     from dynaflip_adapt.models.vit import VisionTransformer
 
 MONITOR_EXPERIMENT = "dynaflip-monitor"
-# Calibrated on the simulator with the shipped backbone (docs/design.md, "Drift"): 20 draws of
-# 16 new base-site episodes scored 0.007-0.029, the mildest preset (a moved camera) 0.050-0.102.
-DEFAULT_THRESHOLD = 0.04
 
 
 @dataclass(frozen=True)
@@ -34,8 +31,13 @@ class MonitorRequest:
         reference: Logs the production encoder is known to fit (default: the production
             adapter's training logs, else its probe frames; required for a site never adapted).
         backbone: For a site never adapted: the backbone its policies read (default: base).
-        frames: Frames sampled from each side, spread evenly over every episode.
-        threshold: Score above which the verdict is ``adapt``.
+        recipe: Monitor recipe name or YAML path: the threshold (calibrated by default on the
+            simulator) and the frames sampled.
+        overrides: Dotted recipe overrides ``KEY=VALUE`` (``drift.threshold=0.05``).
+        frames: Shortcut for ``drift.frames``: frames sampled from each side, over every
+            episode.
+        threshold: Shortcut for ``drift.threshold``: score above which the verdict is
+            ``adapt``.
         layout, camera: How to read the logs (None: detected).
     """
 
@@ -43,14 +45,17 @@ class MonitorRequest:
     site: str
     reference: tuple[Path, ...] = ()
     backbone: str | None = None
-    frames: int = 256
-    threshold: float = DEFAULT_THRESHOLD
+    recipe: str = "monitor/default"
+    overrides: tuple[str, ...] = ()
+    frames: int | None = None
+    threshold: float | None = None
     layout: str | None = None
     camera: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logs", tuple(Path(p) for p in self.logs))
         object.__setattr__(self, "reference", tuple(Path(p) for p in self.reference))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
 
 
 @dataclass
@@ -93,6 +98,7 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
 
     from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
     from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.config import MonitorRecipe, load_recipe, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import SourceSettings, open_logs
     from dynaflip_adapt.drift import drift_score, sample_frames, token_maps
@@ -102,10 +108,19 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
     from dynaflip_adapt.store import resolve_store
 
     req = request
-    if req.frames < 8:
+    if req.frames is not None and req.frames < 8:
         raise InputError(None, "--frames", str(req.frames), ">= 8")
-    if not req.threshold > 0:
+    if req.threshold is not None and not req.threshold > 0:
         raise InputError(None, "--threshold", str(req.threshold), "> 0")
+    # The options are recipe overrides, so the recipe logged with the run is what ran.
+    overrides = list(req.overrides)
+    if req.frames is not None:
+        overrides.append(f"drift.frames={req.frames}")
+    if req.threshold is not None:
+        overrides.append(f"drift.threshold={req.threshold}")
+    recipe, recipe_path = load_recipe(req.recipe, overrides, kind="monitor")
+    assert isinstance(recipe, MonitorRecipe)
+    threshold, frames = recipe.drift.threshold, recipe.drift.frames
     alias = site_alias(req.site)
     settings = SourceSettings(layout=req.layout, camera=req.camera)
     new_logs = open_logs(list(req.logs), settings)  # bad logs fail before the registry
@@ -142,7 +157,7 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
         else:
             notes.append("the production adapter's training logs are gone: its probe frames")
     if ref_logs is not None:
-        ref = sample_frames(ref_logs, size, req.frames)
+        ref = sample_frames(ref_logs, size, frames)
         ref_frames, ref_episodes = ref.frames, ref.episodes
     else:
         assert adapter is not None
@@ -151,15 +166,15 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
         reference_name = f"the production adapter's probe frames ({len(ref_frames)})"
     if len(ref_frames) < 8:
         raise InputError(None, "--reference", f"{len(ref_frames)} frames", ">= 8 frames")
-    new = sample_frames(new_logs, size, req.frames)
+    new = sample_frames(new_logs, size, frames)
     if len(new.frames) < 8:
         raise InputError(str(req.logs[0]), None, f"{len(new.frames)} frames", ">= 8 frames")
     pre = bundle.model.preprocess
     score = drift_score(token_maps(encoder, pre, ref_frames), ref_episodes,
                         token_maps(encoder, pre, new.frames))  # fmt: skip
-    verdict = "adapt" if score.score > req.threshold else "fits"
+    verdict = "adapt" if score.score > threshold else "fits"
     result = MonitorResult(
-        req.site, verdict, req.threshold, score, encoder_name, reference_name, notes=notes
+        req.site, verdict, threshold, score, encoder_name, reference_name, notes=notes
     )
     tags = {
         "site": req.site,
@@ -169,8 +184,14 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
     }
     with registry.run(MONITOR_EXPERIMENT, f"monitor-{req.site}", tags) as run:
         run.log_params(
-            {"threshold": req.threshold, "frames": req.frames, "reference": reference_name}
+            {
+                "threshold": threshold,
+                "frames": frames,
+                "reference": reference_name,
+                "recipe": str(recipe_path),
+            }
         )
+        run.log_dict(recipe_to_dict(recipe), "recipe.resolved.json")
         run.log_metrics(0, {f"drift.{k}": float(v) for k, v in score.to_dict().items()})
         run.log_dict(result.to_dict(), "monitor.json")
         result.mlflow_run = run.run_id
