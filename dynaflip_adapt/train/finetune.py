@@ -186,6 +186,312 @@ def retention_frames(logs: LogSet, image_size: int, count: int) -> torch.Tensor:
     return sample_frames(logs, image_size, count).frames
 
 
+def active_terms(
+    recipe: FinetuneRecipe,
+    anchors: dict[str, bool],
+    bundle: Bundle,
+    *,
+    pooled: bool,
+    retained: bool,
+) -> tuple[dict[str, float], list[str]]:
+    """The weight each loss term trains with for these logs (0: off), and warnings for terms the
+    recipe asks for but the logs, the backbone or the options cannot support.
+
+    Args:
+        recipe: The finetune recipe.
+        anchors: Which supervision the site's logs carry (`site_triplets`).
+        bundle: The backbone (its replay set feeds the teacher and the replay-area anchor).
+        pooled: The teacher has frames to hold (the backbone's replay and/or ``--retain``).
+        retained: ``--retain`` frames were given.
+
+    Raises:
+        InputError: No term is active.
+    """
+    w = recipe.loss
+    trimodal = anchors["flow"] and anchors["language"]
+    active = {
+        "area": w.area if trimodal else 0.0,
+        "contrastive": w.contrastive if trimodal else 0.0,
+        "cosine": w.cosine if trimodal else 0.0,
+        "single_frame": w.single_frame if anchors["flow"] else 0.0,
+        "distill_replay": w.distill_replay if pooled else 0.0,
+        "distill_site": w.distill_site,
+        "invariance": w.invariance if pooled and recipe.augment.enabled else 0.0,
+        "consistency": w.consistency,
+        "align": w.align if bundle.replay else 0.0,
+        "replay_area": w.replay_area if set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0,
+    }
+    warnings = []
+    if w.distill_replay > 0 and not pooled:
+        warnings.append("the backbone has no replay set: source-replay distillation is off")
+    if w.invariance > 0 and not active["invariance"]:
+        warnings.append("the invariance term needs a replay pool and augment.enabled: it is off")
+    if active["invariance"] and not retained:
+        warnings.append(
+            "loss.invariance without --retain frames: on the OOD benchmark it then cost gain "
+            "(docs/results/2026-11-ood-benchmark.md); pass --retain FLEET_LOGS or "
+            "--set loss.invariance=0"
+        )
+    if w.site_style > 0 and not active["invariance"]:
+        warnings.append("loss.site_style restyles the invariance term's views: it is off too")
+    if w.replay_area > 0 and not active["replay_area"]:
+        warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
+    if not any(v > 0 for v in active.values()):
+        raise InputError(
+            None,
+            "recipe.loss",
+            "no active loss term for these logs",
+            "anchors (flow + language) or distillation weights > 0",
+        )
+    return active, warnings
+
+
+def build_student(
+    image: torch.nn.Module, recipe: FinetuneRecipe, parent: Path | None, full: bool
+) -> Any:
+    """What trains: a fresh LoRA adapter on a copy of the image encoder, the `parent` adapter
+    continued, or (``full``, an ablation) a copy of every encoder weight."""
+    from peft import PeftModel
+
+    if full:
+        return copy.deepcopy(image).requires_grad_(True)
+    if parent is not None:
+        return PeftModel.from_pretrained(copy.deepcopy(image), str(parent), is_trainable=True)
+    lo = recipe.lora
+    return wrap_lora(image, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.use_dora)
+
+
+class StepObjective:
+    """The per-step finetune objective: a batch of the site's triplets (plus draws from the
+    teacher's pool and the replay triplets) -> the weighted loss and each term's value.
+
+    The teacher is the frozen base encoder (for LoRA: the student with its adapter disabled).
+    With ``loss.distill_tokens`` the teacher terms compare every output token (B, 1 + N,
+    width), CLS first; otherwise the CLS feature (B, width). The anchors read the CLS either
+    way.
+
+    Args:
+        bundle: The backbone (frozen heads, replay set).
+        student: The trainable encoder (`build_student`), on `device`.
+        model: The student as called for the training forward (DDP-wrapped under torchrun).
+        recipe: The finetune recipe.
+        active: Each term's weight (`active_terms`).
+        text: The site's instruction embeddings, indexed by the batch's ``text``.
+        pool: Frames the teacher holds (uint8, N x 3 x S x S): source replay + ``--retain``.
+        device: Where everything runs.
+        dist: The process group (`init_from_env`).
+        full: The student is a plain encoder (full fine-tuning), not a PEFT model.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        student: Any,
+        model: Any,
+        recipe: FinetuneRecipe,
+        active: dict[str, float],
+        text: torch.Tensor,
+        pool: torch.Tensor,
+        device: torch.device,
+        dist: Any,
+        full: bool = False,
+    ) -> None:
+        self.heads = bundle.model
+        self.student, self.model, self.full = student, model, full
+        self.w, self.active, self.dist, self.device = recipe.loss, active, dist, device
+        self.text, self.held = text, pool
+        size = self.heads.cfg.image_size
+        self.aug = build_augment(recipe.augment, size)
+        # The invariance term's own draw: photometric unless told otherwise, since invariance
+        # to crops also erases where things are in the frame, which policies read.
+        self.inv_aug = (
+            build_augment(recipe.augment, size, crop=recipe.augment.invariance_crop)
+            if active["invariance"] > 0
+            else None
+        )
+        self.replay = {k: v.to(device) for k, v in bundle.replay.items()}
+        o = recipe.optim
+        self.n_replay = (
+            round(recipe.replay.fraction * o.batch_size)
+            if active["distill_replay"] > 0 or active["invariance"] > 0
+            else 0
+        )
+        check_batch(dist, o.batch_size, self.n_replay)
+        # Which views of the drawn teacher-pool frames the student encodes each step.
+        self.use_rep = self.n_replay > 0 and active["distill_replay"] > 0
+        self.use_inv = self.n_replay > 0 and active["invariance"] > 0
+        # Replay triplets for the area anchor: as many per step as replay frames for the teacher.
+        self.n_area = (
+            max(1, round(recipe.replay.fraction * o.batch_size)) if active["replay_area"] else 0
+        )
+        check_batch(dist, o.batch_size, self.n_area)
+        # Frames encoded per step by this process.
+        self.frames_per_step = (
+            2 * o.batch_size + self.n_replay * (self.use_rep + self.use_inv) + 2 * self.n_area
+        ) // dist.world
+        self.tokens = bool(self.w.distill_tokens)
+        self.scale, self.center = self._replay_spread()
+        self.base_area = self._base_areas()
+
+    def teacher(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base encoder (for LoRA: the student with its adapter disabled)."""
+        with torch.no_grad():
+            if self.full:
+                out: torch.Tensor = self.heads.image(x, all_tokens=self.tokens)
+                return out
+            with self.student.disable_adapter():
+                out = self.student(x, all_tokens=self.tokens)
+                return out
+
+    def cls(self, f: torch.Tensor) -> torch.Tensor:
+        return f[:, 0] if self.tokens else f
+
+    def _replay_spread(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension spread and mean of the teacher's features over the replay set:
+        "standardized" distillation measures drift in these units, which is what a z-scoring
+        policy head sees; `align` matches them."""
+        width = self.heads.cfg.width
+        scale = torch.ones(width, device=self.device)
+        center = torch.zeros(width, device=self.device)
+        if (self.w.distill_space == "standardized" or self.active["align"] > 0) and self.replay:
+            rgb = self.replay["rgb0"]
+            with torch.no_grad():
+                ref = torch.cat(
+                    [
+                        self.cls(self.teacher(self.heads.preprocess(rgb[i : i + 128])))
+                        for i in range(0, rgb.shape[0], 128)
+                    ]
+                )
+            sd = ref.std(0)
+            scale = torch.maximum(sd, 0.1 * sd.median()) + 1e-6
+            center = ref.mean(0)
+        return scale, center
+
+    def replay_areas(self, f0: torch.Tensor, f1: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Simplex areas of replay triplets `idx` whose frames have the features `f0`, `f1`."""
+        heads, replay = self.heads, self.replay
+        m = replay["flow_mask"][idx]
+        return triangle_area(
+            heads.embed_transition(f0, f1),
+            heads.embed_text(replay["text"][idx]),
+            heads.embed_flow(
+                flow_features(replay["flow_points"][idx], replay["flow_delta"][idx], m), m
+            ),
+        )
+
+    def _base_areas(self) -> torch.Tensor:
+        """The base encoder's area on every replay triplet: the hinge's "not worse than
+        before"."""
+        if not (self.active["replay_area"] and self.w.replay_area_hinge):
+            return torch.zeros(0, device=self.device)
+        rgb0, rgb1 = self.replay["rgb0"], self.replay["rgb1"]
+        pre = self.heads.preprocess
+        chunks = torch.arange(len(rgb0), device=self.device).split(128)
+        return torch.cat(
+            [
+                self.replay_areas(
+                    self.cls(self.teacher(pre(rgb0[i]))), self.cls(self.teacher(pre(rgb1[i]))), i
+                )
+                for i in chunks
+            ]
+        ).detach()
+
+    def distill(self, student_f: torch.Tensor, teacher_f: torch.Tensor) -> torch.Tensor:
+        """Distance of the student's features from the teacher's (CLS, and with
+        ``loss.distill_tokens`` every patch token relative to its own energy)."""
+        s, t = self.cls(student_f), self.cls(teacher_f)
+        if self.w.distill_space == "standardized":
+            out = (((s - t) / self.scale) ** 2).mean()
+        else:
+            out = relative_mse(s, t)
+        if self.tokens:
+            out = out + relative_mse(student_f[:, 1:], teacher_f[:, 1:])
+        return out
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        heads, w, active, dist, device = self.heads, self.w, self.active, self.dist, self.device
+        r0, r1 = augment_pair(self.aug, batch["rgb0"], batch["rgb1"])
+        images = [r0, r1]
+        rep = self.held[:0]
+        if self.n_replay > 0:
+            # Drawn for the global batch (same on every rank), then this rank's share.
+            sel = torch.randint(0, self.held.shape[0], (self.n_replay,), device=device)
+            rep = self.held[dist.shard(sel)]
+            if self.use_rep:
+                images.append(rep)
+            if self.use_inv:
+                # The same frames as the student sees them at an augmented "site"; with
+                # loss.site_style a share first takes this site's appearance from its frames.
+                view = rep
+                if w.site_style > 0:
+                    restyle = torch.rand(len(rep), device=device) < w.site_style
+                    view = rep.clone()
+                    view[restyle] = site_style(rep[restyle], batch["rgb0"], w.site_style_band)
+                images.append(aug_frames(self.inv_aug, view))
+        tri = torch.zeros(0, dtype=torch.long, device=device)
+        if self.n_area > 0:
+            n = self.replay["rgb0"].shape[0]
+            tri = dist.shard(torch.randint(0, n, (self.n_area,), device=device))
+            images += [self.replay["rgb0"][tri], self.replay["rgb1"][tri]]
+        # One forward through the (DDP-wrapped) student per step.
+        sizes = [len(x) for x in images]
+        f = self.model(heads.preprocess(torch.cat(images)), all_tokens=self.tokens)
+        outs = list(f.split(sizes))
+        f0_all, f1 = outs.pop(0), self.cls(outs.pop(0))
+        f0 = self.cls(f0_all)
+        f_rep = outs.pop(0) if self.use_rep else None
+        f_inv = outs.pop(0) if self.use_inv else None
+        fa0, fa1 = (self.cls(outs.pop(0)), self.cls(outs.pop(0))) if self.n_area else (None, None)
+        parts: dict[str, torch.Tensor] = {}
+        if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
+            a = heads.embed_transition(f0, f1)
+            b = heads.embed_text(self.text[batch["text"]])
+            m = batch["flow_mask"]
+            c = heads.embed_flow(flow_features(batch["flow_points"], batch["flow_delta"], m), m)
+            parts["area"] = triangle_area(a, b, c).mean()
+            # In-batch negatives over the global batch.
+            parts["contrastive"] = area_infonce(
+                dist.gather(a), dist.gather(b), dist.gather(c), heads.logit_scale, w.label_smoothing
+            )
+            # Language and flow encoders are frozen here, so the language-flow cosine is a
+            # constant; the cosine anchor pulls the image toward the midpoint of its anchors.
+            parts["cosine"] = (
+                1 - F.cosine_similarity(a, F.normalize(b + c, dim=-1), dim=-1)
+            ).mean()
+        if active["single_frame"] > 0:
+            feats = flow_features(batch["flow_points"], batch["flow_delta"], batch["flow_mask"])
+            pred = heads.predict_flow(f0, feats[..., :3])
+            parts["single_frame"] = masked_mse(
+                pred, batch["flow_delta"] * DELTA_SCALE, batch["flow_mask"]
+            )
+        if f_rep is not None or f_inv is not None:
+            t_rep = self.teacher(heads.preprocess(rep))
+            if f_rep is not None:
+                parts["distill_replay"] = self.distill(f_rep, t_rep)
+            if f_inv is not None:
+                parts["invariance"] = self.distill(f_inv, t_rep)
+        if fa0 is not None and fa1 is not None:
+            area = self.replay_areas(fa0, fa1, tri)
+            if w.replay_area_hinge:
+                area = (area - self.base_area[tri]).clamp_min(0)
+            parts["replay_area"] = area.mean()
+        if active["distill_site"] > 0:
+            # The student sees the augmented frame, the teacher the clean one: without the
+            # augmentation the two agree at the start and the term has no gradient.
+            clean = self.teacher(heads.preprocess(batch["rgb0"]))
+            parts["distill_site"] = self.distill(f0_all, clean)
+        if active["align"] > 0:
+            z = (f0 - self.center) / self.scale
+            parts["align"] = z.mean(0).pow(2).mean() + z.std(0).clamp_min(1e-3).log().pow(2).mean()
+        if active["consistency"] > 0:
+            with torch.no_grad():
+                target = self.student(heads.preprocess(batch["rgb0"]))
+            parts["consistency"] = relative_mse(f0, target)
+        total_loss = sum(active[k] * v for k, v in parts.items())
+        assert isinstance(total_loss, torch.Tensor)
+        return total_loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
 def finetune(
     bundle: Bundle,
     logs: LogSet,
@@ -203,6 +509,10 @@ def finetune(
     retain: torch.Tensor | None = None,
 ) -> FinetuneResult:
     """Trains a LoRA adapter for a site; writes it to ``workdir/adapter``.
+
+    The parts: `active_terms` (which losses train), `build_student` (what trains),
+    `StepObjective` (one step's loss), the optimizer loop with checkpoints here, and
+    `write_adapter` (the EMA adapter, its probe set, manifest and geometry).
 
     Args:
         bundle: The base backbone (frozen; its replay set drives retention).
@@ -225,7 +535,7 @@ def finetune(
         InputError: Missing required supervision, nothing to train, no checkpoint to resume.
         RuntimeFailure: The loss became NaN/inf.
     """
-    from peft import PeftModel
+    import peft
     from torch_ema import ExponentialMovingAverage
 
     workdir = Path(workdir)
@@ -235,7 +545,6 @@ def finetune(
     device = resolve_device(recipe.run.device)
     ds, text, anchors, warnings = site_triplets(bundle, logs, recipe)
     trimodal = anchors["flow"] and anchors["language"]
-    w = recipe.loss
     # The teacher's pool: the backbone's source replay plus the frames to retain.
     pool = [t for t in (bundle.replay.get("rgb0"), retain) if t is not None and len(t)]
     size = bundle.model.cfg.image_size
@@ -243,50 +552,12 @@ def finetune(
         raise InputError(
             None, "retain", f"frames of shape {tuple(retain.shape[1:])}", f"(3, {size}, {size})"
         )
-    active = {
-        "area": w.area if trimodal else 0.0,
-        "contrastive": w.contrastive if trimodal else 0.0,
-        "cosine": w.cosine if trimodal else 0.0,
-        "single_frame": w.single_frame if anchors["flow"] else 0.0,
-        "distill_replay": w.distill_replay if pool else 0.0,
-        "distill_site": w.distill_site,
-        "invariance": w.invariance if pool and recipe.augment.enabled else 0.0,
-        "consistency": w.consistency,
-        "align": w.align if bundle.replay else 0.0,
-        "replay_area": w.replay_area if set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0,
-    }
-    if w.distill_replay > 0 and not pool:
-        warnings.append("the backbone has no replay set: source-replay distillation is off")
-    if w.invariance > 0 and not active["invariance"]:
-        warnings.append("the invariance term needs a replay pool and augment.enabled: it is off")
-    if active["invariance"] and retain is None:
-        warnings.append(
-            "loss.invariance without --retain frames: on the OOD benchmark it then cost gain "
-            "(docs/results/2026-11-ood-benchmark.md); pass --retain FLEET_LOGS or "
-            "--set loss.invariance=0"
-        )
-    if w.site_style > 0 and not active["invariance"]:
-        warnings.append("loss.site_style restyles the invariance term's views: it is off too")
-    if w.replay_area > 0 and not active["replay_area"]:
-        warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
-    if not any(v > 0 for v in active.values()):
-        raise InputError(
-            None,
-            "recipe.loss",
-            "no active loss term for these logs",
-            "anchors (flow + language) or distillation weights > 0",
-        )
+    active, more = active_terms(
+        recipe, anchors, bundle, pooled=bool(pool), retained=retain is not None
+    )
+    warnings += more
     heads = bundle.model.to(device).eval().requires_grad_(False)
-    student: Any
-    if full:
-        student = copy.deepcopy(heads.image).requires_grad_(True)
-    elif parent is not None:
-        student = PeftModel.from_pretrained(
-            copy.deepcopy(heads.image), str(parent), is_trainable=True
-        )
-    else:
-        lo = recipe.lora
-        student = wrap_lora(heads.image, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.use_dora)
+    student = build_student(heads.image, recipe, parent, full)
     student.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     o = recipe.optim
@@ -295,98 +566,19 @@ def finetune(
         opt, lambda s: warmup_cosine(s, o.warmup_steps, total)
     )
     ema = ExponentialMovingAverage(params, decay=recipe.ema.decay) if recipe.ema.enabled else None
-    aug = build_augment(recipe.augment, heads.cfg.image_size)
-    # The invariance term's own draw: photometric unless told otherwise, since invariance to
-    # crops also erases where things are in the frame, which policies read.
-    inv_aug = (
-        build_augment(recipe.augment, heads.cfg.image_size, crop=recipe.augment.invariance_crop)
-        if active["invariance"] > 0
-        else None
-    )
-    text = text.to(device)
-    replay = {k: v.to(device) for k, v in bundle.replay.items()}
     held = torch.cat(pool).to(device) if pool else torch.zeros(0, dtype=torch.uint8)
-    n_replay = (
-        round(recipe.replay.fraction * o.batch_size)
-        if active["distill_replay"] > 0 or active["invariance"] > 0
-        else 0
+    objective = StepObjective(
+        bundle,
+        student,
+        dist.wrap(student, device),
+        recipe,
+        active,
+        text.to(device),
+        held,
+        device,
+        dist,
+        full,
     )
-    check_batch(dist, o.batch_size, n_replay)
-    # Which views of the drawn teacher-pool frames the student encodes each step.
-    use_rep = n_replay > 0 and active["distill_replay"] > 0
-    use_inv = n_replay > 0 and active["invariance"] > 0
-    # Replay triplets for the area anchor: as many per step as replay frames for the teacher.
-    n_area = max(1, round(recipe.replay.fraction * o.batch_size)) if active["replay_area"] else 0
-    check_batch(dist, o.batch_size, n_area)
-    model = dist.wrap(student, device)
-
-    # With loss.distill_tokens the teacher terms compare every output token (B, 1 + N, width),
-    # CLS first; otherwise the CLS feature (B, width). The anchors read the CLS either way.
-    tokens = bool(w.distill_tokens)
-
-    def teacher(x: torch.Tensor) -> torch.Tensor:
-        """The frozen base encoder (for LoRA: the student with its adapter disabled)."""
-        with torch.no_grad():
-            if full:
-                return heads.image(x, all_tokens=tokens)
-            with student.disable_adapter():
-                return student(x, all_tokens=tokens)
-
-    def cls(f: torch.Tensor) -> torch.Tensor:
-        return f[:, 0] if tokens else f
-
-    # Per-dimension spread of the teacher's features over the replay set: "standardized"
-    # distillation measures drift in these units, which is what a z-scoring policy head sees.
-    scale = torch.ones(heads.cfg.width, device=device)
-    center = torch.zeros(heads.cfg.width, device=device)
-    if (w.distill_space == "standardized" or active["align"] > 0) and replay:
-        with torch.no_grad():
-            ref = torch.cat(
-                [
-                    cls(teacher(heads.preprocess(replay["rgb0"][i : i + 128])))
-                    for i in range(0, replay["rgb0"].shape[0], 128)
-                ]
-            )
-        sd = ref.std(0)
-        scale = torch.maximum(sd, 0.1 * sd.median()) + 1e-6
-        center = ref.mean(0)
-
-    def replay_areas(f0: torch.Tensor, f1: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Simplex areas of replay triplets `idx` whose frames have the features `f0`, `f1`."""
-        m = replay["flow_mask"][idx]
-        return triangle_area(
-            heads.embed_transition(f0, f1),
-            heads.embed_text(replay["text"][idx]),
-            heads.embed_flow(
-                flow_features(replay["flow_points"][idx], replay["flow_delta"][idx], m), m
-            ),
-        )
-
-    # The base encoder's area on every replay triplet: the hinge's "not worse than before".
-    base_area = torch.zeros(0, device=device)
-    if active["replay_area"] and w.replay_area_hinge:
-        chunks = torch.arange(len(replay["rgb0"]), device=device).split(128)
-        base_area = torch.cat(
-            [
-                replay_areas(
-                    cls(teacher(heads.preprocess(replay["rgb0"][i]))),
-                    cls(teacher(heads.preprocess(replay["rgb1"][i]))),
-                    i,
-                )
-                for i in chunks
-            ]
-        ).detach()
-
-    def distill(student_f: torch.Tensor, teacher_f: torch.Tensor) -> torch.Tensor:
-        s, t = cls(student_f), cls(teacher_f)
-        if w.distill_space == "standardized":
-            out = (((s - t) / scale) ** 2).mean()
-        else:
-            out = relative_mse(s, t)
-        if tokens:
-            # The patch tokens' drift relative to their own energy, beside the CLS term.
-            out = out + relative_mse(student_f[:, 1:], teacher_f[:, 1:])
-        return out
 
     start = 0
     ckpt: dict[str, Any] = {}
@@ -416,104 +608,21 @@ def finetune(
         # After creating the iterator: DataLoader draws a base seed from the global RNG then.
         set_rng_state(ckpt["rng"])
 
-    def step_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        r0, r1 = augment_pair(aug, batch["rgb0"], batch["rgb1"])
-        images = [r0, r1]
-        rep = held[:0]
-        if n_replay > 0:
-            # Drawn for the global batch (same on every rank), then this rank's share.
-            sel = torch.randint(0, held.shape[0], (n_replay,), device=device)
-            rep = held[dist.shard(sel)]
-            if use_rep:
-                images.append(rep)
-            if use_inv:
-                # The same frames as the student sees them at an augmented "site"; with
-                # loss.site_style a share first takes this site's appearance from its frames.
-                view = rep
-                if w.site_style > 0:
-                    restyle = torch.rand(len(rep), device=device) < w.site_style
-                    view = rep.clone()
-                    view[restyle] = site_style(rep[restyle], batch["rgb0"], w.site_style_band)
-                images.append(aug_frames(inv_aug, view))
-        tri = torch.zeros(0, dtype=torch.long, device=device)
-        if n_area > 0:
-            tri = dist.shard(torch.randint(0, replay["rgb0"].shape[0], (n_area,), device=device))
-            images += [replay["rgb0"][tri], replay["rgb1"][tri]]
-        # One forward through the (DDP-wrapped) student per step.
-        sizes = [len(x) for x in images]
-        f = model(heads.preprocess(torch.cat(images)), all_tokens=tokens)
-        outs = list(f.split(sizes))
-        f0_all, f1 = outs.pop(0), cls(outs.pop(0))
-        f0 = cls(f0_all)
-        f_rep = outs.pop(0) if use_rep else None
-        f_inv = outs.pop(0) if use_inv else None
-        fa0, fa1 = (cls(outs.pop(0)), cls(outs.pop(0))) if n_area > 0 else (None, None)
-        parts: dict[str, torch.Tensor] = {}
-        if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
-            a = heads.embed_transition(f0, f1)
-            b = heads.embed_text(text[batch["text"]])
-            m = batch["flow_mask"]
-            c = heads.embed_flow(flow_features(batch["flow_points"], batch["flow_delta"], m), m)
-            parts["area"] = triangle_area(a, b, c).mean()
-            # In-batch negatives over the global batch.
-            parts["contrastive"] = area_infonce(
-                dist.gather(a), dist.gather(b), dist.gather(c), heads.logit_scale, w.label_smoothing
-            )
-            # Language and flow encoders are frozen here, so the language-flow cosine is a
-            # constant; the cosine anchor pulls the image toward the midpoint of its anchors.
-            parts["cosine"] = (
-                1 - F.cosine_similarity(a, F.normalize(b + c, dim=-1), dim=-1)
-            ).mean()
-        if active["single_frame"] > 0:
-            feats = flow_features(batch["flow_points"], batch["flow_delta"], batch["flow_mask"])
-            pred = heads.predict_flow(f0, feats[..., :3])
-            parts["single_frame"] = masked_mse(
-                pred, batch["flow_delta"] * DELTA_SCALE, batch["flow_mask"]
-            )
-        if f_rep is not None or f_inv is not None:
-            t_rep = teacher(heads.preprocess(rep))
-            if f_rep is not None:
-                parts["distill_replay"] = distill(f_rep, t_rep)
-            if f_inv is not None:
-                parts["invariance"] = distill(f_inv, t_rep)
-        if fa0 is not None and fa1 is not None:
-            area = replay_areas(fa0, fa1, tri)
-            if w.replay_area_hinge:
-                area = (area - base_area[tri]).clamp_min(0)
-            parts["replay_area"] = area.mean()
-        if active["distill_site"] > 0:
-            # The student sees the augmented frame, the teacher the clean one: without the
-            # augmentation the two agree at the start and the term has no gradient.
-            parts["distill_site"] = distill(f0_all, teacher(heads.preprocess(batch["rgb0"])))
-        if active["align"] > 0:
-            z = (f0 - center) / scale
-            parts["align"] = z.mean(0).pow(2).mean() + z.std(0).clamp_min(1e-3).log().pow(2).mean()
-        if active["consistency"] > 0:
-            with torch.no_grad():
-                target = student(heads.preprocess(batch["rgb0"]))
-            parts["consistency"] = relative_mse(f0, target)
-        total_loss = sum(active[k] * v for k, v in parts.items())
-        assert isinstance(total_loss, torch.Tensor)
-        return total_loss, {k: float(v.detach()) for k, v in parts.items()}
-
     if dry_run:
         with torch.no_grad(), autocast(device):
-            loss, parts = step_loss(to_device(next(it), device))
+            loss, parts = objective(to_device(next(it), device))
         if not torch.isfinite(loss):
             raise RuntimeFailure(f"dry run: the initial loss is {float(loss)}")
         return FinetuneResult(None, 0, {"loss": float(loss), **parts}, 0.0, 0.0, anchors, warnings)
 
     history: list[dict[str, float]] = []
-    # Frames encoded per step by this process.
-    images = (2 * o.batch_size + n_replay * (use_rep + use_inv) + 2 * n_area) // dist.world
-    images += sum(o.batch_size // dist.world for k in ("distill_site", "consistency") if active[k])
     t0 = time.perf_counter()
     seen = 0
     student.train()
     for step in range(start, total):
         batch = to_device(next(it), device)
         with autocast(device):
-            loss, parts = step_loss(batch)
+            loss, parts = objective(batch)
         if not torch.isfinite(loss):
             raise RuntimeFailure(f"step {step}: loss is {float(loss.detach())}; lower optim.lr")
         opt.zero_grad(set_to_none=True)
@@ -523,7 +632,7 @@ def finetune(
         sched.step()
         if ema is not None:
             ema.update()
-        seen += images
+        seen += objective.frames_per_step
         metrics: dict[str, float] = {"loss": float(loss.detach()), **parts}
         metrics["lr"] = float(sched.get_last_lr()[0])
         metrics["frames_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
@@ -552,30 +661,15 @@ def finetune(
     heads.cpu()
     student.cpu()
     ctx = ema.average_parameters() if ema is not None else contextlib.nullcontext()
-    out: Path | None = None
-    geometry: dict[str, float] = {}
     with ctx:
         probe = _probe_set(bundle, ds, text.cpu(), trimodal)
-        if full:  # the ablation: no adapter to write
-            encoder = copy.deepcopy(student).requires_grad_(False).eval()
-        else:
-            encoder = copy.deepcopy(student).merge_and_unload().requires_grad_(False).eval()
-            out = workdir / "adapter"
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
-            student.save_pretrained(str(out))
-            geometry = geometry_fingerprint(bundle, student, probe)
-    if out is not None:
-        (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in probe.items()}, str(out / PROBE_FILE))
-        import peft
-
-        write_manifest(
-            out,
-            {
+        out, geometry, encoder = write_adapter(
+            bundle,
+            student,
+            probe,
+            workdir,
+            full=full,
+            manifest={
                 "site": site,
                 "lineage": {
                     "base_fingerprint": bundle.fingerprint,
@@ -590,9 +684,6 @@ def finetune(
                 "recipe": recipe_to_dict(recipe),
                 "anchors": anchors,
                 "active_losses": active,
-                "geometry": geometry,
-                "preprocessing": heads.cfg.preprocessing(),
-                "feature_dim": heads.cfg.width,
             },
         )
     dist.barrier()
@@ -609,3 +700,42 @@ def finetune(
         encoder,
         probe,
     )
+
+
+def write_adapter(
+    bundle: Bundle,
+    student: Any,
+    probe: dict[str, torch.Tensor],
+    workdir: Path,
+    *,
+    full: bool,
+    manifest: dict[str, Any],
+) -> tuple[Path | None, dict[str, float], Any]:
+    """Writes the trained student (with the weights it should ship, e.g. under the EMA) as
+    ``workdir/adapter``: PEFT weights, its probe set and a manifest (`manifest` plus the
+    geometry and preprocessing). Returns (folder, geometry, the merged encoder); with ``full``
+    (the ablation) nothing is written and the encoder is the trained copy."""
+    from safetensors.torch import save_file
+
+    if full:
+        return None, {}, copy.deepcopy(student).requires_grad_(False).eval()
+    encoder = copy.deepcopy(student).merge_and_unload().requires_grad_(False).eval()
+    out = workdir / "adapter"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    student.save_pretrained(str(out))
+    geometry = geometry_fingerprint(bundle, student, probe)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+    save_file({k: v.contiguous() for k, v in probe.items()}, str(out / PROBE_FILE))
+    heads = bundle.model
+    write_manifest(
+        out,
+        {
+            **manifest,
+            "geometry": geometry,
+            "preprocessing": heads.cfg.preprocessing(),
+            "feature_dim": heads.cfg.width,
+        },
+    )
+    return out, geometry, encoder
