@@ -301,6 +301,16 @@ def rollback(
         earlier = rollback_target(events)
         if to is not None:
             target = registry.resolve(ADAPTER_MODEL, to).version
+            # Rollback skips the audit gate, so it only restores what the gate once let in here.
+            promoted = {str(e["version"]) for e in events if e["action"] == "promote"}
+            if target not in promoted:
+                raise InputError(
+                    None,
+                    "--to",
+                    f"v{target}, never promoted at site {site!r}",
+                    "a version promoted here before (see `history`); new versions go through "
+                    "`promote`",
+                )
         elif earlier is not None:
             target = earlier
         else:

@@ -586,8 +586,8 @@ def test_a_chain_of_adaptations_is_shown_back_to_the_backbone(fleet, tmp_path):
     assert shown["version"]["tags"]["ancestors"] == f"{second},{first}"
     # history: each promoted adapter with what it continues.
     ok(["promote", third, "--site", "chain", "--force", "--reason", "test", "--allow-unaudited"])
-    events = ok(["history", "--site", "chain"])["events"]
-    assert events[-1]["version"] == third and events[-1]["ancestors"] == [second, first]
+    h = ok(["history", "--site", "chain"])
+    assert h["events"][-1]["version"] == third and h["chains"][third] == [second, first]
     table = runner.invoke(app, ["history", "--site", "chain"]).output
     assert f"v{second} <- v{first}" in " ".join(table.split())
     text = runner.invoke(app, ["adapters", "show", third]).output

@@ -168,6 +168,20 @@ def test_promote_and_history_print_one_event_schema(fleet):
     assert set(rb["event"]) == set(last)
 
 
+def test_rollback_to_restores_only_what_was_promoted_there(fleet):
+    """`rollback --to V` skips the audit gate, so V must be a version promoted at that site
+    before: an adapter of another site (never audited against these policies) is refused with
+    one line, exit 2, and production does not move."""
+    ok(["promote", fleet["lab"], "--site", "lab"])
+    before = ok(["history", "--site", "lab"])
+    r = runner.invoke(app, ["rollback", "--site", "lab", "--to", fleet["empty"]])
+    assert r.exit_code == 2, r.output
+    assert "never promoted at site 'lab'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    after = ok(["history", "--site", "lab"])
+    assert after["current"] == before["current"] == fleet["lab"]
+    assert after["events"] == before["events"]
+
+
 @pytest.mark.parametrize("method", ["search_model_versions", "get_registered_model"])
 def test_a_registry_error_mid_promotion_fails_closed(fleet, monkeypatch, method):
     """The tracking server drops out in the middle of `promote`, just when the site's policies

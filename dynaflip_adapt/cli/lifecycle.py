@@ -287,13 +287,15 @@ def history_cmd(
     with activity.step(f"reading the history of site {site}"):
         events = history(reg, site)
         now = current(reg, site)
-        # What each adapter was continued from (finetune --from), parent first.
-        ancestors = {v.version: v.tags.get("ancestors", "") for v in reg.versions(ADAPTER_MODEL)}
-    for e in events:
-        e["ancestors"] = [a for a in ancestors.get(str(e["version"]), "").split(",") if a]
+        # What each adapter in the history continues (finetune --from), parent first.
+        tags = {v.version: v.tags.get("ancestors", "") for v in reg.versions(ADAPTER_MODEL)}
+    seen = {str(e["version"]) for e in events}
+    chains = {v: [a for a in tags.get(v, "").split(",") if a] for v in sorted(seen, key=int)}
     back = rollback_target(events)
     if as_json:
-        print_json({"site": site, "current": now, "rollback_to": back, "events": events})
+        print_json(
+            {"site": site, "current": now, "rollback_to": back, "events": events, "chains": chains}
+        )
         return
     undo = f"rollback restores {_v(back)}" if back else "nothing to roll back to"
     title = f"site {site} (production: {_v(now)}; {undo})"
@@ -309,7 +311,7 @@ def history_cmd(
             e["action"] + how,
             _v(e["version"]),
             _v(e["previous"]),
-            " <- ".join(f"v{a}" for a in e["ancestors"]),
+            " <- ".join(f"v{a}" for a in chains[str(e["version"])]),
             e["user"],
             e["audit"] or "",
             e["reason"],
