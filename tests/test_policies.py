@@ -236,3 +236,18 @@ def test_appearance_views_relight_without_moving_anything():
     assert float((a.float() - rgb.float()).abs().mean()) > 5
     step = a.float().mean((1, 2)).diff(dim=-1).abs()  # column-to-column change per frame
     assert bool((step.argmax(-1) == 15).float().mean() >= 0.9), step.argmax(-1)
+
+
+def test_appearance_with_a_head_that_reads_no_image_is_refused(tmp_path):
+    """`--appearance` relights frames: a head that reads no image would ignore it silently, so
+    the option is refused (one line, exit 2) before any logs are read or anything registered."""
+    from typer.testing import CliRunner
+
+    from dynaflip_adapt.cli.app import app
+
+    for head in ("proprio_only", "oracle"):
+        r = CliRunner().invoke(app, ["policies", "train", str(tmp_path / "none.h5"), "--site",
+                                     "s", "--head", head, "--appearance", "2"])  # fmt: skip
+        assert r.exit_code == 2, r.output
+        line = r.stderr.strip()
+        assert "--appearance" in line and "reads no image" in line and "\n" not in line, line

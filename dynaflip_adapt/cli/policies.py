@@ -125,6 +125,14 @@ def train(
         raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
     if not tolerance > 0:
         raise InputError(None, "--tolerance", repr(tolerance), "a positive number")
+    image_heads = [h for h in HEADS if HEAD_KINDS[h].reads in ("features", "tokens", "pixels")]
+    if appearance and head not in image_heads:
+        raise InputError(
+            None,
+            "--appearance",
+            f"{appearance} with head {head} (it reads no image)",
+            "0, or a head that reads the image: " + ", ".join(image_heads),
+        )
     logset = open_logs(logs)
     reg = registry(ctx)
     bundle, binfo, encoder, ainfo = encoder_for(reg, backbone, adapter)
