@@ -496,9 +496,24 @@ def _keys_at(model: type[BaseModel], path: Sequence[Any]) -> list[str]:
 def _problems(
     err: ValidationError, kind: str | None, model: type[BaseModel]
 ) -> list[tuple[str, str, str]]:
-    out = []
+    out: list[tuple[str, str, str]] = []
+    # Problems inside one list (``lora.target_modules: [0, 0, 0]``) are one problem of the list.
+    in_list: dict[str, list[Any]] = {}  # list key -> [index in out, first item, more]
     for e in err.errors():
-        key = _loc(e["loc"], kind)
+        loc = list(e["loc"])
+        first_index = next((i for i, p in enumerate(loc) if isinstance(p, int)), None)
+        if first_index is not None:
+            key = _loc(loc[:first_index], kind)
+            msg = e["msg"][0].lower() + e["msg"][1:] if e["msg"] else "a valid value"
+            if key not in in_list:
+                in_list[key] = [len(out), f"{e.get('input')!r} at item {loc[first_index]}", 0]
+                out.append((key, in_list[key][1], msg))
+            else:
+                at, first, more = in_list[key]
+                in_list[key][2] = more + 1
+                out[at] = (key, f"{first} and {more + 1} more", out[at][2])
+            continue
+        key = _loc(loc, kind)
         if e["type"] == "extra_forbidden":
             valid = _keys_at(model, [p for p in e["loc"][:-1] if p != kind])
             found = "an unknown key"

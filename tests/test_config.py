@@ -207,3 +207,14 @@ def test_a_bare_name_resolves_within_the_commands_kind():
     assert load_recipe("default", kind="monitor")[1].as_posix().endswith("monitor/default.yaml")
     with pytest.raises(InputError, match="ambiguous"):
         load_recipe("default")
+
+
+def test_problems_inside_one_list_are_one_problem():
+    """Found by the recipe fuzzer: `lora.target_modules: [0, 0, 0]` gave three problems (one
+    per item); the list is one key with one problem that says how many items are wrong."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe("finetune/default", ["lora.target_modules=[0, 0, 0]"])
+    assert len(err.value.problems) == 1
+    key, found, expected = err.value.problems[0]
+    assert key == "--set lora.target_modules" and found == "0 at item 0 and 2 more"
+    assert "string" in expected
