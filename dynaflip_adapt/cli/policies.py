@@ -113,6 +113,7 @@ def train(
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import POLICY_EXPERIMENT, register_policy
     from dynaflip_adapt.policies import (
+        FRAME_HEADS,
         HEAD_KINDS,
         HEADS,
         collect,
@@ -125,13 +126,12 @@ def train(
         raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
     if not tolerance > 0:
         raise InputError(None, "--tolerance", repr(tolerance), "a positive number")
-    image_heads = [h for h in HEADS if HEAD_KINDS[h].reads in ("features", "tokens", "pixels")]
-    if appearance and head not in image_heads:
+    if appearance and head not in FRAME_HEADS:
         raise InputError(
             None,
             "--appearance",
             f"{appearance} with head {head} (it reads no image)",
-            "0, or a head that reads the image: " + ", ".join(image_heads),
+            "0, or a head that reads the image: " + ", ".join(FRAME_HEADS),
         )
     logset = open_logs(logs)
     reg = registry(ctx)

@@ -8,6 +8,7 @@ the reference heads and controls the evaluation holds them to.
 
 from dynaflip_adapt.policies.heads import HORIZON, DiffusionHead, MLPHead, PixelHead, TokenHead
 from dynaflip_adapt.policies.policy import (
+    FRAME_HEADS,
     HEAD_KINDS,
     HEADS,
     IMAGE_HEADS,
@@ -38,6 +39,7 @@ from dynaflip_adapt.policies.training import (
 )
 
 __all__ = [
+    "FRAME_HEADS",
     "HEADS",
     "HEAD_KINDS",
     "HORIZON",

@@ -119,6 +119,9 @@ HEAD_KINDS: dict[str, HeadKind] = {
 HEADS = tuple(HEAD_KINDS)
 # Heads that read the backbone's image features: what the audit holds an adapter to.
 IMAGE_HEADS = tuple(k for k, v in HEAD_KINDS.items() if v.reads in ("features", "tokens"))
+# What a head reads that comes from the frames (through the backbone, or as pixels).
+FRAME_READS = ("features", "tokens", "pixels")
+FRAME_HEADS = tuple(k for k, v in HEAD_KINDS.items() if v.reads in FRAME_READS)
 PROPRIO_HEADS = tuple(k for k, v in HEAD_KINDS.items() if v.proprio)
 
 

@@ -23,6 +23,7 @@ from dynaflip_adapt.policies.heads import (
     random_shift,
 )
 from dynaflip_adapt.policies.policy import (
+    FRAME_HEADS,
     HEAD_KINDS,
     Policy,
     build_head,
@@ -572,7 +573,7 @@ def fit_policy(
     it learns to read what a change of light or surface leaves alone."""
     inputs = head_input(head, data, encoder, preprocess)
     views = []
-    if appearance and HEAD_KINDS[head].reads in ("features", "tokens", "pixels"):
+    if appearance and head in FRAME_HEADS:
         from dynaflip_adapt.train.augment import appearance_views
 
         for k in range(appearance):

@@ -337,7 +337,7 @@ class PolicyController:
 
         from dynaflip_adapt.policies import oracle_features, policy_input
         from dynaflip_adapt.policies.heads import DiffusionHead
-        from dynaflip_adapt.policies.policy import decode_actions, head_inputs
+        from dynaflip_adapt.policies.policy import FRAME_READS, decode_actions, head_inputs
         from dynaflip_adapt.train.triplets import resize_uint8
 
         need = [i for i, s in enumerate(slots) if not self.queue[s]]
@@ -347,7 +347,7 @@ class PolicyController:
                 "proprio": torch.from_numpy(np.stack([proprio_vector(o["proprio"]) for o in sub]))
             }
             reads = self.policy.reads
-            if reads in ("features", "tokens", "pixels"):
+            if reads in FRAME_READS:
                 rgb = torch.from_numpy(np.stack([o["rgb"] for o in sub])).permute(0, 3, 1, 2)
                 data["rgb"] = resize_uint8(rgb.contiguous(), self.image_size)
             if reads == "state":
