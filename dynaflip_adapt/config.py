@@ -308,7 +308,12 @@ class RunSection(_Section):
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: CUDA, else MPS, else CPU"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast: auto = bf16 on CUDA, fp32 elsewhere"
+    )
 
 
 class PretrainRecipe(_Section):
@@ -652,7 +657,15 @@ _LATER_FIELDS: tuple[tuple[str, str, object], ...] = (
     ("loss", "distill_tokens", False),
     ("loss", "site_style", 0.0),
     ("loss", "site_style_band", 0.06),
+    ("run", "precision", "auto"),
 )
+
+
+def device_overrides(device: str | None, precision: str | None) -> list[str]:
+    """``--device`` / ``--precision`` as recipe overrides (validated, and logged with the
+    recipe, like any other)."""
+    out = [] if device is None else [f"run.device={device}"]
+    return out + ([] if precision is None else [f"run.precision={precision}"])
 
 
 def recipe_hash(recipe: BaseModel) -> str:

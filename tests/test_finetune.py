@@ -483,3 +483,28 @@ def test_python_api_adapts_a_site_as_the_cli_does(world, tmp_path):
     keep = ("site", "recipe_hash", "data_fingerprint", "base_fingerprint")
     assert {k: out["adapter"]["tags"][k] for k in keep} == {k: res.adapter.tags[k] for k in keep}
     assert set(out) == set(res.to_dict())
+
+
+def test_precision_and_device_are_recipe_overrides_that_take_effect(world):
+    """--precision bf16 runs the step under bf16 autocast (the loss moves, a little) and is
+    recorded; the default keeps earlier recipes' hashes; a device the machine lacks exits 2."""
+    from dynaflip_adapt.config import recipe_hash
+
+    runner = CliRunner()
+    base = ["finetune", str(world["site"]), "--backbone", str(world["backbone"]), "--dry-run",
+            "--json", "--set", "data.num_workers=0", "--set", "optim.batch_size=4"]  # fmt: skip
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        r = runner.invoke(app, [*base, "--precision", precision])
+        assert r.exit_code == 0, r.output
+        losses[precision] = json.loads(r.stdout)["initial"]["loss"]
+    assert losses["bf16"] != losses["fp32"]
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"])
+    default = recipe_hash(load_recipe("finetune/default")[0])
+    assert recipe_hash(load_recipe("finetune/default", ["run.precision=auto"])[0]) == default
+    assert recipe_hash(load_recipe("finetune/default", ["run.precision=bf16"])[0]) != default
+    if not torch.backends.mps.is_available():
+        r = runner.invoke(app, [*base, "--device", "mps"])
+        assert r.exit_code == 2 and "run.device" in r.output, r.output
+    r = runner.invoke(app, [*base, "--precision", "fp8"])
+    assert r.exit_code == 2 and "run.precision" in r.output, r.output

@@ -1,7 +1,8 @@
-"""``dynaflip-adapt backbones``: list, show and evaluate registered backbones."""
+"""``dynaflip-adapt backbones``: list, show, import and evaluate registered backbones."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -10,7 +11,7 @@ from rich.table import Table
 from dynaflip_adapt.cli.common import JsonOpt, LogsArg
 from dynaflip_adapt.cli.output import console, print_json, registry
 
-app = typer.Typer(help="Registered backbones: list, show, eval.", no_args_is_help=True)
+app = typer.Typer(help="Registered backbones: list, show, import, eval.", no_args_is_help=True)
 
 BackboneOpt = Annotated[
     str | None,
@@ -69,6 +70,97 @@ def show(ctx: typer.Context, backbone: BackboneOpt = None, as_json: JsonOpt = Fa
     c.print(f"architecture : {m['architecture']}", highlight=False)
     c.print(f"preprocessing: {m['preprocessing']}", highlight=False)
     c.print(f"replay set   : {len(bundle.instructions)} triplets", highlight=False)
+
+
+def _triple(key: str, text: str | None) -> tuple[float, float, float] | None:
+    from dynaflip_adapt.errors import InputError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise InputError(None, key, repr(text), "three comma-separated numbers, R,G,B")
+    return values
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="A timm-named ViT checkpoint (.safetensors)."
+        ),
+    ],
+    arch: Annotated[
+        str,
+        typer.Option(
+            "--arch",
+            help="vit_tiny_patch16_224 | vit_small_patch16_224 | vit_base_patch16_224.",
+        ),
+    ],
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", help="Input size (default 224; pos_embed is resized)."),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option("--mean", help="Normalization mean R,G,B the checkpoint was trained with."),
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option("--std", help="Normalization std R,G,B (default 0.5,0.5,0.5).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="An alias for the new version (e.g. my-vits).")
+    ] = None,
+    set_base: Annotated[
+        bool, typer.Option("--set-base", help="Make the new version the registry's base backbone.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the untrained heads.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a ViT pretrained elsewhere (timm names) as a backbone version.
+
+    The encoder takes the checkpoint's weights; classifier heads and register tokens are
+    ignored (listed). The DynaFLIP heads start untrained: `finetune` then trains on the teacher
+    terms alone, and `pretrain --from VERSION` trains the heads (and the encoder) on triplets.
+    Pickle checkpoints (.pth/.bin) are refused: convert them with safetensors first.
+    """
+    from dynaflip_adapt.backbones import TIMM_MEAN, import_checkpoint
+    from dynaflip_adapt.registry import BASE_ALIAS
+
+    res = import_checkpoint(
+        registry(ctx),
+        checkpoint,
+        arch,
+        image_size=image_size,
+        mean=_triple("--mean", mean) or TIMM_MEAN,
+        std=_triple("--std", std) or TIMM_MEAN,
+        alias=name,
+        make_base=set_base,
+        seed=seed,
+    )
+    if as_json:
+        print_json(res.to_dict())
+        return
+    c = console()
+    info = res.info
+    c.print(
+        f"registered backbone version {info.version} ({info.tags['fingerprint'][:19]}...)"
+        f"{' as base' if BASE_ALIAS in info.aliases else ''}: {res.arch} at {res.image_size} px, "
+        f"from {checkpoint.name} ({res.checkpoint_sha256[:19]}...)",
+        highlight=False,
+    )
+    if res.ignored:
+        c.print(f"ignored: {', '.join(res.ignored)}", highlight=False)
+    c.print(
+        f"untrained heads ({', '.join(res.untrained)}): finetune uses the teacher terms only; "
+        f"`pretrain LOGS --from {info.version}` trains them on triplets",
+        highlight=False,
+    )
 
 
 @app.command("eval")

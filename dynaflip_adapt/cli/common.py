@@ -146,3 +146,17 @@ def require_mujoco() -> None:
         raise InputError(
             None, "mujoco", "not installed", "the 'sim' extra: pip install 'dynaflip-adapt[sim]'"
         )
+
+
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="auto | cpu | cuda | mps (overrides run.device; auto: CUDA, MPS, CPU)."
+    ),
+]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--precision", help="auto | fp32 | bf16 (overrides run.precision; auto: bf16 on CUDA)."
+    ),
+]

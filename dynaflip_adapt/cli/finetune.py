@@ -11,12 +11,14 @@ from dynaflip_adapt.cli.common import (
     BudgetOpt,
     CameraOpt,
     DepthScaleOpt,
+    DeviceOpt,
     JsonOpt,
     LanguageOpt,
     LayoutOpt,
     LogsArg,
     MaxStepsHidden,
     OrientationOpt,
+    PrecisionOpt,
     StrengthOpt,
     one_steps,
 )
@@ -56,6 +58,8 @@ def finetune(
         typer.Option("--steps", min=1, help="Optimizer steps (overrides optim.max_steps)."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override run.seed.")] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     workdir: Annotated[
         Path | None,
         typer.Option("--workdir", help="Checkpoints (default: under $DYNAFLIP_HOME/runs)."),
@@ -122,6 +126,8 @@ def finetune(
         parent=from_,
         steps=one_steps(steps, max_steps),
         seed=seed,
+        device=device,
+        precision=precision,
         workdir=workdir,
         resume=resume,
         dry_run=dry_run,
@@ -169,11 +175,16 @@ def finetune(
     if result.strength_fit is not None:
         print_fit(result.strength_fit)
     geo = result.geometry
+    cka = ", ".join(
+        f"{part} CKA {geo[key]:.3f}"
+        for part, key in (("replay", "replay_cka"), ("site", "site_cka"))
+        if key in geo
+    )
     console().print(
         f"registered dynaflip-adapter version {result.adapter.version} for site {result.site}: "
         f"{result.steps} steps in {result.seconds:.0f} s ({result.frames_per_second:.0f} "
-        f"frames/s); replay CKA {geo.get('replay_cka', float('nan')):.3f}, "
-        f"site CKA {geo.get('site_cka', float('nan')):.3f}"
+        f"frames/s)"
+        + (f"; {cka}" if cka else "")
         + (f"; strength {result.strength:.4f}" if result.strength != 1.0 else ""),
         highlight=False,
     )

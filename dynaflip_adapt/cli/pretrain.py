@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from dynaflip_adapt.cli.common import JsonOpt, LogsArg, MaxStepsHidden, one_steps
+from dynaflip_adapt.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    LogsArg,
+    MaxStepsHidden,
+    PrecisionOpt,
+    one_steps,
+)
 from dynaflip_adapt.cli.output import console, print_json, progress_enabled, state
 
 
@@ -37,10 +44,20 @@ def pretrain(
         typer.Option("--steps", min=1, help="Optimizer steps (overrides optim.max_steps)."),
     ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override run.seed.")] = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     init_image: Annotated[
         Path | None,
         typer.Option(
             "--init-image", help="Start the ViT from a timm-named .safetensors checkpoint."
+        ),
+    ] = None,
+    from_: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Continue from a registered backbone (version, alias or bundle folder): its "
+            "encoder, architecture and preprocessing; its heads when they were trained.",
         ),
     ] = None,
     set_base: Annotated[
@@ -74,6 +91,7 @@ def pretrain(
     from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.config import (
         PretrainRecipe,
+        device_overrides,
         load_recipe,
         recipe_hash,
         recipe_params,
@@ -86,9 +104,34 @@ def pretrain(
     from dynaflip_adapt.store import resolve_store
     from dynaflip_adapt.train.pretrain import pretrain as run_pretrain
 
+    if from_ is not None and init_image is not None:
+        raise InputError(None, "--from", repr(from_), "either --from or --init-image, not both")
+    store = resolve_store(state(ctx).tracking_uri)
+    registry = Registry(store)
     overrides = list(set_ or [])
+    start: Any = init_image
+    parent: dict[str, str] = {}
+    heads_trained = False
+    if from_ is not None:
+        from dataclasses import asdict
+
+        from dynaflip_adapt.backbones import load_backbone
+        from dynaflip_adapt.config import ModelSection
+
+        bundle, src = load_backbone(registry, from_)
+        heads_trained = bundle.has_heads
+        arch = asdict(bundle.model.cfg)
+        # The architecture is the backbone's, recorded as overrides so that the recipe logged
+        # with the run is the one that ran.
+        overrides += [f"model.{k}={arch[k]}" for k in ModelSection.model_fields if k in arch]
+        start = bundle.model
+        parent = {
+            "parent_backbone": bundle.fingerprint,
+            "parent_version": src.version if src else str(bundle.path),
+        }
     if seed is not None:
         overrides.append(f"run.seed={seed}")
+    overrides += device_overrides(device, precision)
     max_steps = one_steps(steps, max_steps)
     if max_steps is not None:
         # An override like any other, so the recipe recorded with the bundle is what ran.
@@ -97,15 +140,14 @@ def pretrain(
     assert isinstance(rec, PretrainRecipe)
     logset = open_logs(logs, rec.data.source_settings())
     fingerprint = logs_fingerprint(logs)
-    store = resolve_store(state(ctx).tracking_uri)
-    registry = Registry(store)
     # Like finetune: a default work folder keyed by what the run reads, so `--resume` finds a
     # killed run's checkpoint and nothing is left behind in the system's temp folder.
     init = sha256_file(init_image) if init_image and init_image.is_file() else str(init_image)
+    init = parent.get("parent_backbone", init)
     key = hashlib.sha256(f"{fingerprint}|{recipe_hash(rec)}|{init}".encode()).hexdigest()[:12]
     work = workdir or store.home / "runs" / "pretrain" / f"{rec_path.stem}-{key}"
     total = rec.optim.max_steps
-    tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint}
+    tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint, **parent}
     with registry.run(PRETRAIN_EXPERIMENT, f"pretrain-{rec_path.stem}", tags) as run:
         run.log_params({"recipe_hash": recipe_hash(rec), "max_steps": total, **recipe_params(rec)})
         run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
@@ -120,11 +162,18 @@ def pretrain(
                 work,
                 resume=resume,
                 max_steps=total,
-                init_image=init_image,
-                provenance={"data_fingerprint": fingerprint, "logs": [str(p) for p in logs]},
+                init_image=start,
+                init_heads=heads_trained,
+                provenance={
+                    "data_fingerprint": fingerprint,
+                    "logs": [str(p) for p in logs],
+                    **parent,
+                },
                 on_step=on_step,
             )
-        info = register_backbone(registry, run, result.bundle, make_base=set_base)
+        info = register_backbone(
+            registry, run, result.bundle, make_base=set_base, extra_tags=parent
+        )
         run.set_tags({"backbone_version": info.version})
     if export_bundle is not None:
         if export_bundle.exists():

@@ -30,6 +30,7 @@ IMAGE_FILE = "image_encoder.safetensors"
 HEADS_FILE = "heads.safetensors"
 REPLAY_FILE = "replay.safetensors"
 MANIFEST = "manifest.json"
+HEADS_TRAINED, HEADS_UNTRAINED = "trained", "untrained"
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,12 @@ class Bundle:
     def instructions(self) -> list[str]:
         return list(self.manifest.get("replay_instructions", []))
 
+    @property
+    def has_heads(self) -> bool:
+        """The transition/language/flow heads were trained (False for an imported vision tower:
+        its heads are a random initialisation, so the tri-modal anchors mean nothing)."""
+        return self.manifest.get("heads", HEADS_TRAINED) == HEADS_TRAINED
+
 
 def save_bundle(
     model: Backbone,
@@ -222,8 +229,13 @@ def save_bundle(
     replay: dict[str, torch.Tensor] | None = None,
     replay_instructions: list[str] | None = None,
     provenance: dict[str, Any] | None = None,
+    heads: str = HEADS_TRAINED,
 ) -> Path:
-    """Writes a bundle folder: image encoder, heads, replay set and manifest (sha256 of each)."""
+    """Writes a bundle folder: image encoder, heads, replay set and manifest (sha256 of each).
+
+    ``heads`` = ``"untrained"`` marks heads that are only an initialisation (an imported
+    encoder); the manifest of a trained bundle does not carry the key.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     image_state = {
@@ -248,6 +260,8 @@ def save_bundle(
         "replay_instructions": replay_instructions or [],
         "provenance": provenance or {},
     }
+    if heads != HEADS_TRAINED:
+        manifest["heads"] = heads
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, out / MANIFEST)

@@ -147,15 +147,42 @@ def _init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+# timm's plain ViTs (patch 16, 224 px, MLP ratio 4): name -> (patch_size, width, depth, heads).
+TIMM_ARCHS = {
+    "vit_tiny_patch16_224": (16, 192, 12, 3),
+    "vit_small_patch16_224": (16, 384, 12, 6),
+    "vit_base_patch16_224": (16, 768, 12, 12),
+}
+# Keys a timm checkpoint may carry that this encoder does without: classifier heads and pooling
+# heads (the CLS feature is the output), the mask token of masked pretraining, and extra tokens
+# (registers, DeiT's distillation token) that are dropped, so the sequence is [CLS, patches].
+IGNORABLE = ("head.", "head_dist.", "attn_pool.", "mask_token", "reg_token", "dist_token")
+# Layers some ViT families add inside the computation this encoder keeps: loading around them
+# would give different features silently, so such checkpoints are refused.
+UNSUPPORTED = {
+    ".ls1.": "LayerScale (DeiT-III / DINOv2)",
+    ".ls2.": "LayerScale (DeiT-III / DINOv2)",
+    "norm_pre.": "a pre-norm before the blocks (CLIP-style)",
+    ".q_norm.": "query/key normalization",
+    ".k_norm.": "query/key normalization",
+    "patch_embed.norm.": "a norm after the patch embedding",
+    "fc_norm.": "average pooling with fc_norm instead of the CLS token",
+}
+OPEN_CLIP_MARKERS = ("transformer.resblocks.", "class_embedding", "conv1.weight", "ln_pre.")
+
+
 def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> list[str]:
     """Initialises from a local timm-named ViT checkpoint (safetensors), without timm.
 
-    ``pos_embed`` is resized bicubically when the patch grid differs; heads and keys this model
-    lacks (``head.*``, ``fc_norm``, register tokens...) are ignored and returned.
+    ``pos_embed`` is resized bicubically when the patch grid differs (a prefix of extra tokens
+    is dropped); classifier heads, registers and other tokens this model lacks are ignored and
+    returned. Layers that would change the kept computation are refused, never skipped.
 
     Raises:
-        InputError: Not safetensors, or shapes that cannot be mapped (other width or depth).
+        InputError: Not safetensors, unreadable, open_clip naming, layers this ViT lacks, or
+            shapes that cannot be mapped (other width, depth or patch size).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from dynaflip_adapt.errors import InputError
@@ -165,15 +192,33 @@ def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> list[str
         raise InputError(
             p, None, f"a {p.suffix or 'suffix-less'} file", "a .safetensors checkpoint"
         )
-    state = load_file(str(p))
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(
+            p, None, f"an unreadable file ({exc})", "a safetensors checkpoint"
+        ) from None
+    if any(m in k for k in state for m in OPEN_CLIP_MARKERS):
+        raise InputError(
+            p,
+            next(k for k in state if any(m in k for m in OPEN_CLIP_MARKERS)),
+            "open_clip naming (its ln_pre has no counterpart here)",
+            "timm ViT names (cls_token, pos_embed, patch_embed.proj, blocks.N...)",
+        )
     own = model.state_dict()
     loaded, ignored = {}, []
-    for k, v in state.items():
+    extra_tokens = sum(int(state[k].shape[1]) for k in ("reg_token", "dist_token") if k in state)
+    for k, v in sorted(state.items()):
+        for marker, what in UNSUPPORTED.items():
+            if marker in k or k.startswith(marker):
+                raise InputError(p, k, what, "a plain timm ViT (no layers this encoder lacks)")
         if k not in own:
-            ignored.append(k)
-            continue
-        if k == "pos_embed" and v.shape != own[k].shape:
-            v = _resize_pos_embed(v, own[k].shape[1] - 1)
+            if k.startswith(IGNORABLE):
+                ignored.append(k)
+                continue
+            raise InputError(p, k, "a weight this ViT does not have", _shape_hint(model))
+        if k == "pos_embed" and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
+            v = _map_pos_embed(v, own[k].shape[1] - 1, extra_tokens)
         if v.shape != own[k].shape:
             raise InputError(p, k, f"shape {tuple(v.shape)}", f"shape {tuple(own[k].shape)}")
         loaded[k] = v
@@ -182,6 +227,29 @@ def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> list[str
         raise InputError(p, missing[0], "missing", f"all ViT weights ({len(missing)} missing)")
     model.load_state_dict(loaded)
     return ignored
+
+
+def _shape_hint(model: VisionTransformer) -> str:
+    return (
+        f"a ViT of depth {len(model.blocks)}, width {model.width}, patch {model.patch_size}"
+        " (check --arch)"
+    )
+
+
+def _map_pos_embed(pos: torch.Tensor, num_patches: int, extra_tokens: int) -> torch.Tensor:
+    """A checkpoint's position embedding -> (1, 1 + num_patches, width), CLS first.
+
+    timm lays it out as [CLS, extra tokens..., patches] or, with ``no_embed_class``, as patches
+    only (the prefix tokens get no position embedding: a zero CLS entry is the same sum).
+    """
+    n = pos.shape[1]
+    if math.isqrt(n) ** 2 == n:
+        pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    elif extra_tokens and math.isqrt(n - 1 - extra_tokens) ** 2 == n - 1 - extra_tokens:
+        pos = torch.cat([pos[:, :1], pos[:, 1 + extra_tokens :]], dim=1)
+    if pos.shape[1] - 1 != num_patches and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:
+        pos = _resize_pos_embed(pos, num_patches)
+    return pos
 
 
 def _resize_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:

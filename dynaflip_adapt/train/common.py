@@ -18,23 +18,28 @@ from dynaflip_adapt.errors import InputError, RuntimeFailure
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU.
+    """``auto`` -> CUDA when present, else Apple's MPS when present, else CPU.
 
     Raises:
-        InputError: ``cuda`` asked for on a machine without it.
+        InputError: ``cuda`` or ``mps`` asked for on a machine without it.
     """
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, "run.device", "'cuda' on a machine without CUDA", "auto or cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
+        raise InputError(None, "run.device", f"{name!r} on a machine without it", "auto or cpu")
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA (losses cast back to fp32), nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def autocast(device: torch.device, precision: str = "auto") -> Any:
+    """The autocast context of a training step: ``bf16`` (the default on CUDA) runs matmuls in
+    bfloat16 (losses are cast back to fp32), ``fp32`` (the default elsewhere) runs everything in
+    float32."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -208,20 +208,29 @@ def active_terms(
         InputError: No term is active.
     """
     w = recipe.loss
-    trimodal = anchors["flow"] and anchors["language"]
+    trained = bundle.has_heads
+    trimodal = anchors["flow"] and anchors["language"] and trained
     active = {
         "area": w.area if trimodal else 0.0,
         "contrastive": w.contrastive if trimodal else 0.0,
         "cosine": w.cosine if trimodal else 0.0,
-        "single_frame": w.single_frame if anchors["flow"] else 0.0,
+        "single_frame": w.single_frame if anchors["flow"] and trained else 0.0,
         "distill_replay": w.distill_replay if pooled else 0.0,
         "distill_site": w.distill_site,
         "invariance": w.invariance if pooled and recipe.augment.enabled else 0.0,
         "consistency": w.consistency,
         "align": w.align if bundle.replay else 0.0,
-        "replay_area": w.replay_area if set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0,
+        "replay_area": (
+            w.replay_area if trained and set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0
+        ),
     }
     warnings = []
+    if not trained:
+        warnings.append(
+            "the backbone's DynaFLIP heads are untrained (an imported encoder): the area, "
+            "contrastive, cosine and single-frame anchors are unavailable; teacher terms only "
+            "(`pretrain LOGS --from BACKBONE` trains the heads)"
+        )
     if w.distill_replay > 0 and not pooled:
         warnings.append("the backbone has no replay set: source-replay distillation is off")
     if w.invariance > 0 and not active["invariance"]:
@@ -236,6 +245,13 @@ def active_terms(
         warnings.append("loss.site_style restyles the invariance term's views: it is off too")
     if w.replay_area > 0 and not active["replay_area"]:
         warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
+    if not any(v > 0 for v in active.values()) and not trained and not pooled:
+        raise InputError(
+            None,
+            "--retain",
+            "an imported backbone (untrained heads, no replay frames) and no --retain",
+            "--retain LOGS: frames the teacher holds (e.g. the logs your policies were trained on)",
+        )
     if not any(v > 0 for v in active.values()):
         raise InputError(
             None,
@@ -544,7 +560,7 @@ def finetune(
     seed_everything(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     ds, text, anchors, warnings = site_triplets(bundle, logs, recipe)
-    trimodal = anchors["flow"] and anchors["language"]
+    trimodal = anchors["flow"] and anchors["language"] and bundle.has_heads
     # The teacher's pool: the backbone's source replay plus the frames to retain.
     pool = [t for t in (bundle.replay.get("rgb0"), retain) if t is not None and len(t)]
     size = bundle.model.cfg.image_size
@@ -609,7 +625,7 @@ def finetune(
         set_rng_state(ckpt["rng"])
 
     if dry_run:
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, recipe.run.precision):
             loss, parts = objective(to_device(next(it), device))
         if not torch.isfinite(loss):
             raise RuntimeFailure(f"dry run: the initial loss is {float(loss)}")
@@ -621,7 +637,7 @@ def finetune(
     student.train()
     for step in range(start, total):
         batch = to_device(next(it), device)
-        with autocast(device):
+        with autocast(device, recipe.run.precision):
             loss, parts = objective(batch)
         if not torch.isfinite(loss):
             raise RuntimeFailure(f"step {step}: loss is {float(loss.detach())}; lower optim.lr")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +82,13 @@ def backbone_config(recipe: PretrainRecipe) -> BackboneConfig:
         text_encoder=m.text_encoder,
         flow_points=m.flow_points,
         flow_width=m.flow_width,
+    )
+
+
+def _arch(cfg: BackboneConfig) -> str:
+    return (
+        f"ViT {cfg.image_size} px / patch {cfg.patch_size}, width {cfg.width}, "
+        f"depth {cfg.depth}, {cfg.heads} heads"
     )
 
 
@@ -227,6 +234,7 @@ def pretrain(
     max_steps: int | None = None,
     init_image: str | Path | Backbone | None = None,
     freeze_image: bool = False,
+    init_heads: bool = False,
     objective: Objective = "trimodal",
     provenance: dict[str, Any] | None = None,
     on_step: StepCallback | None = None,
@@ -241,6 +249,8 @@ def pretrain(
         max_steps: Overrides ``optim.max_steps``.
         init_image: Image encoder to start from: a timm-named safetensors file or a backbone.
         freeze_image: Train only the heads (the probe protocol of `backbone eval`).
+        init_heads: With a backbone as `init_image`, also start from its heads (continued
+            pretraining); otherwise the heads start fresh.
         objective: ``trimodal`` (DynaFLIP) or ``image_only`` (time-contrastive baseline).
         provenance: Extra facts recorded in the manifest (data fingerprint...).
         on_step: Called after every step with the step number and its metrics.
@@ -255,11 +265,34 @@ def pretrain(
     seed_everything(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     ds, text, instructions = build_triplets(logs, recipe, require_flow=objective == "trimodal")
-    model = Backbone(backbone_config(recipe))
+    cfg = backbone_config(recipe)
+    if isinstance(init_image, Backbone):
+        # The encoder's preprocessing travels with its weights (an imported ViT's own mean/std).
+        src = init_image.cfg
+        cfg = replace(cfg, mean=src.mean, std=src.std, channel_order=src.channel_order)
+    model = Backbone(cfg)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1.0 / recipe.loss.temperature_init))
     if isinstance(init_image, Backbone):
-        model.image.load_state_dict(init_image.image.state_dict())
+        try:
+            model.image.load_state_dict(init_image.image.state_dict())
+        except RuntimeError:
+            raise InputError(
+                None,
+                "model",
+                _arch(init_image.cfg),
+                f"the recipe's {_arch(cfg)} (start from a backbone of the recipe's shape)",
+            ) from None
+        if init_heads:
+            own = model.state_dict()
+            model.load_state_dict(
+                {
+                    k: v
+                    for k, v in init_image.state_dict().items()
+                    if not k.startswith("image.") and k in own and own[k].shape == v.shape
+                },
+                strict=False,
+            )
     elif init_image is not None:
         load_timm_checkpoint(model.image, init_image)
     if freeze_image:
@@ -312,7 +345,7 @@ def pretrain(
         batch = to_device(next(it), device)
         if aug is not None:
             batch["rgb0"], batch["rgb1"] = augment_pair(aug, batch["rgb0"], batch["rgb1"])
-        with autocast(device):
+        with autocast(device, recipe.run.precision):
             if objective == "trimodal":
                 loss, parts = trimodal_losses(
                     model, batch, text, recipe.loss, image_grad=not freeze_image, step=step

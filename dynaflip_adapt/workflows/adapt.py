@@ -53,6 +53,8 @@ class AdaptRequest:
         parent: Continue from this adapter (version, alias or folder).
         steps: Optimizer steps (a recipe override of ``optim.max_steps``).
         seed: A recipe override of ``run.seed``.
+        device: A recipe override of ``run.device`` (auto, cpu, cuda, mps).
+        precision: A recipe override of ``run.precision`` (auto, fp32, bf16).
         workdir: Checkpoints (default: under the store's ``runs/finetune``).
         resume: Continue a killed run from its checkpoint.
         dry_run: Validate logs, recipe, backbone and one forward pass; train nothing.
@@ -76,6 +78,8 @@ class AdaptRequest:
     parent: str | None = None
     steps: int | None = None
     seed: int | None = None
+    device: str | None = None
+    precision: str | None = None
     workdir: Path | None = None
     resume: bool = False
     dry_run: bool = False
@@ -220,6 +224,7 @@ def adapt_site(
     from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.config import (
         FinetuneRecipe,
+        device_overrides,
         load_recipe,
         recipe_hash,
         recipe_params,
@@ -241,6 +246,7 @@ def adapt_site(
     overrides = list(req.overrides)
     if req.seed is not None:
         overrides.append(f"run.seed={req.seed}")
+    overrides += device_overrides(req.device, req.precision)
     if req.steps is not None:
         # A recipe override, so the recipe logged with the run is the run that happened.
         overrides.append(f"optim.max_steps={req.steps}")
