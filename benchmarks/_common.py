@@ -36,3 +36,22 @@ def timed(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t0) / reps
+
+
+SIZES = ["tiny", "small", "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
+
+
+def model_config(size: str):
+    """A pretrain recipe's model (``tiny``, ``small``: the shipped size) or a timm ViT size at
+    224 px (what `backbones import` registers)."""
+    from dynaflip_adapt.config import load_recipe
+    from dynaflip_adapt.models.backbone import BackboneConfig
+    from dynaflip_adapt.models.vit import TIMM_ARCHS
+    from dynaflip_adapt.train.pretrain import backbone_config
+
+    if size in TIMM_ARCHS:
+        patch, width, depth, heads = TIMM_ARCHS[size]
+        return BackboneConfig(
+            image_size=224, patch_size=patch, width=width, depth=depth, heads=heads
+        )
+    return backbone_config(load_recipe(f"pretrain/{size}")[0])

@@ -17,21 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from _common import timed  # noqa: E402
+from _common import SIZES, model_config, timed  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", default="small", choices=["tiny", "small"])
+    ap.add_argument("--size", default="small", choices=SIZES)
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     from dynaflip_adapt.config import load_recipe
     from dynaflip_adapt.models.adapter import wrap_lora
     from dynaflip_adapt.models.backbone import Backbone
-    from dynaflip_adapt.train.pretrain import backbone_config
 
     torch.manual_seed(0)
-    model = Backbone(backbone_config(load_recipe(f"pretrain/{args.size}")[0])).eval()
+    model = Backbone(model_config(args.size)).eval()
     lo = load_recipe("finetune/default")[0].lora
     peft = wrap_lora(model.image, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.use_dora).eval()
     for n, p in peft.named_parameters():

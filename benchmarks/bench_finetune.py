@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import count_flops, matmul_flops_per_s, timed  # noqa: E402
+from _common import SIZES, count_flops, matmul_flops_per_s, model_config, timed  # noqa: E402
 
 
 def compute_part(size: str, batch: int) -> dict[str, float]:
@@ -32,11 +32,9 @@ def compute_part(size: str, batch: int) -> dict[str, float]:
     from dynaflip_adapt.metrics import relative_mse
     from dynaflip_adapt.models.adapter import wrap_lora
     from dynaflip_adapt.models.backbone import Backbone
-    from dynaflip_adapt.train.pretrain import backbone_config
 
     torch.manual_seed(0)
-    rec = load_recipe(f"pretrain/{size}")[0]
-    model = Backbone(backbone_config(rec)).eval().requires_grad_(False)
+    model = Backbone(model_config(size)).eval().requires_grad_(False)
     s = model.cfg.image_size
     x = torch.randn(2 * batch, 3, s, s)
     lo = load_recipe("finetune/default")[0].lora
@@ -127,7 +125,7 @@ def real_part(backbone: str, steps: int, episodes: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", default="small", choices=["tiny", "small"])
+    ap.add_argument("--size", default="small", choices=SIZES)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--backbone", default=str(ROOT / "dynaflip_adapt" / "assets" / "backbone"))
     ap.add_argument("--steps", type=int, default=30)
@@ -153,7 +151,7 @@ def main() -> None:
     print(f"LoRA / full         : {r['lora_frames_per_s'] / r['full_frames_per_s']:7.2f}")
     verdict = "PASS" if r["lora_fraction_of_limit"] >= 0.6 else "FAIL"
     print(f"goal LoRA >= 0.6 of limit: {verdict}")
-    if Path(args.backbone, "manifest.json").exists():
+    if args.size in ("tiny", "small") and Path(args.backbone, "manifest.json").exists():
         real_part(args.backbone, args.steps, args.episodes)
 
 
