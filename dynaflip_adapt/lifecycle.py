@@ -1,14 +1,18 @@
 """Policies in the registry, audits, and per-site promotion / rollback with a durable history.
 
-MLflow keeps no history of where an alias pointed, so every promotion and rollback is also an
-append-only event: a run in the ``dynaflip-lifecycle`` experiment tagged with site, action,
-version, previous version, user, reason, audit verdict and a per-site sequence number. Reads
-and writes happen under the registry's file lock, so concurrent promotes/rollbacks from several
-processes leave a consistent alias and a complete history.
+MLflow keeps no history of where an alias pointed, so every promotion and rollback is a request
+appended to the site's log: a version of the registered model ``dynaflip-events-<site>``
+(numbered by the tracking store, unique and gap-free under concurrency, on any machine) whose
+tags say what was asked and what production was expected to point at, plus a run in the
+``dynaflip-lifecycle`` experiment for the UI. Replaying the log in order decides each request
+(applied, or lost to a request that came first) and derives the sequence numbers, so several
+machines sharing one tracking server keep a consistent alias and a complete history without a
+shared lock. Events recorded before this scheme (runs with a ``seq`` tag) are replayed first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import re
@@ -17,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter
-from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.errors import CheckFailed, InputError, RuntimeFailure
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import (
     HEAD_KINDS,
@@ -141,31 +145,97 @@ def event_view(tags: dict[str, str], run_id: str, start_ms: int = 0) -> dict[str
     }
 
 
-def _events(registry: Registry, site: str) -> list[dict[str, Any]]:
+EVENTS_PREFIX = "dynaflip-events-"
+LOST, APPLIED, NOTHING = "lost", "applied", "nothing to roll back to"
+
+
+def events_model(site: str) -> str:
+    """The registered model whose versions are the site's promotion/rollback requests."""
+    return EVENTS_PREFIX + site_alias(site)[len("prod-") :]
+
+
+def _check_site(site: str) -> None:
     if "'" in site:
         raise InputError(None, "--site", repr(site), "a site name without quotes")
+
+
+def _legacy_events(registry: Registry, site: str) -> list[dict[str, Any]]:
+    """Events recorded before requests were sequenced by the registry (runs with a seq tag)."""
     runs = registry.search_runs(LIFECYCLE_EXPERIMENT, f"tags.site = '{site}'")
-    events = [event_view(dict(r.data.tags), r.info.run_id, r.info.start_time) for r in runs]
+    events = [
+        event_view(dict(r.data.tags), r.info.run_id, r.info.start_time)
+        for r in runs
+        if r.data.tags.get("request") != "true"
+    ]
     return sorted(events, key=lambda e: (e["seq"], e["time"]))
 
 
-def history(registry: Registry, site: str) -> list[dict[str, Any]]:
-    """Every promotion and rollback of a site, oldest first (all of them: read page by page)."""
-    return _events(registry, site)
+def _apply(stack: list[str], action: str, version: str) -> None:
+    """One event's effect on the promotion stack (top = where production points)."""
+    if action == "promote":
+        stack.append(version)
+    elif action == "rollback":
+        while stack and stack[-1] != version:
+            stack.pop()
+        if not stack:
+            stack.append(version)
 
 
 def _stack(events: list[dict[str, Any]]) -> list[str]:
     """The promotion stack implied by the events (top = what production should point at)."""
     stack: list[str] = []
     for e in events:
-        if e["action"] == "promote":
-            stack.append(e["version"])
-        elif e["action"] == "rollback":
-            while stack and stack[-1] != e["version"]:
-                stack.pop()
-            if not stack:
-                stack.append(e["version"])
+        _apply(stack, e["action"], e["version"])
     return stack
+
+
+def _replay(
+    legacy: list[dict[str, Any]], requests: list[Any]
+) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str | None]]]:
+    """The site's events from its legacy events and its requests in registry order.
+
+    A request applies only if it expected what production pointed at just before it (its
+    ``expects``); otherwise it lost a race and changes nothing. Sequence numbers, ``previous``
+    and a plain rollback's target are derived here, so every process reading the same requests
+    derives the same history. Returns the events and, per request version, (outcome, the
+    version production pointed at before it).
+    """
+    events = list(legacy)
+    stack = _stack(events)
+    promoted = {str(e["version"]) for e in events if e["action"] == "promote"}
+    outcome: dict[str, tuple[str, str | None]] = {}
+    for mv in requests:
+        t = dict(mv.tags or {})
+        cur = stack[-1] if stack else None
+        if (t.get("expects") or None) != cur:
+            outcome[str(mv.version)] = (LOST, cur)
+            continue
+        target = t.get("version") or None
+        if t.get("action") == "rollback":
+            if target is None:
+                target = stack[-2] if len(stack) >= 2 else None
+            if target is None or target not in promoted:
+                outcome[str(mv.version)] = (NOTHING, cur)
+                continue
+        assert target is not None
+        if t.get("action") == "promote":
+            promoted.add(target)
+        _apply(stack, str(t.get("action")), target)
+        tags = {**t, "version": target, "previous": cur or "", "seq": str(len(events) + 1)}
+        events.append(event_view(tags, str(mv.run_id or "")) | {"request": str(mv.version)})
+        outcome[str(mv.version)] = (APPLIED, cur)
+    return events, outcome
+
+
+def _read(registry: Registry, site: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    _check_site(site)
+    requests = sorted(registry.versions(events_model(site)), key=lambda m: int(m.version))
+    return _replay(_legacy_events(registry, site), requests)
+
+
+def history(registry: Registry, site: str) -> list[dict[str, Any]]:
+    """Every promotion and rollback of a site, oldest first (all of them: read page by page)."""
+    return _read(registry, site)[0]
 
 
 def rollback_target(events: list[dict[str, Any]]) -> str | None:
@@ -183,15 +253,43 @@ def current(registry: Registry, site: str) -> str | None:
     return None
 
 
-def _record(
-    registry: Registry, site: str, action: str, version: str, previous: str | None, **extra: Any
-) -> dict[str, Any]:
-    seq = len(_events(registry, site)) + 1
-    tags: dict[str, str] = {
+def _queue(registry: Registry) -> Any:
+    """Where processes of one machine queue before a request: the file lock for a local
+    database (sqlite answers "database is locked" to concurrent writers, and queued processes
+    never lose a race to each other); nothing for a tracking server, which orders requests
+    itself (`_request`): a file lock held for whole requests starved processes past its timeout
+    there."""
+    if registry.store.tracking_uri.startswith(("http://", "https://")):
+        return contextlib.nullcontext()
+    return registry.lock
+
+
+class RaceLost(CheckFailed):
+    """Another machine changed the site between reading it and requesting the change."""
+
+
+def _request(
+    registry: Registry, site: str, action: str, version: str | None, expects: str | None,
+    **extra: Any,
+) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """Appends a request to the site's log and applies it; returns (event, outcome).
+
+    Why this is safe across machines: the request is a new version of the site's events model,
+    and the tracking store numbers versions max + 1 inside one transaction under the
+    (name, version) primary key, so two requests never share a number and every number below
+    a request's is committed when it gets its own. The outcome of each request is a pure
+    function of the requests before it (`_replay`), so every reader agrees on it; a request
+    whose ``expects`` no longer holds loses and changes nothing. The alias is then moved to the
+    replayed state and re-checked until it no longer changes: the last writer to move it has
+    seen every request before its move.
+    """
+    import tempfile
+
+    tags = {
         "site": site,
         "action": action,
-        "version": version,
-        "previous": previous or "",
+        "version": version or "",
+        "expects": expects or "",
         "user": extra.get("user") or getpass.getuser(),
         "reason": extra.get("reason") or "",
         "forced": "true" if extra.get("forced") else "false",
@@ -199,13 +297,37 @@ def _record(
         "adapter_site": extra.get("adapter_site") or "",
         "audit_verdict": extra.get("audit") or "",
         "audit_run": extra.get("audit_run") or "",
-        "seq": str(seq),
         "time": f"{time.time():.3f}",
     }
-    with registry.run(LIFECYCLE_EXPERIMENT, f"{action}-{site}-v{version}", tags) as run:
-        event = event_view(tags, run.run_id)
-        run.log_dict(event, "event.json")
-    return event
+    name = f"{action}-{site}-v{version}" if version else f"{action}-{site}"
+    with registry.run(LIFECYCLE_EXPERIMENT, name, tags | {"request": "true"}) as run:
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "request.json").write_text(json.dumps(tags, indent=2))
+            info = registry.register(events_model(site), run, tmp, "request", tags)
+        events, outcomes = _read(registry, site)
+        outcome, before = outcomes[info.version]
+        mine = next((e for e in events if e.get("request") == info.version), None)
+        run.set_tags(
+            {"outcome": outcome, "request_version": info.version}
+            | ({"seq": str(mine["seq"]), "previous": mine["previous"] or ""} if mine else {})
+        )
+        if mine is not None:
+            run.log_dict(mine, "event.json")
+    _settle(registry, site)
+    if mine is None:
+        return {"action": action, "version": version, "site": site, "previous": before}, outcome
+    return mine, outcome
+
+
+def _settle(registry: Registry, site: str, rounds: int = 20) -> None:
+    """Points the alias at what the replayed log says, until a fresh read agrees."""
+    for _ in range(rounds):
+        stack = _stack(history(registry, site))
+        want = stack[-1] if stack else None
+        if want is None or current(registry, site) == want:
+            return
+        registry.set_alias(ADAPTER_MODEL, site_alias(site), want)
+    raise RuntimeFailure(f"site {site}: the production alias kept changing for {rounds} rounds")
 
 
 def promotion_refusal(
@@ -261,15 +383,14 @@ def promote(
     The caller has passed `promotion_refusal`; this only moves the alias and writes history.
     """
     info = registry.resolve(ADAPTER_MODEL, version)
-    with registry.lock:
-        previous = current(registry, site)
-        registry.set_alias(ADAPTER_MODEL, site_alias(site), info.version)
-        return _record(
+    with _queue(registry):
+        stack = _stack(history(registry, site))
+        event, outcome = _request(
             registry,
             site,
             "promote",
             info.version,
-            previous,
+            stack[-1] if stack else None,
             audit=audit_verdict,
             audit_run=audit_run,
             forced=forced,
@@ -278,6 +399,13 @@ def promote(
             reason=reason,
             user=user,
         )
+    if outcome == LOST:
+        raise RaceLost(
+            f"site {site} changed while promoting v{info.version} (production is now "
+            f"v{current(registry, site)}; see `history --site {site}`): nothing changed, "
+            "re-run promote to promote over it"
+        )
+    return event
 
 
 def rollback(
@@ -287,41 +415,52 @@ def rollback(
     to: str | None = None,
     reason: str = "",
     user: str | None = None,
+    attempts: int = 5,
 ) -> dict[str, Any]:
-    """Moves the site's alias back to the previously promoted version (or `to`).
+    """Moves the site's alias back to the previously promoted version (or `to`). A rollback
+    that loses a race with another machine re-reads the site and tries again.
 
     Raises:
         InputError: Unknown site, unknown version, or nothing to roll back to.
+        RaceLost: Still losing after `attempts` tries.
     """
-    with registry.lock:
-        events = _events(registry, site)
-        if not events:
-            raise InputError(None, "--site", repr(site), "a site with promotions (see `history`)")
-        previous = current(registry, site)
-        earlier = rollback_target(events)
-        if to is not None:
-            target = registry.resolve(ADAPTER_MODEL, to).version
-            # Rollback skips the audit gate, so it only restores what the gate once let in here.
-            promoted = {str(e["version"]) for e in events if e["action"] == "promote"}
-            if target not in promoted:
+    target = registry.resolve(ADAPTER_MODEL, to).version if to is not None else None
+    for _ in range(attempts):
+        with _queue(registry):
+            events = history(registry, site)
+            if not events:
+                raise InputError(
+                    None, "--site", repr(site), "a site with promotions (see `history`)"
+                )
+            stack = _stack(events)
+            if target is not None:
+                # Rollback skips the audit gate: it only restores what the gate once let in here.
+                promoted = {str(e["version"]) for e in events if e["action"] == "promote"}
+                if target not in promoted:
+                    raise InputError(
+                        None,
+                        "--to",
+                        f"v{target}, never promoted at site {site!r}",
+                        "a version promoted here before (see `history`); new versions go "
+                        "through `promote`",
+                    )
+            elif len(stack) < 2:
                 raise InputError(
                     None,
-                    "--to",
-                    f"v{target}, never promoted at site {site!r}",
-                    "a version promoted here before (see `history`); new versions go through "
-                    "`promote`",
+                    "--site",
+                    f"{site!r} with one promoted version ({stack[-1] if stack else None})",
+                    "an earlier promotion to roll back to (or --to V)",
                 )
-        elif earlier is not None:
-            target = earlier
-        else:
-            raise InputError(
-                None,
-                "--site",
-                f"{site!r} with one promoted version ({previous})",
-                "an earlier promotion to roll back to (or --to V)",
+            event, outcome = _request(
+                registry, site, "rollback", target, stack[-1], reason=reason, user=user
             )
-        registry.set_alias(ADAPTER_MODEL, site_alias(site), target)
-        return _record(registry, site, "rollback", target, previous, reason=reason, user=user)
+        if outcome == APPLIED:
+            return event
+        if outcome == NOTHING:
+            raise InputError(
+                None, "--site", f"{site!r}: nothing left to roll back to", "an earlier promotion"
+            )
+    raise RaceLost(f"site {site} kept changing: rollback lost {attempts} races; run it again")
 
 
 def log_audit(

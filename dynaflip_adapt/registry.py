@@ -371,9 +371,13 @@ class Registry:
                 self._call(f"reading {name}", self.client.get_registered_model, name, missing=None)
                 is None
             ):
-                self.client.create_registered_model(
-                    name, description=MODEL_DESCRIPTIONS.get(name, "")
+                description = MODEL_DESCRIPTIONS.get(name) or (
+                    "Promotion / rollback requests of one site, in the order the store numbered "
+                    "them (dynaflip-adapt `history` replays them)."
+                    if name.startswith("dynaflip-events-")
+                    else ""
                 )
+                self.client.create_registered_model(name, description=description)
             mv = self.client.create_model_version(
                 name, source, run_id=run.run_id, tags=tags, description=description
             )
@@ -405,8 +409,14 @@ class Registry:
                 )
             )
             (got / ".complete").write_text(version.source)
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(got, cache)
+            if cache.exists() and not (cache / ".complete").exists():
+                shutil.rmtree(cache, ignore_errors=True)  # a leftover of an older layout
+            try:
+                # Never over a complete copy: another process may be reading it.
+                os.rename(got, cache)
+            except OSError:
+                if not (cache / ".complete").exists():
+                    raise
         except OSError as exc:
             raise RuntimeFailure(f"{version.source}: download failed ({exc})") from None
         finally:

@@ -37,15 +37,17 @@ def _free_port() -> int:
 class Server:
     """An `mlflow server` subprocess that can be stopped and started again on the same port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str | None = None, workers: int = 1) -> None:
         self.root, self.port = root, _free_port()
+        self.backend = backend or f"sqlite:///{root / 'server.db'}"
+        self.workers = workers
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+               "--port", str(self.port), "--workers", str(self.workers),
+               "--backend-store-uri", self.backend,
                "--artifacts-destination", str(self.root / "artifacts")]  # fmt: skip
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)

@@ -1,0 +1,146 @@
+"""One registry for many machines: an `mlflow server` on a PostgreSQL backend store (started
+here on 127.0.0.1), several "machines" (processes with their own DYNAFLIP_HOME, hence their own
+file locks) promoting and rolling back one site at once."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import itertools
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.test_server import Server, _free_port
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("flask") is None, reason="needs the server extra (full mlflow)"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("psycopg2") is None, reason="needs the server extra (psycopg2)"
+    ),
+    pytest.mark.slow,
+]
+MACHINES, PROCESSES = 3, 4
+# Requests per process; DYNAFLIP_RACE_REQUESTS=17 makes the 200-request run of docs/deploy.md.
+REQUESTS = int(os.environ.get("DYNAFLIP_RACE_REQUESTS", "4"))
+
+
+def _pg(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster on a free localhost port (as user postgres under root:
+    the server refuses to run as root)."""
+    initdb, pg_ctl = _pg("initdb"), _pg("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="dynaflip-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    root.chmod(0o755)
+    port = _free_port()
+    subprocess.run([*as_user, initdb, "-D", str(root / "data"), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)  # fmt: skip
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+    subprocess.run([*as_user, pg_ctl, "-D", str(root / "data"), "-o", opts, "-l",
+                    str(root / "log"), "-w", "start"], check=True, capture_output=True)  # fmt: skip
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    conn.cursor().execute("CREATE DATABASE mlflow")
+    conn.close()
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    subprocess.run([*as_user, pg_ctl, "-D", str(root / "data"), "-m", "fast", "stop"],
+                   capture_output=True)  # fmt: skip
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, postgres):
+    s = Server(tmp_path_factory.mktemp("pg-server"), backend=postgres, workers=2)
+    s.start()
+    yield s
+    s.stop()
+
+
+def _registry(uri: str, home: Path):
+    os.environ["DYNAFLIP_HOME"] = str(home)
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    return Registry(resolve_store(uri))
+
+
+def _machine_worker(job: tuple[str, str, int, list[str], str]) -> list[tuple[str, str, str]]:
+    """One process of one machine: alternately promote either adapter and roll back."""
+    uri, home, proc, versions, site = job
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.lifecycle import RaceLost, promote, rollback
+
+    reg = _registry(uri, Path(home))
+    out = []
+    for i in range(REQUESTS):
+        try:
+            if (proc + i) % 3 == 2:
+                ev = rollback(reg, site, reason=f"p{proc}")
+                out.append(("rollback", "applied", ev["request"]))
+            else:
+                v = versions[(proc + i) % 2]
+                ev = promote(reg, v, site, audit_verdict="compatible", forced=True, reason="race")
+                out.append(("promote", "applied", ev["request"]))
+        except RaceLost:
+            out.append(("promote", "lost", ""))
+        except InputError:
+            out.append(("rollback", "nothing", ""))
+    return out
+
+
+def test_machines_sharing_a_postgres_backed_server_keep_one_consistent_history(server, tmp_path):
+    from dynaflip_adapt.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.lifecycle import current, events_model, history, promote
+
+    reg = _registry(server.uri, tmp_path / "setup")
+    versions = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "manifest.json").write_text("{}")
+        with reg.run("dynaflip-finetune", name, {}) as run:
+            versions.append(reg.register(ADAPTER_MODEL, run, folder, "adapter", {}).version)
+    promote(reg, versions[0], "fleet", audit_verdict="compatible", forced=True, reason="seed")
+    jobs = [(server.uri, str(tmp_path / f"machine{m}"), m * PROCESSES + p, versions, "fleet")
+            for m in range(MACHINES) for p in range(PROCESSES)]  # fmt: skip
+    with mp.get_context("spawn").Pool(len(jobs)) as pool:
+        results = [r for w in pool.map(_machine_worker, jobs) for r in w]
+    assert len(results) == MACHINES * PROCESSES * REQUESTS
+
+    events = history(reg, "fleet")
+    # Sequence numbers without gap or duplicate; each event's previous is what the one before set.
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    for before, after in itertools.pairwise(events):
+        assert after["previous"] == before["version"], (before, after)
+    # The alias is where the last event put it.
+    assert current(reg, "fleet") == events[-1]["version"]
+    # No event lost or invented: what the workers were told was applied is the history.
+    applied = sorted(int(r[2]) for r in results if r[1] == "applied")
+    assert applied == sorted(int(e["request"]) for e in events[1:])
+    # Every request is in the store's log, numbered 1..n without a gap, applied or not.
+    requests = sorted(int(v.version) for v in reg.versions(events_model("fleet")))
+    lost = [r for r in results if r[1] == "lost"]
+    assert requests == list(range(1, len(requests) + 1))
+    assert len(requests) >= 1 + len(applied) + len(lost)
+    print(f"{len(results)} requests from {MACHINES} machines x {PROCESSES} processes: "
+          f"{len(applied)} applied, {len(lost)} promotions lost a race")  # fmt: skip
