@@ -168,7 +168,8 @@ UNSUPPORTED = {
     "patch_embed.norm.": "a norm after the patch embedding",
     "fc_norm.": "average pooling with fc_norm instead of the CLS token",
 }
-OPEN_CLIP_MARKERS = ("transformer.resblocks.", "class_embedding", "conv1.weight", "ln_pre.")
+# open_clip's visual tower (alone, or under ``visual.`` in a full CLIP checkpoint).
+OPEN_CLIP_PREFIXES = ("visual.", "transformer.resblocks.", "class_embedding", "conv1.", "ln_pre.")
 
 
 def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> list[str]:
@@ -198,10 +199,10 @@ def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> list[str
         raise InputError(
             p, None, f"an unreadable file ({exc})", "a safetensors checkpoint"
         ) from None
-    if any(m in k for k in state for m in OPEN_CLIP_MARKERS):
+    if any(k.startswith(OPEN_CLIP_PREFIXES) for k in state):
         raise InputError(
             p,
-            next(k for k in state if any(m in k for m in OPEN_CLIP_MARKERS)),
+            next(k for k in state if k.startswith(OPEN_CLIP_PREFIXES)),
             "open_clip naming (its ln_pre has no counterpart here)",
             "timm ViT names (cls_token, pos_embed, patch_embed.proj, blocks.N...)",
         )
