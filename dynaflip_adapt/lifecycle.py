@@ -229,7 +229,11 @@ def _replay(
 
 def _read(registry: Registry, site: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     _check_site(site)
-    requests = sorted(registry.versions(events_model(site)), key=lambda m: int(m.version))
+    # Sites whose names clean to the same alias share a model: keep this site's requests.
+    requests = sorted(
+        (v for v in registry.versions(events_model(site)) if v.tags.get("site") == site),
+        key=lambda m: int(m.version),
+    )
     return _replay(_legacy_events(registry, site), requests)
 
 
