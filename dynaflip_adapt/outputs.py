@@ -55,8 +55,11 @@ def _is_cwd_or_above(p: Path) -> bool:
     return p == cwd or p in cwd.parents
 
 
-def check_export_folder(path: str | Path, *, overwrite: bool) -> ExportTarget:
-    """`path` as an export folder: new, empty, or (with `overwrite`) a previous export.
+def check_export_folder(
+    path: str | Path, *, overwrite: bool, kind: str = EXPORT_KIND, option: str = "--out"
+) -> ExportTarget:
+    """`path` as an export folder: new, empty, or (with `overwrite`) a previous export (a
+    folder whose manifest has this `kind`: an encoder export, or a backbone bundle).
 
     Raises:
         InputError: A file, the current folder (or one above it), a folder with other content,
@@ -65,42 +68,40 @@ def check_export_folder(path: str | Path, *, overwrite: bool) -> ExportTarget:
     p = Path(path).expanduser()
     full = p.resolve()
     if p.is_file() or (p.exists() and not p.is_dir()):
-        raise InputError(p, "--out", "an existing file", "a folder path for the export")
+        raise InputError(p, option, "an existing file", "a folder path for the export")
     if _is_cwd_or_above(full):
-        raise InputError(
-            p, "--out", "the current folder (or one above it)", "a new or empty folder"
-        )
+        raise InputError(p, option, "the current folder (or one above it)", "a new or empty folder")
     if not p.exists():
         return ExportTarget(full)
     entries = sorted(e.name for e in p.iterdir())
     if not entries:
         return ExportTarget(full)
-    previous = previous_export_files(p)
+    previous = previous_export_files(p, kind)
     if previous is None:
         raise InputError(
             p,
-            "--out",
+            option,
             f"a folder with {len(entries)} entries that is not a dynaflip-adapt export",
             "a new or empty folder (an export never writes into a folder it did not create)",
         )
     if not overwrite:
         raise InputError(
             p,
-            "--out",
+            option,
             "a previous export",
             "a new or empty folder, or --overwrite to replace the files that export wrote",
         )
     return ExportTarget(full, tuple(previous))
 
 
-def previous_export_files(folder: Path) -> list[str] | None:
+def previous_export_files(folder: Path, kind: str = EXPORT_KIND) -> list[str] | None:
     """The files a previous export wrote into `folder` (from its manifest), or None when the
-    folder holds no readable export manifest."""
+    folder holds no readable manifest of that `kind`."""
     try:
         manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("kind") != EXPORT_KIND:
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         return None
     files = manifest.get("files")
     if not isinstance(files, dict):

@@ -46,8 +46,8 @@ BACKBONE=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['backbo
   --steps "$STEPS" --device "$DEVICE" --precision "$PRECISION" --set optim.batch_size="$BATCH" \
   --json > "$WORK/finetune.json"
 ADAPTER=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['adapter']['version'])" "$WORK/finetune.json")
-rm -rf "$WORK/export"
-"${CLI[@]}" export "$ADAPTER" --out "$WORK/export" --json > "$WORK/export.json"
+# --overwrite replaces only a previous export's files (a rerun), never anything else there.
+"${CLI[@]}" export "$ADAPTER" --out "$WORK/export" --overwrite --json > "$WORK/export.json"
 
 "$PY" - "$WORK" "$ARCH" "$PRECISION" "$DEVICE" "$(( $(date +%s) - t0 ))" <<'EOF'
 import json, sys

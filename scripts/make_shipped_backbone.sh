@@ -24,4 +24,4 @@ for s in $(seq 1 "$SITES"); do
     dynaflip-adapt sim generate "$WORK/logs/site_$s.h5" --site random --site-seed "$s" -n "$EPISODES" --seed "$s" --workers 2
 done
 dynaflip-adapt pretrain "$WORK/logs" --recipe "$RECIPE" --seed 0 --workdir "$WORK/run" \
-  --export-bundle "$EXPORT" "$@"
+  --export-bundle "$EXPORT" --overwrite "$@"

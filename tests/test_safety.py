@@ -86,6 +86,32 @@ def test_export_never_deletes_a_folder_it_did_not_write(fleet, tmp_path):
     assert _tree(models) == before
 
 
+def test_pretrain_export_bundle_never_deletes_a_folder_it_did_not_write(fleet, tmp_path):
+    """`pretrain --export-bundle` used to delete the folder first; it now installs a bundle the
+    way exports are installed, and checks the folder before anything trains."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "precious.pt").write_bytes(b"weights of another project")
+    before = _tree(models)
+    runs = len(ok(["backbones", "list"]))
+    args = ["pretrain", fleet["logs"], "-r", "pretrain/tiny", "--steps", "2",
+            "--set", "data.num_workers=0", "--set", "data.gap=1"]  # fmt: skip
+    for extra in ([], ["--overwrite"]):
+        line = refused([*args, "--export-bundle", str(models), *extra], 2)
+        assert "--export-bundle" in line and "not a dynaflip-adapt export" in line
+    assert _tree(models) == before and len(ok(["backbones", "list"])) == runs
+    # A previous bundle is replaced only with --overwrite, and a user's file beside it stays.
+    out = tmp_path / "bundle"
+    ok([*args, "--export-bundle", str(out)])
+    (out / "NOTES.md").write_text("mine")
+    assert "--overwrite" in refused([*args, "--export-bundle", str(out)], 2)
+    ok([*args, "--export-bundle", str(out), "--overwrite", "--seed", "1"])
+    assert (out / "NOTES.md").read_text() == "mine"
+    from dynaflip_adapt.models.backbone import load_bundle
+
+    assert load_bundle(out).manifest["provenance"]["recipe_hash"]
+
+
 def test_export_overwrite_replaces_only_what_the_previous_export_wrote(fleet, tmp_path):
     out = tmp_path / "exp"
     first = ok(["export", fleet["lab"], "--out", str(out), "--format", "safetensors"])

@@ -12,6 +12,7 @@ from dynaflip_adapt.cli.common import (
     JsonOpt,
     LogsArg,
     MaxStepsHidden,
+    OverwriteOpt,
     PrecisionOpt,
     one_steps,
 )
@@ -64,8 +65,14 @@ def pretrain(
         bool, typer.Option("--set-base", help="Make the new version the registry's base backbone.")
     ] = False,
     export_bundle: Annotated[
-        Path | None, typer.Option("--export-bundle", help="Also copy the bundle folder here.")
+        Path | None,
+        typer.Option(
+            "--export-bundle",
+            help="Also copy the bundle here: a new or empty folder, or a previous bundle with "
+            "--overwrite (only its files are replaced).",
+        ),
     ] = None,
+    overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
     max_steps: MaxStepsHidden = None,
 ) -> None:
@@ -87,6 +94,8 @@ def pretrain(
             os.environ["WORLD_SIZE"],
             "1: pretrain runs in one process for now (finetune runs under torchrun)",
         )
+    import tempfile
+
     from dynaflip_adapt.backbones import register_backbone
     from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.config import (
@@ -100,10 +109,17 @@ def pretrain(
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.models.backbone import sha256_file
+    from dynaflip_adapt.outputs import check_export_folder, install_export
     from dynaflip_adapt.registry import PRETRAIN_EXPERIMENT, Registry
     from dynaflip_adapt.store import resolve_store
     from dynaflip_adapt.train.pretrain import pretrain as run_pretrain
 
+    # Checked before anything trains; a previous bundle's files only with --overwrite.
+    target = None
+    if export_bundle is not None:
+        target = check_export_folder(
+            export_bundle, overwrite=overwrite, kind="dynaflip-backbone", option="--export-bundle"
+        )
     if from_ is not None and init_image is not None:
         raise InputError(None, "--from", repr(from_), "either --from or --init-image, not both")
     store = resolve_store(state(ctx).tracking_uri)
@@ -175,10 +191,16 @@ def pretrain(
             registry, run, result.bundle, make_base=set_base, extra_tags=parent
         )
         run.set_tags({"backbone_version": info.version})
-    if export_bundle is not None:
-        if export_bundle.exists():
-            shutil.rmtree(export_bundle)
-        shutil.copytree(result.bundle, export_bundle)
+    if target is not None:
+        # Staged beside the target, then installed as exports are: only a previous bundle's
+        # files are replaced, never anything else in the folder.
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=target.path.parent, prefix=".bundle-"))
+        try:
+            shutil.copytree(result.bundle, staged, dirs_exist_ok=True)
+            install_export(staged, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
     out = {
         "backbone": info.to_dict(),
         "bundle": str(result.bundle),
