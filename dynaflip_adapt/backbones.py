@@ -207,7 +207,7 @@ def import_checkpoint(
     with activity.step(f"reading {checkpoint.name} as {arch}"):
         ignored = load_timm_checkpoint(model.image, checkpoint)
     digest = "sha256:" + sha256_file(checkpoint)
-    untrained = ["transition", "frame", "text_proj", "flow", "flow_pred"]
+    untrained = [name for name, _ in model.named_children() if name != "image"]
     provenance = {
         "source": "imported",
         "checkpoint": checkpoint.name,

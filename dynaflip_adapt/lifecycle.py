@@ -30,7 +30,7 @@ from dynaflip_adapt.policies import (
     load_policy,
     read_policy_spec,
 )
-from dynaflip_adapt.registry import Registry, RunHandle, VersionInfo, metric_key
+from dynaflip_adapt.registry import EVENTS_PREFIX, Registry, RunHandle, VersionInfo, metric_key
 
 POLICY_MODEL = "dynaflip-policy"
 POLICY_EXPERIMENT = "dynaflip-policies"
@@ -145,7 +145,6 @@ def event_view(tags: dict[str, str], run_id: str, start_ms: int = 0) -> dict[str
     }
 
 
-EVENTS_PREFIX = "dynaflip-events-"
 LOST, APPLIED, NOTHING = "lost", "applied", "nothing to roll back to"
 
 
@@ -317,20 +316,22 @@ def _request(
         )
         if mine is not None:
             run.log_dict(mine, "event.json")
-    _settle(registry, site)
+    _settle(registry, site, events)
     if mine is None:
         return {"action": action, "version": version, "site": site, "previous": before}, outcome
     return mine, outcome
 
 
-def _settle(registry: Registry, site: str, rounds: int = 20) -> None:
-    """Points the alias at what the replayed log says, until a fresh read agrees."""
+def _settle(registry: Registry, site: str, events: list[dict[str, Any]], rounds: int = 20) -> None:
+    """Points the alias at what the replayed log says (`events`: a read made after this
+    process's request), re-reading after each move until a fresh read agrees."""
     for _ in range(rounds):
-        stack = _stack(history(registry, site))
+        stack = _stack(events)
         want = stack[-1] if stack else None
         if want is None or current(registry, site) == want:
             return
         registry.set_alias(ADAPTER_MODEL, site_alias(site), want)
+        events = history(registry, site)
     raise RuntimeFailure(f"site {site}: the production alias kept changing for {rounds} rounds")
 
 

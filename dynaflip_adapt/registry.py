@@ -31,6 +31,8 @@ BASE_ALIAS = "base"
 PRETRAIN_EXPERIMENT = "dynaflip-pretrain"
 
 # What each registered model holds, shown in the MLflow UI.
+# A site's promotion/rollback requests: `dynaflip-events-<site>` (see `lifecycle`).
+EVENTS_PREFIX = "dynaflip-events-"
 MODEL_DESCRIPTIONS = {
     "dynaflip-backbone": "DynaFLIP image/language/flow backbone bundles (alias `base`).",
     "dynaflip-adapter": "Per-site LoRA adapters of a backbone (alias `prod-<site>` per site).",
@@ -374,7 +376,7 @@ class Registry:
                 description = MODEL_DESCRIPTIONS.get(name) or (
                     "Promotion / rollback requests of one site, in the order the store numbered "
                     "them (dynaflip-adapt `history` replays them)."
-                    if name.startswith("dynaflip-events-")
+                    if name.startswith(EVENTS_PREFIX)
                     else ""
                 )
                 self.client.create_registered_model(name, description=description)

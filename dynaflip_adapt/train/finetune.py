@@ -186,6 +186,12 @@ def retention_frames(logs: LogSet, image_size: int, count: int) -> torch.Tensor:
     return sample_frames(logs, image_size, count).frames
 
 
+def trimodal_anchors(anchors: dict[str, bool], bundle: Bundle) -> bool:
+    """The tri-modal anchors can train: the logs carry flow and language, and the backbone's
+    heads were trained (an imported encoder's are only an initialisation)."""
+    return anchors["flow"] and anchors["language"] and bundle.has_heads
+
+
 def active_terms(
     recipe: FinetuneRecipe,
     anchors: dict[str, bool],
@@ -209,7 +215,7 @@ def active_terms(
     """
     w = recipe.loss
     trained = bundle.has_heads
-    trimodal = anchors["flow"] and anchors["language"] and trained
+    trimodal = trimodal_anchors(anchors, bundle)
     active = {
         "area": w.area if trimodal else 0.0,
         "contrastive": w.contrastive if trimodal else 0.0,
@@ -560,7 +566,7 @@ def finetune(
     seed_everything(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     ds, text, anchors, warnings = site_triplets(bundle, logs, recipe)
-    trimodal = anchors["flow"] and anchors["language"] and bundle.has_heads
+    trimodal = trimodal_anchors(anchors, bundle)
     # The teacher's pool: the backbone's source replay plus the frames to retain.
     pool = [t for t in (bundle.replay.get("rgb0"), retain) if t is not None and len(t)]
     size = bundle.model.cfg.image_size

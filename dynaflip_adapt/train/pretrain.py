@@ -288,8 +288,8 @@ def pretrain(
             model.load_state_dict(
                 {
                     k: v
-                    for k, v in init_image.state_dict().items()
-                    if not k.startswith("image.") and k in own and own[k].shape == v.shape
+                    for k, v in init_image.head_state().items()
+                    if k in own and own[k].shape == v.shape
                 },
                 strict=False,
             )
