@@ -79,7 +79,7 @@ def _locate(registry: Registry | None, ref: str) -> tuple[Path, VersionInfo | No
     if registry is None:
         raise InputError(None, "--adapter", repr(ref), "an adapter folder (no registry available)")
     info = registry.resolve(ADAPTER_MODEL, ref)
-    return registry.download(info, "adapters"), info
+    return registry.download(info, "adapters", read_adapter_manifest), info
 
 
 def resolve_adapter(registry: Registry | None, ref: str) -> tuple[Path, VersionInfo | None]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from dynaflip_adapt import activity
 from dynaflip_adapt.errors import InputError
-from dynaflip_adapt.models.backbone import Bundle, load_bundle, read_manifest
+from dynaflip_adapt.models.backbone import Bundle, load_bundle, read_manifest, verify_bundle
 from dynaflip_adapt.registry import (
     BACKBONE_MODEL,
     BASE_ALIAS,
@@ -110,7 +110,7 @@ def load_backbone(registry: Registry | None, ref: str | None) -> tuple[Bundle, V
         else registry.resolve(BACKBONE_MODEL, ref)
     )
     with activity.step(f"loading backbone v{info.version}"):
-        folder = registry.download(info, "backbones")
+        folder = registry.download(info, "backbones", verify_bundle)
         return load_bundle(folder), info
 
 

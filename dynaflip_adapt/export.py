@@ -32,7 +32,13 @@ from dynaflip_adapt.errors import InputError, RuntimeFailure
 from dynaflip_adapt.models import vit as vit_module
 from dynaflip_adapt.models.adapter import Adapter
 from dynaflip_adapt.models.backbone import Bundle, sha256_file
-from dynaflip_adapt.outputs import EXPORT_KIND, ExportTarget, check_export_folder, install_export
+from dynaflip_adapt.outputs import (
+    EXPORT_KIND,
+    ExportTarget,
+    check_export_folder,
+    install_export,
+    writing,
+)
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 
@@ -123,9 +129,10 @@ def export_encoder(
     target.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.path.parent, prefix=f".{target.path.name}.tmp-"))
     try:
-        written = _write(bundle, adapter, merged, diff_merge, x, tmp, fmt, source)
-        diff_export = verify_standalone(tmp, fmt, x, merged)
-        files = install_export(tmp, target)
+        with writing(target.path, f"the {fmt} export", after="the folder is left as it was"):
+            written = _write(bundle, adapter, merged, diff_merge, x, tmp, fmt, source)
+            diff_export = verify_standalone(tmp, fmt, x, merged)
+            files = install_export(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert sorted(files) == sorted(written)

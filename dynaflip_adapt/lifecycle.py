@@ -88,7 +88,7 @@ def policies_for_site(registry: Registry, site: str) -> list[VersionInfo]:
 
 
 def load_policy_version(registry: Registry, info: VersionInfo) -> Policy:
-    return load_policy(registry.download(info, "policies"))
+    return load_policy(registry.download(info, "policies", read_policy_spec))
 
 
 def audited_policies(

@@ -5,17 +5,25 @@ An export folder is written only when it is new or empty; with ``--overwrite`` a
 must be a previous export, and only the files its manifest lists are replaced: anything else in
 the folder is the user's and stays. Nothing here imports torch: commands check their outputs
 before anything slow loads.
+
+Room to write: HDF5 cannot survive a failed write (the library crashes the process on the next
+flush or close, leaving a half-written file), so HDF5 writers ask `ensure_room` before each
+block; other writers run under `writing`, which turns a failed write (disk full, a file-size
+limit, a read-only store) into one `RuntimeFailure` naming the file and the room left.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.errors import InputError, RuntimeFailure
 
 EXPORT_KIND = "dynaflip-encoder-export"
 EXPORT_MANIFEST = "manifest.json"
@@ -146,3 +154,87 @@ def install_export(staged: Path, target: ExportTarget) -> list[str]:
             stale.unlink()
     shutil.rmtree(staged, ignore_errors=True)
     return new
+
+
+# errno values that mean "no room to write", whatever the writer.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+# How writers that do not raise OSError report the same: torch.save ("unexpected pos",
+# "PytorchStreamWriter failed writing file"), safetensors ("I/O error: ... (os error 28)").
+_NO_ROOM_TEXT = (
+    "unexpected pos",
+    "failed writing file",
+    "os error 28",
+    "os error 27",
+    "os error 122",
+    "os error 30",
+    "no space left",
+    "file too large",
+)
+# HDF5 metadata per episode and per file (object headers, chunk indexes), on top of the arrays.
+HDF5_SLACK = 64 * 1024
+
+
+def room(path: str | Path) -> int:
+    """Bytes that can still be written to `path`: the free space of its file system, capped by
+    the process's file-size limit (RLIMIT_FSIZE) less the file's current size."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return free
+    if limit == resource.RLIM_INFINITY:
+        return free
+    size = path.stat().st_size if path.is_file() else 0
+    return max(0, min(free, limit - size))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def ensure_room(
+    path: str | Path, nbytes: int, what: str, *, shown: str | Path | None = None
+) -> None:
+    """Refuses (`RuntimeFailure`, exit 3) before writing `nbytes` of `what` to `path` when the
+    file system or the file-size limit leaves less room (with HDF5's slack). `shown` names the
+    file in the message when `path` is a temporary file."""
+    need = int(nbytes * 1.05) + HDF5_SLACK
+    left = room(path)
+    if left < need:
+        raise RuntimeFailure(
+            f"{shown or path}: not enough room to write {what}: needs up to {_mb(need)}, "
+            f"{_mb(left)} left (disk full or a file-size limit); nothing was written"
+        )
+
+
+def is_no_room(exc: BaseException) -> bool:
+    """Whether `exc` is a write that failed for want of room (or a read-only store)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in NO_ROOM
+    if isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError":
+        text = str(exc).lower()
+        return any(t in text for t in _NO_ROOM_TEXT)
+    return False
+
+
+@contextmanager
+def writing(path: str | Path, what: str, *, after: str = "") -> Iterator[None]:
+    """Runs a write; a failure for want of room becomes one `RuntimeFailure` (exit 3) naming
+    `path`, `what`, the room left and `after` (what state things were left in). Other errors
+    pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_no_room(exc):
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "write failed"
+        raise RuntimeFailure(
+            f"{path}: could not write {what}: {reason}, {_mb(room(path))} left (disk full, a "
+            f"file-size limit or a read-only store){'; ' + after if after else ''}"
+        ) from None

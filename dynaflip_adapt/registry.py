@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -389,27 +389,55 @@ class Registry:
         with self.lock:
             self.client.set_registered_model_alias(name, alias, version)
 
-    def download(self, version: VersionInfo, kind: str) -> Path:
-        """A local copy of a version's folder, cached per version (callers verify its hashes).
+    def download(
+        self, version: VersionInfo, kind: str, verify: Callable[[Path], Any] | None = None
+    ) -> Path:
+        """A local copy of a version's folder, cached per version.
 
-        The copy is made in a temporary folder and renamed into place, with a ``.complete``
-        marker, so an interrupted download is never mistaken for a cached one.
+        The copy is made in a temporary folder, checked with `verify` (which raises
+        `InputError` on a failed sha256) and only then renamed into place with a ``.complete``
+        marker: an interrupted download, or artifacts damaged on the server, are never cached.
+        Callers still verify what they load.
+
+        Raises:
+            InputError: The artifacts fail `verify`; the message names the version.
+            RuntimeFailure: The artifacts are gone or could not be copied.
         """
         import mlflow.artifacts
 
         cache = self.store.home / "cache" / kind / f"{version.name}-v{version.version}"
         if (cache / ".complete").exists():
             return cache
+        label = f"{version.name} v{version.version}"
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".dl-"))
         try:
-            got = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=version.source,
-                    dst_path=str(tmp),
-                    tracking_uri=self.store.tracking_uri,
+            try:
+                got = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=version.source,
+                        dst_path=str(tmp),
+                        tracking_uri=self.store.tracking_uri,
+                    )
                 )
-            )
+            except Exception as exc:  # gone from the store, server down, no room
+                # MLflow lists each file's failure after a "##### File NAME #####" banner.
+                text = str(exc).rsplit("#####", 1)[-1] if "#####" in str(exc) else ""
+                text = " ".join(text.split()) or _short_error(exc)
+                raise RuntimeFailure(
+                    f"{label}: downloading its artifacts failed ({text}; source {version.source})"
+                ) from None
+            if verify is not None:
+                try:
+                    verify(got)
+                except InputError as exc:
+                    where = exc.file.replace(str(got), "") if exc.file else ""
+                    raise InputError(
+                        label,
+                        where.lstrip("/\\") or exc.key,
+                        f"{exc.found} in the registry's copy ({version.source})",
+                        f"{exc.expected} as registered (restore the store's artifacts)",
+                    ) from None
             (got / ".complete").write_text(version.source)
             if cache.exists() and not (cache / ".complete").exists():
                 shutil.rmtree(cache, ignore_errors=True)  # a leftover of an older layout
@@ -420,7 +448,7 @@ class Registry:
                 if not (cache / ".complete").exists():
                     raise
         except OSError as exc:
-            raise RuntimeFailure(f"{version.source}: download failed ({exc})") from None
+            raise RuntimeFailure(f"{label}: download failed ({exc})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cache

@@ -153,6 +153,98 @@ def test_export_format_is_checked_before_anything_loads(tmp_path):
     assert time.perf_counter() - t0 < 5
 
 
+# -------------------------------------------------------- damaged stores, full disks
+
+
+def _store_copy(version: str) -> Path:
+    """The registry's own folder of an adapter version (the sqlite store keeps artifacts on
+    disk), with the local cache of that version removed so the next command downloads it."""
+    import shutil
+
+    from dynaflip_adapt.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    reg = Registry(resolve_store(None))
+    source = reg.resolve(ADAPTER_MODEL, version).source
+    shutil.rmtree(reg.store.home / "cache" / "adapters", ignore_errors=True)
+    return Path(source.removeprefix("file://"))
+
+
+def test_artifacts_damaged_on_the_server_are_refused_naming_the_version(fleet, tmp_path):
+    import shutil
+
+    folder = _store_copy(fleet["lab"])
+    backup = tmp_path / "backup"
+    shutil.copytree(folder, backup)
+    weights = folder / "adapter_model.safetensors"
+    before = ok(["history", "--site", "lab"])
+    try:
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        for args, code in (
+            (["audit", fleet["lab"]], 2),
+            (["export", fleet["lab"], "--out", str(tmp_path / "e")], 2),
+            (["promote", fleet["lab"], "--site", "lab"], 2),
+        ):
+            line = refused(args, code)
+            assert f"dynaflip-adapter v{fleet['lab']}" in line, line
+            assert "adapter_model.safetensors" in line and "tampered" in line, line
+        assert not (tmp_path / "e").exists()
+        shutil.rmtree(folder)  # deleted outright
+        line = refused(["audit", fleet["lab"]], 3)
+        assert f"dynaflip-adapter v{fleet['lab']}" in line and "No such artifact" in line
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(backup, folder)
+    assert ok(["history", "--site", "lab"]) == before  # nothing moved
+    # The damaged copy was never cached: with the store restored, the version works again.
+    ok(["export", fleet["lab"], "--out", str(tmp_path / "e")])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 kB tmpfs (root only): writes fail with ENOSPC, a real full disk."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+                       capture_output=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_stops_finetune_and_export_in_one_line_with_nothing_registered(
+    fleet, small_disk
+):
+    versions = ok(["adapters", "list"])
+    work = small_disk / "work"
+    line = refused(["finetune", fleet["logs"], "--site", "lab", "--steps", "8", *FAST, "--json",
+                    "--set", "run.checkpoint_every=2", "--workdir", str(work)], 3)  # fmt: skip
+    assert "could not write the checkpoint" in line and "previous one is kept" in line, line
+    assert ok(["adapters", "list"]) == versions  # nothing half-registered
+    kept = sorted(p.name for p in work.iterdir())
+    assert "checkpoint.pt" in kept and not [n for n in kept if n.endswith(".tmp")]
+    import torch
+
+    assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] >= 2  # readable
+    import shutil
+
+    shutil.rmtree(work)
+    filler = small_disk / "filler"  # leave 40 kB: less than the encoder's weights
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 40_000))
+    out = small_disk / "export"
+    line = refused(["export", fleet["lab"], "--out", str(out)], 3)
+    assert str(out) in line and "the folder is left as it was" in line, line
+    assert not out.exists() and list(small_disk.iterdir()) == [filler]
+
+
 # ------------------------------------------------------------------------ promotion gate
 
 

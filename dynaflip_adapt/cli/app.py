@@ -37,6 +37,7 @@ from dynaflip_adapt.errors import (
     EXIT_TERMINATED,
     DynaflipError,
 )
+from dynaflip_adapt.outputs import is_no_room
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 a check failed; 2 bad input or usage; 3 runtime failure; "
@@ -123,6 +124,15 @@ class DynaflipGroup(TyperGroup):
         except Exception as exc:
             if _is_cli_control(exc) or _debug(ctx):
                 raise
+            if is_no_room(exc):  # a writer not wrapped in `outputs.writing`
+                where = getattr(exc, "filename", None)
+                err_console().print(
+                    f"[bold red]error:[/] {where + ': ' if where else ''}could not write "
+                    f"({_one_line(str(exc))}): disk full, a file-size limit or a read-only store",
+                    markup=True,
+                    highlight=False,
+                )
+                ctx.exit(EXIT_RUNTIME)
             err_console().print(
                 f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
                 "(rerun with --debug for the traceback, and please report it)",

@@ -328,7 +328,7 @@ def show(
 
     reg = registry(ctx)
     info = reg.resolve(POLICY_MODEL, version)
-    spec = read_policy_spec(reg.download(info, "policies"))
+    spec = read_policy_spec(reg.download(info, "policies", read_policy_spec))
     if as_json:
         print_json({"version": info.to_dict(), "spec": spec})
     else:

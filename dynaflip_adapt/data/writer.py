@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.outputs import ensure_room
 
 NATIVE_SCHEMA_VERSION = 1
 COMPRESSIONS = ("none", "gzip", "lzf")
@@ -53,6 +54,21 @@ class EpisodeData:
     @property
     def length(self) -> int:
         return int(self.actions.shape[0])
+
+    def nbytes(self) -> int:
+        """Bytes of its arrays as the native layout stores them, before compression."""
+
+        def n(arr: Any, itemsize: int) -> int:
+            return int(np.size(arr)) * itemsize
+
+        total = n(self.actions, 4) + 2 * self.length
+        total += sum(n(a, 1) for a in self.rgb.values()) + sum(n(a, 4) for a in self.depth.values())
+        total += sum(n(a, 8) for a in (*self.intrinsics.values(), *self.extrinsics.values()))
+        total += sum(n(a, 4) for a in self.proprio.values())
+        for flow in self.flows.values():
+            total += n(flow["points"], 4) + n(flow["delta"], 4) + n(flow["valid"], 1)
+            total += n(flow.get("pixels", ()), 4)
+        return total
 
 
 def _comp(compression: str) -> dict[str, Any]:
@@ -127,6 +143,7 @@ class NativeWriter:
     def add(self, ep: EpisodeData, name: str | None = None) -> str:
         """Appends an episode; returns its group name."""
         name = name or f"demo_{self._n}"
+        ensure_room(self._tmp, ep.nbytes(), f"episode {name}", shown=self.path)
         g = self._data.create_group(name)
         T = ep.length
         g.attrs["num_samples"] = T
@@ -188,6 +205,8 @@ def write_robomimic(path: str | Path, episodes: list[EpisodeData]) -> Path:
     written here exercise the reader's handling of logs without that supervision.
     """
     path = Path(path)
+    # obs and next_obs: each episode's frames and proprio twice.
+    ensure_room(path, 2 * sum(ep.nbytes() for ep in episodes), f"{len(episodes)} episodes")
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
         total = 0
@@ -243,6 +262,7 @@ def write_aloha(
             if key
             else np.zeros((T, 1), np.float64)
         )
+        ensure_room(p, ep.nbytes(), "the episode")
         with h5py.File(p, "w") as f:
             f.attrs["sim"] = True
             if ep.language:

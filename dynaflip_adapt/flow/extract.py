@@ -22,6 +22,7 @@ from dynaflip_adapt.data.logs import Episode, EpisodeReader, SourceSettings, ope
 from dynaflip_adapt.data.writer import write_flow_group
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.flow.geometry import grid_pixels
+from dynaflip_adapt.outputs import ensure_room
 
 PRESETS = {"ultrafast": 0, "fast": 1, "medium": 2}
 
@@ -260,6 +261,14 @@ def extract_logs(
                 if on_episode is not None:
                     on_episode(e)
             reader.close()  # release the read handle before writing
+            # A failed HDF5 write would leave the user's log damaged: refuse before the first.
+            need = sum(
+                sum(np.asarray(flow[k]).size for k in ("points", "delta", "pixels") if k in flow)
+                * 4
+                + np.asarray(flow["valid"]).size
+                for _, flow in results
+            )
+            ensure_room(lf.path, need, f"flow/{name} of {len(results)} episodes")
             with h5py.File(lf.path, "a") as f:
                 for e, flow in results:
                     g = f[e.group]

@@ -24,6 +24,7 @@ from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.flow_encoder import FlowEncoder
 from dynaflip_adapt.models.text import TEXT_DIM
 from dynaflip_adapt.models.vit import VisionTransformer
+from dynaflip_adapt.outputs import writing
 
 BUNDLE_VERSION = 1
 IMAGE_FILE = "image_encoder.safetensors"
@@ -194,8 +195,12 @@ def _atomic_save(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(canonical_safetensors(tensors, metadata))
-    os.replace(tmp, path)
+    try:
+        with writing(path, "the backbone bundle", after="nothing was registered"):
+            tmp.write_bytes(canonical_safetensors(tensors, metadata))
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -329,6 +334,17 @@ def verify_files(folder: Path, files: dict[str, str]) -> None:
             raise InputError(f, None, f"{got[:19]}... (tampered or truncated)", f"{want[:19]}...")
 
 
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Reads a bundle's manifest and checks every file's sha256; returns the manifest.
+
+    Raises:
+        InputError: A missing or unreadable manifest, or a missing, tampered or truncated file.
+    """
+    manifest = read_manifest(path)
+    verify_files(Path(path), manifest["files"])
+    return manifest
+
+
 def load_bundle(path: str | Path, *, with_replay: bool = True, map_location: str = "cpu") -> Bundle:
     """Loads a bundle after verifying every file's sha256 (safetensors and JSON only).
 
@@ -338,8 +354,7 @@ def load_bundle(path: str | Path, *, with_replay: bool = True, map_location: str
     from safetensors.torch import load_file
 
     folder = Path(path)
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest["files"])
+    manifest = verify_bundle(folder)
     cfg = BackboneConfig.from_dict(manifest["architecture"])
     model = Backbone(cfg)
     image = load_file(str(folder / IMAGE_FILE), device=map_location)

@@ -29,6 +29,7 @@ from torch import nn
 
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.backbone import read_json_manifest, sha256_file, verify_files
+from dynaflip_adapt.outputs import writing
 from dynaflip_adapt.policies.heads import (
     HORIZON,
     DiffusionHead,
@@ -307,12 +308,13 @@ def save_policy(
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     tensors |= {f"stats.{k}": v.detach().cpu().contiguous() for k, v in stats.items()}
-    save_file(tensors, str(folder / WEIGHTS))
     spec = {**spec, "kind": "dynaflip-policy", "policy_version": POLICY_VERSION}
-    spec["files"] = {WEIGHTS: "sha256:" + sha256_file(folder / WEIGHTS)}
     tmp = folder / f".{SPEC}.tmp"
-    tmp.write_text(json.dumps(spec, indent=2, sort_keys=True))
-    os.replace(tmp, folder / SPEC)
+    with writing(folder, "the policy"):
+        save_file(tensors, str(folder / WEIGHTS))
+        spec["files"] = {WEIGHTS: "sha256:" + sha256_file(folder / WEIGHTS)}
+        tmp.write_text(json.dumps(spec, indent=2, sort_keys=True))
+        os.replace(tmp, folder / SPEC)
     return folder
 
 

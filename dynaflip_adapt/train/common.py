@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dynaflip_adapt.errors import InputError, RuntimeFailure
+from dynaflip_adapt.outputs import writing
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,17 +112,20 @@ def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     path = folder / CHECKPOINT
     tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        if path.exists():
-            os.replace(path, folder / PREVIOUS)
-        os.replace(tmp, path)
-    except OSError as exc:
+        with writing(path, "the checkpoint", after="the previous one is kept"):
+            torch.save(state, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            if path.exists():
+                os.replace(path, folder / PREVIOUS)
+            os.replace(tmp, path)
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise RuntimeFailure(
-            f"{path}: could not write checkpoint ({exc.strerror or exc})"
-        ) from None
+        if isinstance(exc, OSError):
+            raise RuntimeFailure(
+                f"{path}: could not write checkpoint ({exc.strerror or exc})"
+            ) from None
+        raise
     return path
 
 

@@ -42,6 +42,7 @@ from dynaflip_adapt.models.adapter import PROBE_FILE, lora_state, wrap_lora, wri
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
 from dynaflip_adapt.models.text import embed_instructions
+from dynaflip_adapt.outputs import writing
 from dynaflip_adapt.train.augment import aug_frames, augment_pair, build_augment, site_style
 from dynaflip_adapt.train.common import (
     ResumableSampler,
@@ -746,18 +747,18 @@ def write_adapter(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    student.save_pretrained(str(out))
     geometry = geometry_fingerprint(bundle, student, probe)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
-    save_file({k: v.contiguous() for k, v in probe.items()}, str(out / PROBE_FILE))
-    heads = bundle.model
-    write_manifest(
-        out,
-        {
-            **manifest,
-            "geometry": geometry,
-            "preprocessing": heads.cfg.preprocessing(),
-            "feature_dim": heads.cfg.width,
-        },
-    )
+    with writing(out, "the adapter", after="nothing was registered"):
+        student.save_pretrained(str(out))
+        (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+        save_file({k: v.contiguous() for k, v in probe.items()}, str(out / PROBE_FILE))
+        write_manifest(
+            out,
+            {
+                **manifest,
+                "geometry": geometry,
+                "preprocessing": bundle.model.cfg.preprocessing(),
+                "feature_dim": bundle.model.cfg.width,
+            },
+        )
     return out, geometry, encoder
