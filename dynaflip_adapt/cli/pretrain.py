@@ -82,18 +82,7 @@ def pretrain(
     run to MLflow and registers the bundle as a new backbone version.
     """
     import hashlib
-    import os
     import shutil
-
-    from dynaflip_adapt.errors import InputError
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(
-            None,
-            "WORLD_SIZE",
-            os.environ["WORLD_SIZE"],
-            "1: pretrain runs in one process for now (finetune runs under torchrun)",
-        )
     import tempfile
 
     from dynaflip_adapt.backbones import register_backbone
@@ -108,10 +97,12 @@ def pretrain(
     )
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.models.backbone import sha256_file
     from dynaflip_adapt.outputs import check_export_folder, install_export
     from dynaflip_adapt.registry import PRETRAIN_EXPERIMENT, Registry
     from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.train.distributed import init_from_env
     from dynaflip_adapt.train.pretrain import pretrain as run_pretrain
 
     # Checked before anything trains; a previous bundle's files only with --overwrite.
@@ -123,6 +114,11 @@ def pretrain(
     if from_ is not None and init_image is not None:
         raise InputError(None, "--from", repr(from_), "either --from or --init-image, not both")
     store = resolve_store(state(ctx).tracking_uri)
+    # Under torchrun every rank trains; rank 0 alone opens the store first (and downloads
+    # --from), logs to MLflow and registers.
+    dist = init_from_env()
+    if not dist.is_main:
+        dist.barrier()
     registry = Registry(store)
     overrides = list(set_ or [])
     start: Any = init_image
@@ -163,9 +159,17 @@ def pretrain(
     key = hashlib.sha256(f"{fingerprint}|{recipe_hash(rec)}|{init}".encode()).hexdigest()[:12]
     work = workdir or store.home / "runs" / "pretrain" / f"{rec_path.stem}-{key}"
     total = rec.optim.max_steps
+    provenance = {"data_fingerprint": fingerprint, "logs": [str(p) for p in logs], **parent}
+    if dist.is_main:
+        dist.barrier()
+    else:
+        run_pretrain(logset, rec, work, resume=resume, max_steps=total, init_image=start,
+                     init_heads=heads_trained, provenance=provenance)  # fmt: skip
+        return
     tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint, **parent}
     with registry.run(PRETRAIN_EXPERIMENT, f"pretrain-{rec_path.stem}", tags) as run:
-        run.log_params({"recipe_hash": recipe_hash(rec), "max_steps": total, **recipe_params(rec)})
+        run.log_params({"recipe_hash": recipe_hash(rec), "max_steps": total,
+                        "world_size": dist.world, **recipe_params(rec)})  # fmt: skip
         run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
 
         keys = ("loss", "area", "contrastive")
@@ -180,13 +184,10 @@ def pretrain(
                 max_steps=total,
                 init_image=start,
                 init_heads=heads_trained,
-                provenance={
-                    "data_fingerprint": fingerprint,
-                    "logs": [str(p) for p in logs],
-                    **parent,
-                },
+                provenance=provenance,
                 on_step=on_step,
             )
+        assert result.bundle is not None  # rank 0
         info = register_backbone(
             registry, run, result.bundle, make_base=set_base, extra_tags=parent
         )

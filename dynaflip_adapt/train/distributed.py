@@ -55,14 +55,15 @@ class Dist:
 
         return torch.cat(all_gather(x.contiguous()), dim=0)
 
-    def wrap(self, module: torch.nn.Module, device: torch.device) -> Any:
-        """The module wrapped in DistributedDataParallel (gradients averaged over ranks)."""
+    def wrap(self, module: torch.nn.Module, device: torch.device, find_unused: bool = False) -> Any:
+        """The module wrapped in DistributedDataParallel (gradients averaged over ranks);
+        `find_unused` when some trainable parameters may get no gradient in a step."""
         if not self.enabled:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def init_from_env() -> Dist:

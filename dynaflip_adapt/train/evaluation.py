@@ -85,4 +85,5 @@ def probe(
     )
     from dynaflip_adapt.models.backbone import load_bundle
 
+    assert res.bundle is not None  # one process
     return load_bundle(res.bundle).model

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from dynaflip_adapt.config import PretrainRecipe, recipe_hash, recipe_to_dict
@@ -47,6 +48,7 @@ from dynaflip_adapt.train.common import (
     to_device,
     warmup_cosine,
 )
+from dynaflip_adapt.train.distributed import ShardedBatches, check_batch, init_from_env
 from dynaflip_adapt.train.triplets import TripletDataset
 
 Objective = Literal["trimodal", "image_only"]
@@ -57,7 +59,7 @@ StepCallback = Callable[[int, dict[str, float]], None]
 class PretrainResult:
     """Where the bundle is and how training went."""
 
-    bundle: Path
+    bundle: Path | None  # None on the ranks other than 0 under torchrun
     steps: int
     final: dict[str, float]
     seconds: float
@@ -118,10 +120,13 @@ def trimodal_losses(
     *,
     image_grad: bool = True,
     step: int | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The pretraining objective on one batch; returns the total and its parts.
 
     The area and cosine weights ramp up over ``weights.anchor_ramp_steps`` (see PretrainLoss).
+    Under torchrun `gather` concatenates every rank's rows (`Dist.gather`, with gradients), so
+    the terms with in-batch negatives or batch statistics see the global batch.
     """
     rgb = torch.cat([batch["rgb0"], batch["rgb1"]])
     points = (weights.point_position > 0 or weights.point_motion > 0) and model.cfg.point_heads
@@ -138,19 +143,20 @@ def trimodal_losses(
     parts: dict[str, torch.Tensor] = {}
     parts["area"] = triangle_area(a, b, c).mean()
     parts["cosine"] = cosine_regularizer(b, c, weights.cosine_margin)
-    parts["contrastive"] = area_infonce(a, b, c, model.logit_scale, weights.label_smoothing)
+    ga, gb, gc = gather(a), gather(b), gather(c)
+    parts["contrastive"] = area_infonce(ga, gb, gc, model.logit_scale, weights.label_smoothing)
     if weights.pairwise > 0:
         vocab, ls = model.embed_text(text_table), weights.label_smoothing
         parts["pairwise"] = 0.5 * (
-            cosine_infonce(a, c, model.logit_scale, ls)
+            cosine_infonce(ga, gc, model.logit_scale, ls)
             + vocabulary_infonce(a, vocab, batch["text"], model.logit_scale, ls)
         )
     if weights.temporal > 0:
         if weights.temporal_space == "features":
-            parts["temporal"] = cosine_infonce(f0, f1, model.temporal_scale)
+            parts["temporal"] = cosine_infonce(gather(f0), gather(f1), model.temporal_scale)
         else:
             parts["temporal"] = cosine_infonce(
-                model.embed_frame(f0), model.embed_frame(f1), model.temporal_scale
+                gather(model.embed_frame(f0)), gather(model.embed_frame(f1)), model.temporal_scale
             )
     if weights.flow_prediction > 0:
         pred = model.predict_flow(f0, feats[..., :3])
@@ -158,7 +164,7 @@ def trimodal_losses(
     if tokens is not None:
         parts |= point_losses(model, tokens, batch, weights)
     if weights.variance > 0:
-        parts["variance"] = variance_floor(f.float(), weights.variance_target)
+        parts["variance"] = variance_floor(gather(f.float()), weights.variance_target)
     ramp = 1.0
     if step is not None and weights.anchor_ramp_steps > 0:
         ramp = min(1.0, step / weights.anchor_ramp_steps)
@@ -195,13 +201,37 @@ def point_losses(
 
 
 def image_only_losses(
-    model: Backbone, batch: dict[str, Any]
+    model: Backbone,
+    batch: dict[str, Any],
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Baseline objective: time-contrastive on frames only (no language, no flow)."""
     f = model.features(torch.cat([batch["rgb0"], batch["rgb1"]]))
     f0, f1 = f.chunk(2)
-    loss = cosine_infonce(model.embed_frame(f0), model.embed_frame(f1), model.temporal_scale)
+    e0, e1 = gather(model.embed_frame(f0)), gather(model.embed_frame(f1))
+    loss = cosine_infonce(e0, e1, model.temporal_scale)
     return loss, {"temporal": float(loss.detach())}
+
+
+class _Objective(nn.Module):
+    """One step's loss as a module, so that DistributedDataParallel sees one forward per step
+    (the objective reads many heads, not only ``Backbone.forward``)."""
+
+    def __init__(
+        self, model: Backbone, text: torch.Tensor, recipe: PretrainRecipe, objective: Objective,
+        freeze_image: bool, gather: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.model = model
+        self.text, self.recipe, self.objective = text, recipe, objective
+        self.freeze_image, self.gather = freeze_image, gather
+
+    def forward(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.objective == "image_only":
+            return image_only_losses(self.model, batch, self.gather)
+        return trimodal_losses(self.model, batch, self.text, self.recipe.loss,
+                               image_grad=not self.freeze_image, step=step,
+                               gather=self.gather)  # fmt: skip
 
 
 def build_replay(
@@ -262,6 +292,8 @@ def pretrain(
     """
     workdir = Path(workdir)
     total = max_steps or recipe.optim.max_steps
+    dist = init_from_env()
+    check_batch(dist, recipe.optim.batch_size, 0)
     seed_everything(recipe.run.seed)
     device = resolve_device(recipe.run.device)
     ds, text, instructions = build_triplets(logs, recipe, require_flow=objective == "trimodal")
@@ -324,13 +356,17 @@ def pretrain(
         groups=ds.pairs.file_groups() if k else None,
         chunk=-(-o.batch_size // k) if k else 0,
     )
+    # Global batches of `optim.batch_size`; each rank loads its own equal slice.
     loader = DataLoader(
         ds,
-        batch_size=o.batch_size,
-        sampler=sampler,
+        batch_sampler=ShardedBatches(sampler, o.batch_size, dist),
         num_workers=recipe.data.num_workers,
         persistent_workers=recipe.data.num_workers > 0,
-        drop_last=True,
+    )
+    step_loss = dist.wrap(
+        _Objective(model, text, recipe, objective, freeze_image, dist.gather),
+        device,
+        find_unused=True,  # heads a recipe leaves at weight 0 get no gradient
     )
     it = iter(loader)
     aug = build_augment(recipe.augment, recipe.model.image_size)
@@ -346,12 +382,7 @@ def pretrain(
         if aug is not None:
             batch["rgb0"], batch["rgb1"] = augment_pair(aug, batch["rgb0"], batch["rgb1"])
         with autocast(device, recipe.run.precision):
-            if objective == "trimodal":
-                loss, parts = trimodal_losses(
-                    model, batch, text, recipe.loss, image_grad=not freeze_image, step=step
-                )
-            else:
-                loss, parts = image_only_losses(model, batch)
+            loss, parts = step_loss(batch, step)
         if not torch.isfinite(loss):
             raise RuntimeFailure(
                 f"step {step}: loss is {float(loss.detach())}; lower optim.lr or check the logs"
@@ -368,7 +399,7 @@ def pretrain(
         history.append(metrics)
         if on_step is not None:
             on_step(step + 1, metrics)
-        if (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
+        if dist.is_main and (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(
                 workdir,
                 {
@@ -380,6 +411,10 @@ def pretrain(
                 },
             )
     seconds = time.perf_counter() - t0
+    final = history[-1] if history else {}
+    if not dist.is_main:  # rank 0 writes the bundle
+        dist.barrier()
+        return PretrainResult(None, total, final, seconds, 0.0, history)
     model.eval().cpu()
     replay, replay_text = build_replay(ds, text.cpu(), recipe.replay.frames)
     prov = {
@@ -395,6 +430,5 @@ def pretrain(
     bundle = save_bundle(
         model, workdir / "backbone", replay=replay, replay_instructions=replay_text, provenance=prov
     )
-    return PretrainResult(
-        bundle, total, history[-1] if history else {}, seconds, seen / max(seconds, 1e-9), history
-    )
+    dist.barrier()
+    return PretrainResult(bundle, total, final, seconds, seen / max(seconds, 1e-9), history)
