@@ -237,6 +237,12 @@ def test_a_full_disk_stops_finetune_and_export_in_one_line_with_nothing_register
     import shutil
 
     shutil.rmtree(work)
+    # No checkpoint this time: the disk fills while the adapter itself is written.
+    line = refused(["finetune", fleet["logs"], "--site", "lab", "--steps", "4", *FAST, "--json",
+                    "--set", "run.checkpoint_every=1000", "--workdir", str(work)], 3)  # fmt: skip
+    assert "could not write the adapter" in line and "nothing was registered" in line, line
+    assert ok(["adapters", "list"]) == versions
+    shutil.rmtree(work)
     filler = small_disk / "filler"  # leave 40 kB: less than the encoder's weights
     filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 40_000))
     out = small_disk / "export"
