@@ -19,6 +19,7 @@ from dynaflip_adapt.flow.geometry import backproject, grid_pixels, project
 from dynaflip_adapt.sim import expert as E
 from dynaflip_adapt.sim.env import SimState, TabletopEnv, ground_truth_flow
 from dynaflip_adapt.sim.expert import Expert, make_spec, run_episode, run_expert
+from dynaflip_adapt.sim.generate import GenerateSpec, iter_episodes
 from dynaflip_adapt.sim.scene import OBJECT_HALF, OBJECTS
 from dynaflip_adapt.sim.sites import PRESETS, get_site
 
@@ -211,6 +212,34 @@ def test_random_sites_differ_and_unknown_site_is_rejected():
     assert get_site("random-5") == get_site("random", 5)
     with pytest.raises(InputError, match="base"):
         get_site("moon")
+
+
+def test_a_blended_site_lies_between_its_ends():
+    """``SITE@T``, the mild shifts `monitor` is calibrated on: exact at both ends, the mean
+    half-way, and images whose difference to the base grows with T."""
+    from dataclasses import replace
+
+    from dynaflip_adapt.errors import InputError
+
+    base = PRESETS["base"]
+    for name, site in PRESETS.items():
+        assert replace(get_site(f"{name}@0"), name="base") == base
+        assert replace(get_site(f"{name}@1"), name=name) == site
+    half, warm = get_site("warm_dim@0.5"), PRESETS["warm_dim"]
+    assert half.ambient == pytest.approx((base.ambient + warm.ambient) / 2)
+    assert half.camera == base.camera and half.shadows is True  # switches at half-way
+    cam = get_site("camera@0.25").camera
+    assert cam.azimuth == pytest.approx(0.75 * base.camera.azimuth + 0.25 * 155.0)
+    assert get_site("random-3@0.5").name == "random-3@0.5"
+    for bad in ("warm_dim@1.5", "warm_dim@x", "moon@0.5"):
+        with pytest.raises(InputError):
+            get_site(bad)
+    spec = {"episodes": 1, "frames": 10, "seed": 4, "size": 32}
+    eps = {t: next(iter_episodes(GenerateSpec(site=get_site(f"warm_dim@{t}"), **spec), 1))
+           for t in (0, 0.25, 1)}  # fmt: skip
+    d = [np.abs(eps[t].rgb["agentview"].astype(int) - eps[0].rgb["agentview"]).mean()
+         for t in (0.25, 1)]  # fmt: skip
+    assert 0 < d[0] < d[1], d
 
 
 def test_cli_generate_writes_valid_logs_and_exports(tmp_path):

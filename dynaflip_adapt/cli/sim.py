@@ -22,7 +22,12 @@ app = typer.Typer(
 def generate(
     out: Annotated[Path, typer.Argument(help="Output HDF5 file (native layout).")],
     site: Annotated[
-        str, typer.Option("--site", help="Site preset (see `sim sites`), 'random' or 'random-N'.")
+        str,
+        typer.Option(
+            "--site",
+            help="Site preset (see `sim sites`), 'random', 'random-N', or 'SITE@T' for a mild "
+            "shift T (0..1) of the way from base to SITE (warm_dim@0.25).",
+        ),
     ] = "base",
     site_seed: Annotated[
         int | None, typer.Option("--site-seed", help="Seed for --site random.")

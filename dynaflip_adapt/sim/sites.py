@@ -168,13 +168,44 @@ def _seeded_name(name: str) -> int | None:
 CAMERA_SEP = "-camera-"
 
 
+BLEND_SEP = "@"
+
+
+def _lerp(a: Any, b: Any, t: float) -> Any:
+    if isinstance(a, float | int) and not isinstance(a, bool):
+        return a * (1.0 - t) + b * t  # exact at both ends
+    if isinstance(a, tuple):
+        return tuple(_lerp(x, y, t) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Surface | Camera):
+        return type(a)(**{k: _lerp(getattr(a, k), getattr(b, k), t) for k in asdict(a)})
+    return b if t >= 0.5 else a  # texture kinds, shadows: switch half-way
+
+
+def blend(a: Site, b: Site, t: float) -> Site:
+    """The site `t` of the way from `a` to `b`: colours, light, ambient and camera pose
+    interpolated, texture kinds and shadows switched half-way (``t`` in [0, 1])."""
+    fields = {k: _lerp(getattr(a, k), getattr(b, k), t) for k in asdict(a) if k != "name"}
+    return Site(name=f"{b.name}{BLEND_SEP}{t:g}", **fields)
+
+
 def get_site(name: str, seed: int | None = None) -> Site:
-    """A preset by name, ``random-N``, ``random`` drawn from `seed`, or a camera variant as
-    `with_camera` names it (``random-3-camera-base``: site 3 seen by the base camera).
+    """A preset by name, ``random-N``, ``random`` drawn from `seed`, a camera variant as
+    `with_camera` names it (``random-3-camera-base``: site 3 seen by the base camera), or a
+    mild shift ``SITE@T``: `T` (0..1) of the way from the base site to SITE (``warm_dim@0.25``).
 
     Raises:
-        InputError: Unknown name (lists the valid ones), or ``random`` without a seed.
+        InputError: Unknown name (lists the valid ones), ``random`` without a seed, or a
+            blend fraction outside [0, 1].
     """
+    if BLEND_SEP in name:
+        target, _, frac = name.rpartition(BLEND_SEP)
+        try:
+            t = float(frac)
+        except ValueError:
+            t = float("nan")
+        if not 0.0 <= t <= 1.0:
+            raise InputError(None, "--site", repr(name), "SITE@T with T in [0, 1]")
+        return blend(BASE, get_site(target, seed), t)
     if CAMERA_SEP in name:
         site, _, camera = name.rpartition(CAMERA_SEP)
         return with_camera(get_site(site, seed), camera)
@@ -189,7 +220,7 @@ def get_site(name: str, seed: int | None = None) -> Site:
             None,
             "--site",
             repr(name),
-            "one of " + ", ".join([*PRESETS, "random", "random-N", "SITE-camera-CAMERA"]),
+            "one of " + ", ".join([*PRESETS, "random", "random-N", "SITE-camera-CAMERA", "SITE@T"]),
         )
     return PRESETS[name]
 
