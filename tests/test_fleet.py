@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,11 +109,12 @@ def _machine_worker(job: tuple[str, str, int, list[str], str]) -> list[tuple[str
     return out
 
 
-def test_machines_sharing_a_postgres_backed_server_keep_one_consistent_history(server, tmp_path):
+def _two_adapters(uri: str, tmp_path: Path, site: str) -> tuple[Any, list[str]]:
+    """A registry with two (empty) adapter versions, the first promoted at `site`."""
     from dynaflip_adapt.adapters import ADAPTER_MODEL
-    from dynaflip_adapt.lifecycle import current, events_model, history, promote
+    from dynaflip_adapt.lifecycle import promote
 
-    reg = _registry(server.uri, tmp_path / "setup")
+    reg = _registry(uri, tmp_path / "setup")
     versions = []
     for name in ("a", "b"):
         folder = tmp_path / name
@@ -120,23 +122,37 @@ def test_machines_sharing_a_postgres_backed_server_keep_one_consistent_history(s
         (folder / "manifest.json").write_text("{}")
         with reg.run("dynaflip-finetune", name, {}) as run:
             versions.append(reg.register(ADAPTER_MODEL, run, folder, "adapter", {}).version)
-    promote(reg, versions[0], "fleet", audit_verdict="compatible", forced=True, reason="seed")
+    promote(reg, versions[0], site, audit_verdict="compatible", forced=True, reason="seed")
+    return reg, versions
+
+
+def _assert_consistent(reg: Any, site: str, applied: list[int]) -> list[dict]:
+    """The site's history after a race: sequence numbers without gap or duplicate, each event's
+    previous what the one before set, the alias where the last event put it, and exactly the
+    requests the workers were told were applied (none lost, none invented)."""
+    from dynaflip_adapt.lifecycle import current, history
+
+    events = history(reg, site)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    for before, after in itertools.pairwise(events):
+        assert after["previous"] == before["version"], (before, after)
+    assert current(reg, site) == events[-1]["version"]
+    assert applied == sorted(int(e["request"]) for e in events[1:])
+    return events
+
+
+def test_machines_sharing_a_postgres_backed_server_keep_one_consistent_history(server, tmp_path):
+    from dynaflip_adapt.lifecycle import events_model
+
+    reg, versions = _two_adapters(server.uri, tmp_path, "fleet")
     jobs = [(server.uri, str(tmp_path / f"machine{m}"), m * PROCESSES + p, versions, "fleet")
             for m in range(MACHINES) for p in range(PROCESSES)]  # fmt: skip
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         results = [r for w in pool.map(_machine_worker, jobs) for r in w]
     assert len(results) == MACHINES * PROCESSES * REQUESTS
 
-    events = history(reg, "fleet")
-    # Sequence numbers without gap or duplicate; each event's previous is what the one before set.
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    for before, after in itertools.pairwise(events):
-        assert after["previous"] == before["version"], (before, after)
-    # The alias is where the last event put it.
-    assert current(reg, "fleet") == events[-1]["version"]
-    # No event lost or invented: what the workers were told was applied is the history.
     applied = sorted(int(r[2]) for r in results if r[1] == "applied")
-    assert applied == sorted(int(e["request"]) for e in events[1:])
+    _assert_consistent(reg, "fleet", applied)
     # Every request is in the store's log, numbered 1..n without a gap, applied or not.
     requests = sorted(int(v.version) for v in reg.versions(events_model("fleet")))
     lost = [r for r in results if r[1] == "lost"]
@@ -207,37 +223,23 @@ def test_load_mixed_reads_and_writes_from_8_processes(server, tmp_path):
     import json
     import statistics
 
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
-    from dynaflip_adapt.lifecycle import current, history, promote
-
-    reg = _registry(server.uri, tmp_path / "setup")
-    versions = []
-    for name in ("a", "b"):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "manifest.json").write_text("{}")
-        with reg.run("dynaflip-finetune", name, {}) as run:
-            versions.append(reg.register(ADAPTER_MODEL, run, folder, "adapter", {}).version)
-    promote(reg, versions[0], "load", audit_verdict="compatible", forced=True, reason="seed")
+    reg, versions = _two_adapters(server.uri, tmp_path, "load")
     jobs = [(server.uri, str(tmp_path / f"p{p}"), p, versions, "load", LOAD_SECONDS)
             for p in range(LOAD_PROCESSES)]  # fmt: skip
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         results = [r for w in pool.map(_load_worker, jobs) for r in w]
 
+    assert {o for o, _, _ in results} & {"promote", "rollback"}, "no write was exercised"
     errors = [r for r in results if r[2].startswith("error")]
     assert not errors, errors[:3]
-    events = history(reg, "load")
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    for before, after in itertools.pairwise(events):
-        assert after["previous"] == before["version"], (before, after)
-    assert current(reg, "load") == events[-1]["version"]
     applied = sorted(int(r[2].split(":")[1]) for r in results if r[2].startswith("applied"))
-    assert applied == sorted(int(e["request"]) for e in events[1:])  # none lost, none invented
+    events = _assert_consistent(reg, "load", applied)
 
     report: dict[str, dict[str, float]] = {}
     for op in sorted(set(LOAD_MIX)):
         times = sorted(t for o, t, _ in results if o == op)
-        assert times, op
+        if not times:  # a short run on a busy machine may not draw every command
+            continue
         report[op] = {
             "n": len(times),
             "p50_ms": 1000 * statistics.median(times),
