@@ -113,6 +113,8 @@ def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_p
     a, b = json.loads(fits.stdout), json.loads(drift.stdout)
     assert a["verdict"] == "fits" and b["verdict"] == "adapt"
     assert b["score"] > 10 * max(a["score"], 1e-3)
+    # A reference this small (a few episodes) is flagged: the default threshold assumes 300.
+    assert any(f"has {a['reference_episodes']} episodes" in n for n in a["notes"]), a["notes"]
     # The threshold is the recipe's: a recipe file (or --set) above the shifted score reads
     # the same logs as fitting, and the run records the recipe it used.
     mine = tmp_path / "lenient.yaml"
@@ -143,7 +145,8 @@ def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_p
     # Its training logs gone: the probe frames it keeps, said in a note.
     (tmp_path / "ref.h5").unlink()
     out = json.loads(monitor("same").stdout)
-    assert "probe frames" in out["reference"] and out["notes"]
+    assert "probe frames" in out["reference"]
+    assert any("training logs are gone" in n for n in out["notes"]), out["notes"]
 
 
 def test_monitor_bad_input_is_one_line_and_writes_nothing(tmp_path):

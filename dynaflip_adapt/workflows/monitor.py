@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from dynaflip_adapt.models.vit import VisionTransformer
 
 MONITOR_EXPERIMENT = "dynaflip-monitor"
+# The reference size `recipes/monitor/default.yaml`'s threshold was calibrated with (base-site
+# episodes). Smaller references make the score noisier: with 64 episodes, 2 of 20 same-site
+# draws read `adapt` at the default threshold, against 0 of 20 with 300 (docs/design.md).
+CALIBRATED_REFERENCE_EPISODES = 300
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,13 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
     score = drift_score(token_maps(encoder, pre, ref_frames), ref_episodes,
                         token_maps(encoder, pre, new.frames))  # fmt: skip
     verdict = "adapt" if score.score > threshold else "fits"
+    if score.reference_episodes < CALIBRATED_REFERENCE_EPISODES:
+        notes.append(
+            f"the reference has {score.reference_episodes} episodes, fewer than the "
+            f"{CALIBRATED_REFERENCE_EPISODES} the default threshold was calibrated with: "
+            "same-site logs read `adapt` more often (2 of 20 draws with 64); pass a larger "
+            "--reference or recalibrate the threshold"
+        )
     result = MonitorResult(
         req.site, verdict, threshold, score, encoder_name, reference_name, notes=notes
     )
