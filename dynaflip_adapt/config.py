@@ -352,6 +352,11 @@ class FinetuneRecipe(_Section):
     )
 
 
+# Calibrated on the simulator (docs/design.md, "Drift"): a bc and a diffusion head on the shipped
+# backbone scored 20 same-site draws at most 0.048; the light shift warm_dim at least 0.13.
+ACTION_DRIFT_THRESHOLD = 0.1
+
+
 class DriftSection(_Section):
     """The label-free drift score of `monitor` (docs/design.md, "Drift")."""
 
@@ -365,12 +370,27 @@ class DriftSection(_Section):
     frames: int = Field(256, ge=8, description="frames sampled from each side, over every episode")
 
 
+class ActionDriftSection(_Section):
+    """How far the site's pinned image policies' actions move between the reference frames and
+    the new ones (docs/design.md, "Drift")."""
+
+    enabled: bool = Field(True, description="score the pinned policies' actions too")
+    threshold: float = Field(
+        ACTION_DRIFT_THRESHOLD,
+        gt=0,
+        description="action MMD^2 (in action-std units) above which the verdict is 'adapt'; "
+        "calibrated on the simulator with the shipped backbone: 20 draws of 16 new same-site "
+        "episodes scored at most 0.048 (bc and diffusion heads), warm_dim light 0.13-0.70",
+    )
+
+
 class MonitorRecipe(_Section):
     """``dynaflip-adapt monitor``: when a site's new logs no longer fit its production encoder."""
 
     kind: Literal["monitor"]
     description: str = ""
     drift: DriftSection = DriftSection()
+    actions: ActionDriftSection = ActionDriftSection()
 
 
 Recipe = Annotated[PretrainRecipe | FinetuneRecipe | MonitorRecipe, Field(discriminator="kind")]

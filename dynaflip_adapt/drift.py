@@ -177,3 +177,11 @@ def drift_score(
         reference_episodes=len(units),
         new_frames=len(new),
     )
+
+
+def action_drift(reference: torch.Tensor, new: torch.Tensor, scale: torch.Tensor) -> float:
+    """MMD^2 between a policy's actions on the reference frames and on the new frames (N, A),
+    each dimension in units of the policy's action std `scale` (A,); Gaussian kernel with the
+    median reference distance as bandwidth."""
+    ref, cur = reference / scale, new / scale
+    return mmd2(ref, cur, median_distance(ref))

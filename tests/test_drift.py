@@ -12,7 +12,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dynaflip_adapt.drift import GRID, Signature, drift_score, median_distance, mmd2, token_maps
+from dynaflip_adapt.drift import (
+    GRID,
+    Signature,
+    action_drift,
+    drift_score,
+    median_distance,
+    mmd2,
+    token_maps,
+)
 from dynaflip_adapt.models.vit import VisionTransformer
 
 
@@ -39,6 +47,24 @@ def test_mmd2_is_the_unbiased_estimator():
     assert mmd2(a, b + 1.0, 2.0) > 0.1
     with pytest.raises(ValueError):
         mmd2(x[:1], y, 1.0)
+
+
+def test_action_drift_is_mmd2_in_action_std_units():
+    g = torch.Generator().manual_seed(2)
+    scale = torch.tensor([0.5, 4.0])
+    ref, new = torch.randn(6, 2, generator=g) * scale, torch.randn(5, 2, generator=g) * scale
+    # By hand: divide by the scale, bandwidth = the median distance between reference rows.
+    r, n = ref / scale, new / scale
+    bw = sorted(float((r[i] - r[j]).norm()) for i, j in itertools.combinations(range(6), 2))[7]
+    assert action_drift(ref, new, scale) == pytest.approx(_mmd2_by_loops(r, n, bw), abs=1e-6)
+    # Units: the same actions in other units (and their std) give the same drift.
+    assert action_drift(3 * ref, 3 * new, 3 * scale) == pytest.approx(
+        action_drift(ref, new, scale), abs=1e-6
+    )
+    # A policy whose actions moved by one std reads far above one whose actions did not.
+    big = torch.randn(300, 2, generator=g) * scale
+    moved, still = big + scale, torch.randn(300, 2, generator=g) * scale
+    assert action_drift(big, moved, scale) > 10 * abs(action_drift(big, still, scale))
 
 
 def test_median_distance_of_distinct_pairs():
@@ -103,6 +129,10 @@ def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_p
     def monitor(name, *extra):
         return runner.invoke(app, ["monitor", logs[name], "--site", "lab", *extra, "--json"])
 
+    # A policy pinned at the site: its actions are the second signal.
+    r = runner.invoke(app, ["policies", "train", logs["ref"], "--site", "lab", "--name", "lab-bc",
+                            "--steps", "60", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
     # A site never adapted needs the frames its encoder is known to fit: one line, exit 2.
     r = monitor("same")
     assert r.exit_code == 2 and "--reference" in r.stderr and len(r.stderr.splitlines()) == 1
@@ -113,13 +143,32 @@ def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_p
     a, b = json.loads(fits.stdout), json.loads(drift.stdout)
     assert a["verdict"] == "fits" and b["verdict"] == "adapt"
     assert b["score"] > 10 * max(a["score"], 1e-3)
+    assert a["signals"] == [] and b["signals"][0] == "tokens"
+    assert set(a["actions"]) == set(b["actions"]) == {"lab-bc"}
+    assert b["actions"]["lab-bc"] > a["actions"]["lab-bc"]
+    # Either signal decides: with the token threshold out of reach, the action threshold alone
+    # reads the shifted logs as drift (exit 1, named); and switched off there is no action score.
+    only = [
+        "--set",
+        "drift.threshold=1000",
+        "--set",
+        f"actions.threshold={b['actions']['lab-bc'] / 2}",
+    ]
+    r = monitor("night", "--reference", logs["ref"], *only)
+    assert r.exit_code == 1 and json.loads(r.stdout)["signals"] == ["actions"], r.output
+    off = json.loads(monitor("same", "--reference", logs["ref"], "--set",
+                             "actions.enabled=false").stdout)  # fmt: skip
+    assert off["actions"] == {} and off["action_threshold"] is None
     # A reference this small (a few episodes) is flagged: the default threshold assumes 300.
     assert any(f"has {a['reference_episodes']} episodes" in n for n in a["notes"]), a["notes"]
     # The threshold is the recipe's: a recipe file (or --set) above the shifted score reads
     # the same logs as fitting, and the run records the recipe it used.
     mine = tmp_path / "lenient.yaml"
-    mine.write_text(f"kind: monitor\ndrift:\n  threshold: {2 * b['score']}\n")
-    for extra in (["--recipe", str(mine)], ["--set", f"drift.threshold={2 * b['score']}"]):
+    act = 2 * b["actions"]["lab-bc"]
+    mine.write_text(f"kind: monitor\ndrift:\n  threshold: {2 * b['score']}\n"
+                    f"actions:\n  threshold: {act}\n")  # fmt: skip
+    for extra in (["--recipe", str(mine)], ["--set", f"drift.threshold={2 * b['score']}",
+                                            "--set", f"actions.threshold={act}"]):  # fmt: skip
         lenient = monitor("night", "--reference", logs["ref"], *extra)
         assert lenient.exit_code == 0, lenient.output
         assert json.loads(lenient.stdout)["threshold"] == pytest.approx(2 * b["score"])

@@ -57,8 +57,10 @@ def monitor_cmd(
 ) -> None:
     """Score new logs against the site's production encoder: adapt again, or not?
 
-    The score is the distance (MMD^2) between the distributions of the encoder's patch-token
-    maps on the new logs and on frames it is known to fit; no labels or paired data. Each run is
+    Two signals, no labels or paired data: the distance (MMD^2) between the distributions of
+    the encoder's patch-token maps on the new logs and on frames it is known to fit, and how far
+    the actions of the image policies pinned at the site move between the two (MMD^2 in units
+    of each policy's action std). Either above its threshold recommends adapting. Each run is
     logged to MLflow (experiment dynaflip-monitor, tagged with the site) as a drift time series.
     Exit code 0: fits; 1: adaptation recommended; 2: bad input (cron-friendly).
     """
@@ -83,11 +85,18 @@ def monitor_cmd(
         for note in result.notes:
             err_console().print(f"note: {note}", highlight=False)
         d = result.drift
+        crossed = f": {' and '.join(result.signals)} crossed" if result.signals else ""
         console().print(
-            f"site {result.site}: {result.verdict} (drift {d.score:.4f} vs threshold "
+            f"site {result.site}: {result.verdict}{crossed} (drift {d.score:.4f} vs threshold "
             f"{result.threshold:.4f}; reference split-half 95th percentile {d.null_q95:.4f}) "
             f"- {result.encoder}, reference {result.reference}, {d.new_frames} new frames",
             highlight=False,
         )
+        for name, value in result.actions.items():
+            console().print(
+                f"  policy {name}: action drift {value:.4f} vs threshold "
+                f"{result.action_threshold:.4f}",
+                highlight=False,
+            )
     if result.drifted:
         raise typer.Exit(1)

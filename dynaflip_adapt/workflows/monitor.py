@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
+    import torch
+
     from dynaflip_adapt.drift import DriftScore
     from dynaflip_adapt.models.vit import VisionTransformer
 
@@ -64,7 +66,9 @@ class MonitorRequest:
 
 @dataclass
 class MonitorResult:
-    """The verdict and what it rests on."""
+    """The verdict and what it rests on: the token-map drift and, per pinned image policy, how
+    far its actions moved (`actions`, MMD^2 in action-std units); `signals` names those above
+    their thresholds."""
 
     site: str
     verdict: str  # "fits" or "adapt"
@@ -74,6 +78,9 @@ class MonitorResult:
     reference: str
     mlflow_run: str | None = None
     notes: list[str] = field(default_factory=list)
+    actions: dict[str, float] = field(default_factory=dict)
+    action_threshold: float | None = None
+    signals: list[str] = field(default_factory=list)
 
     @property
     def drifted(self) -> bool:
@@ -87,6 +94,9 @@ class MonitorResult:
             **self.drift.to_dict(),
             "encoder": self.encoder,
             "reference": self.reference,
+            "actions": self.actions,
+            "action_threshold": self.action_threshold,
+            "signals": self.signals,
             "mlflow_run": self.mlflow_run,
             "notes": self.notes,
         }
@@ -176,7 +186,16 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
     pre = bundle.model.preprocess
     score = drift_score(token_maps(encoder, pre, ref_frames), ref_episodes,
                         token_maps(encoder, pre, new.frames))  # fmt: skip
-    verdict = "adapt" if score.score > threshold else "fits"
+    signals = ["tokens"] if score.score > threshold else []
+    actions: dict[str, float] = {}
+    action_threshold = recipe.actions.threshold if recipe.actions.enabled else None
+    if action_threshold is not None:
+        actions = policy_action_drift(registry, req.site, encoder, pre, ref_frames, new.frames)
+        if not actions:
+            notes.append(f"no image policy is pinned at site {req.site}: action drift not scored")
+        elif max(actions.values()) > action_threshold:
+            signals.append("actions")
+    verdict = "adapt" if signals else "fits"
     if score.reference_episodes < CALIBRATED_REFERENCE_EPISODES:
         notes.append(
             f"the reference has {score.reference_episodes} episodes, fewer than the "
@@ -185,8 +204,9 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
             "--reference or recalibrate the threshold"
         )
     result = MonitorResult(
-        req.site, verdict, threshold, score, encoder_name, reference_name, notes=notes
-    )
+        req.site, verdict, threshold, score, encoder_name, reference_name, notes=notes,
+        actions=actions, action_threshold=action_threshold, signals=signals,
+    )  # fmt: skip
     tags = {
         "site": req.site,
         "verdict": verdict,
@@ -203,7 +223,53 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
             }
         )
         run.log_dict(recipe_to_dict(recipe), "recipe.resolved.json")
-        run.log_metrics(0, {f"drift.{k}": float(v) for k, v in score.to_dict().items()})
+        metrics = {f"drift.{k}": float(v) for k, v in score.to_dict().items()}
+        metrics |= {f"actions.{_metric_key(k)}": v for k, v in actions.items()}
+        if actions:
+            metrics["actions.max"] = max(actions.values())
+        run.log_metrics(0, metrics)
         run.log_dict(result.to_dict(), "monitor.json")
         result.mlflow_run = run.run_id
     return result
+
+
+def _metric_key(name: str) -> str:
+    """An MLflow metric name part: letters, digits and ``_-.`` only."""
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+
+
+def policy_action_drift(
+    registry: Any,
+    site: str,
+    encoder: Any,
+    preprocess: Any,
+    reference: torch.Tensor,
+    new: torch.Tensor,
+) -> dict[str, float]:
+    """For each policy pinned at `site` that reads the encoder (features or tokens): the
+    MMD^2 between its actions on the reference frames and on the new frames, in units of its
+    action std (`drift.action_drift`). Proprio and instruction are held at the policy's mean,
+    as the audit's site probe does, so only the images move the actions."""
+    import torch
+
+    from dynaflip_adapt.drift import action_drift
+    from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
+    from dynaflip_adapt.policies.training import encode_frames
+
+    out: dict[str, float] = {}
+    for info in policies_for_site(registry, site):
+        policy = load_policy_version(registry, info)
+        if not policy.uses_image:
+            continue
+        st = policy.stats
+
+        def act(frames: torch.Tensor, policy: Any = policy, st: Any = st) -> torch.Tensor:
+            inputs = encode_frames(encoder, preprocess, frames, view=policy.reads)
+            lang = st["lang_mean"].expand(len(frames), -1) if policy.uses_language else None
+            return policy.act(inputs, st["prop_mean"].expand(len(frames), -1), lang)
+
+        with torch.no_grad():
+            a_ref, a_new = act(reference), act(new)
+        name = info.tags.get("name") or f"v{info.version}"
+        out[name] = action_drift(a_ref, a_new, policy.action_scale)
+    return out
