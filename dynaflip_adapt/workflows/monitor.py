@@ -190,7 +190,12 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
     actions: dict[str, float] = {}
     action_threshold = recipe.actions.threshold if recipe.actions.enabled else None
     if action_threshold is not None:
-        actions = policy_action_drift(registry, req.site, encoder, pre, ref_frames, new.frames)
+        actions, skipped = policy_action_drift(
+            registry, req.site, bundle.fingerprint, encoder, pre, ref_frames, new.frames
+        )
+        notes += [
+            f"policy {n}: trained on another backbone, action drift not scored" for n in skipped
+        ]
         if not actions:
             notes.append(f"no image policy is pinned at site {req.site}: action drift not scored")
         elif max(actions.values()) > action_threshold:
@@ -241,15 +246,18 @@ def _metric_key(name: str) -> str:
 def policy_action_drift(
     registry: Any,
     site: str,
+    backbone: str,
     encoder: Any,
     preprocess: Any,
     reference: torch.Tensor,
     new: torch.Tensor,
-) -> dict[str, float]:
-    """For each policy pinned at `site` that reads the encoder (features or tokens): the
-    MMD^2 between its actions on the reference frames and on the new frames, in units of its
-    action std (`drift.action_drift`). Proprio and instruction are held at the policy's mean,
-    as the audit's site probe does, so only the images move the actions."""
+) -> tuple[dict[str, float], list[str]]:
+    """For each policy pinned at `site` that reads the encoder (features or tokens) and was
+    trained on `backbone` (its fingerprint): the MMD^2 between its actions on the reference
+    frames and on the new frames, in units of its action std (`drift.action_drift`). Proprio
+    and instruction are held at the policy's mean, as the audit's site probe does, so only the
+    images move the actions. Returns the scores and the names of the image policies skipped for
+    another backbone."""
     import torch
 
     from dynaflip_adapt.drift import action_drift
@@ -257,9 +265,14 @@ def policy_action_drift(
     from dynaflip_adapt.policies.training import encode_frames
 
     out: dict[str, float] = {}
+    skipped: list[str] = []
     for info in policies_for_site(registry, site):
         policy = load_policy_version(registry, info)
         if not policy.uses_image:
+            continue
+        name = info.tags.get("name") or f"v{info.version}"
+        if policy.spec["pin"].get("backbone_fingerprint") != backbone:
+            skipped.append(name)
             continue
         st = policy.stats
 
@@ -270,6 +283,5 @@ def policy_action_drift(
 
         with torch.no_grad():
             a_ref, a_new = act(reference), act(new)
-        name = info.tags.get("name") or f"v{info.version}"
         out[name] = action_drift(a_ref, a_new, policy.action_scale)
-    return out
+    return out, skipped
