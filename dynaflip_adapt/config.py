@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dynaflip_adapt.errors import InputError, format_problem
 from dynaflip_adapt.resources import shipped_dir
@@ -81,21 +88,17 @@ class ModelSection(_Section):
     flow_points: int = Field(256, ge=8, description="points sampled per flow field")
     flow_width: int = Field(128, ge=16)
 
-    @field_validator("patch_size")
-    @classmethod
-    def _patch_divides(cls, v: int, info: Any) -> int:
-        size = info.data.get("image_size")
-        if size is not None and size % v:
-            raise ValueError(f"patch_size {v} must divide image_size {size}")
-        return v
-
-    @field_validator("heads")
-    @classmethod
-    def _heads_divide(cls, v: int, info: Any) -> int:
-        width = info.data.get("width")
-        if width is not None and width % v:
-            raise ValueError(f"heads {v} must divide width {width}")
-        return v
+    # Pairs of fields checked together are blamed on the section: either field may be the
+    # one the user changed (a field validator would always blame the second).
+    @model_validator(mode="after")
+    def _sizes_divide(self) -> ModelSection:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"patch_size {self.patch_size} must divide image_size {self.image_size}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"heads {self.heads} must divide width {self.width}")
+        return self
 
 
 class OptimSection(_Section):

@@ -365,7 +365,10 @@ class Registry:
         tags: dict[str, str],
         description: str | None = None,
     ) -> VersionInfo:
-        """Uploads a bundle folder to the run and registers it as a new version."""
+        """Uploads a bundle folder to the run and registers it as a new version, with its
+        manifest's sha256 in the version's tags (`download` checks it: a manifest rewritten on
+        the server together with the files it lists is caught too)."""
+        tags = {**tags, **_manifest_tags(Path(folder))}
         run.log_artifacts(folder, artifact_path)
         source = run.artifact_uri(artifact_path)
         with self.lock:
@@ -427,6 +430,20 @@ class Registry:
                 raise RuntimeFailure(
                     f"{label}: downloading its artifacts failed ({text}; source {version.source})"
                 ) from None
+            name = version.tags.get("manifest_file")
+            want = version.tags.get("manifest_sha256")
+            if name and want and not (got / name).is_file():
+                raise InputError(
+                    label, name, "missing in the registry's copy", f"a file with {want[:19]}..."
+                )
+            if name and want and (found := _sha256(got / name)) != want:
+                raise InputError(
+                    label,
+                    name,
+                    f"{found[:19]}... in the registry's copy ({version.source}): rewritten "
+                    "since registration",
+                    f"{want[:19]}... as registered (restore the store's artifacts)",
+                )
             if verify is not None:
                 try:
                     verify(got)
@@ -492,6 +509,30 @@ def metric_key(*parts: str) -> str:
 def _is_missing(exc: BaseException) -> bool:
     """An MLflow 'does not exist' answer (the only error that means "nothing there")."""
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+# The file that lists a registered folder's files with their sha256 (bundles and adapters: the
+# manifest; policies: their spec), pinned in the version's tags at registration.
+MANIFEST_FILES = ("manifest.json", "policy.json")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _manifest_tags(folder: Path) -> dict[str, str]:
+    """``manifest_file`` and ``manifest_sha256`` of a folder about to be registered (none for a
+    folder without one of `MANIFEST_FILES`)."""
+    for name in MANIFEST_FILES:
+        if (folder / name).is_file():
+            return {"manifest_file": name, "manifest_sha256": _sha256(folder / name)}
+    return {}
 
 
 def _short_error(exc: BaseException) -> str:

@@ -74,6 +74,12 @@ def test_every_error_is_reported_at_once(tmp_path):
 def test_cross_field_checks():
     with pytest.raises(RecipeError, match="patch_size 7 must divide image_size 64"):
         load_recipe("pretrain/small", ["model.patch_size=7"])
+    # Either field of a pair may be the edited one: the problem names their section, not the
+    # untouched field (the recipe fuzzer's case: `model.width: 17` was blamed on model.heads).
+    for edit in ("model.width=17", "model.heads=5", "model.image_size=60", "model.patch_size=7"):
+        with pytest.raises(RecipeError) as e:
+            load_recipe("pretrain/tiny", [edit])
+        assert [k for k, _, _ in e.value.problems] == ["model"], (edit, e.value.problems)
 
 
 def test_bad_yaml_names_the_line(tmp_path):

@@ -3,6 +3,7 @@ CLI that says what it is doing. Synthetic logs (no simulator), a real MLflow reg
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -192,6 +193,16 @@ def test_artifacts_damaged_on_the_server_are_refused_naming_the_version(fleet, t
             assert f"dynaflip-adapter v{fleet['lab']}" in line, line
             assert "adapter_model.safetensors" in line and "tampered" in line, line
         assert not (tmp_path / "e").exists()
+        # Rewritten consistently: the manifest lists the damaged file's new hash. The manifest's
+        # own sha256, pinned in the version's tags at registration, catches it.
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["adapter_model.safetensors"] = (
+            "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+        )
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        line = refused(["export", fleet["lab"], "--out", str(tmp_path / "e")], 2)
+        assert f"dynaflip-adapter v{fleet['lab']}: manifest.json" in line, line
+        assert "rewritten since registration" in line, line
         shutil.rmtree(folder)  # deleted outright
         line = refused(["audit", fleet["lab"]], 3)
         assert f"dynaflip-adapter v{fleet['lab']}" in line and "No such artifact" in line
