@@ -172,9 +172,9 @@ def import_checkpoint(
         Backbone,
         BackboneConfig,
         save_bundle,
-        sha256_file,
     )
     from dynaflip_adapt.models.vit import TIMM_ARCHS, load_timm_checkpoint
+    from dynaflip_adapt.outputs import sha256_file
 
     if arch not in TIMM_ARCHS:
         raise InputError(None, "--arch", repr(arch), " | ".join(TIMM_ARCHS))

@@ -31,12 +31,13 @@ from torch import nn
 from dynaflip_adapt.errors import InputError, RuntimeFailure
 from dynaflip_adapt.models import vit as vit_module
 from dynaflip_adapt.models.adapter import Adapter
-from dynaflip_adapt.models.backbone import Bundle, sha256_file
+from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.outputs import (
     EXPORT_KIND,
     ExportTarget,
     check_export_folder,
     install_export,
+    sha256_file,
     writing,
 )
 

@@ -15,6 +15,7 @@ limit, a read-only store) into one `RuntimeFailure` naming the file and the room
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -154,6 +155,16 @@ def install_export(staged: Path, target: ExportTarget) -> list[str]:
             stale.unlink()
     shutil.rmtree(staged, ignore_errors=True)
     return new
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks (here, free of torch, so that
+    the registry can check manifests without importing it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # errno values that mean "no room to write", whatever the writer.

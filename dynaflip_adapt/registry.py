@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaflip_adapt.errors import InputError, RuntimeFailure
+from dynaflip_adapt.outputs import sha256_file
 from dynaflip_adapt.store import Store
 
 _RAISE = object()  # `Registry._call`: no default, a missing resource is an error too
@@ -517,13 +518,7 @@ MANIFEST_FILES = ("manifest.json", "policy.json")
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + sha256_file(path)
 
 
 def _manifest_tags(folder: Path) -> dict[str, str]:

@@ -132,7 +132,7 @@ def test_imported_vit_at_224_is_finetuned_audited_and_exported(tmp_path, arch):
     assert imp["ignored"] == ["head.bias", "head.weight"]
     version = imp["backbone"]["version"]
     assert "mine" in imp["backbone"]["aliases"] and imp["backbone"]["tags"]["source"] == "imported"
-    from dynaflip_adapt.models.backbone import sha256_file
+    from dynaflip_adapt.outputs import sha256_file
 
     assert imp["checkpoint_sha256"] == "sha256:" + sha256_file(ckpt)
     shown = ok(["backbones", "show", "--backbone", "mine"])

@@ -242,7 +242,7 @@ def register(
     """Record an existing policy folder in the registry with its pin and tolerance."""
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.lifecycle import register_policy
-    from dynaflip_adapt.models.backbone import sha256_file
+    from dynaflip_adapt.outputs import sha256_file
     from dynaflip_adapt.policies import SPEC, WEIGHTS, read_policy_spec
 
     reg = registry(ctx)

@@ -98,8 +98,7 @@ def pretrain(
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.models.backbone import sha256_file
-    from dynaflip_adapt.outputs import check_export_folder, install_export
+    from dynaflip_adapt.outputs import check_export_folder, install_export, sha256_file
     from dynaflip_adapt.registry import PRETRAIN_EXPERIMENT, Registry
     from dynaflip_adapt.store import resolve_store
     from dynaflip_adapt.train.distributed import init_from_env

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from dynaflip_adapt.errors import InputError
-from dynaflip_adapt.models.backbone import Bundle, read_json_manifest, sha256_file, verify_files
+from dynaflip_adapt.models.backbone import Bundle, read_json_manifest, verify_files
+from dynaflip_adapt.outputs import sha256_file
 
 ADAPTER_VERSION = 1
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")

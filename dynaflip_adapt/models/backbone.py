@@ -8,7 +8,6 @@ encoder's weights file, not a name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.flow_encoder import FlowEncoder
 from dynaflip_adapt.models.text import TEXT_DIM
 from dynaflip_adapt.models.vit import VisionTransformer
-from dynaflip_adapt.outputs import writing
+from dynaflip_adapt.outputs import sha256_file, writing
 
 BUNDLE_VERSION = 1
 IMAGE_FILE = "image_encoder.safetensors"
@@ -159,14 +158,6 @@ class Backbone(nn.Module):
 
 # ------------------------------------------------------------------------------------------
 # Bundles
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def canonical_safetensors(

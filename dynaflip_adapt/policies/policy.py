@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from dynaflip_adapt.errors import InputError
-from dynaflip_adapt.models.backbone import read_json_manifest, sha256_file, verify_files
-from dynaflip_adapt.outputs import writing
+from dynaflip_adapt.models.backbone import read_json_manifest, verify_files
+from dynaflip_adapt.outputs import sha256_file, writing
 from dynaflip_adapt.policies.heads import (
     HORIZON,
     DiffusionHead,
