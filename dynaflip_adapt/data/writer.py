@@ -65,10 +65,14 @@ class EpisodeData:
         total += sum(n(a, 1) for a in self.rgb.values()) + sum(n(a, 4) for a in self.depth.values())
         total += sum(n(a, 8) for a in (*self.intrinsics.values(), *self.extrinsics.values()))
         total += sum(n(a, 4) for a in self.proprio.values())
-        for flow in self.flows.values():
-            total += n(flow["points"], 4) + n(flow["delta"], 4) + n(flow["valid"], 1)
-            total += n(flow.get("pixels", ()), 4)
-        return total
+        return total + sum(flow_nbytes(flow) for flow in self.flows.values())
+
+
+def flow_nbytes(flow: Mapping[str, Any]) -> int:
+    """Bytes of one flow group's arrays as `write_flow_group` stores them, before compression:
+    points, delta and pixels as float32, valid as bool."""
+    floats = sum(int(np.size(flow[k])) for k in ("points", "delta", "pixels") if k in flow)
+    return 4 * floats + int(np.size(flow["valid"]))
 
 
 def _comp(compression: str) -> dict[str, Any]:

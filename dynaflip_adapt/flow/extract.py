@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from dynaflip_adapt.data.logs import Episode, EpisodeReader, SourceSettings, open_logs
-from dynaflip_adapt.data.writer import write_flow_group
+from dynaflip_adapt.data.writer import flow_nbytes, write_flow_group
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.flow.geometry import grid_pixels
 from dynaflip_adapt.outputs import ensure_room
@@ -262,12 +262,7 @@ def extract_logs(
                     on_episode(e)
             reader.close()  # release the read handle before writing
             # A failed HDF5 write would leave the user's log damaged: refuse before the first.
-            need = sum(
-                sum(np.asarray(flow[k]).size for k in ("points", "delta", "pixels") if k in flow)
-                * 4
-                + np.asarray(flow["valid"]).size
-                for _, flow in results
-            )
+            need = sum(flow_nbytes(flow) for _, flow in results)
             ensure_room(lf.path, need, f"flow/{name} of {len(results)} episodes")
             with h5py.File(lf.path, "a") as f:
                 for e, flow in results:
