@@ -53,7 +53,7 @@ def main() -> None:
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.drift import action_drift, drift_score, sample_frames, token_maps
     from dynaflip_adapt.models.backbone import load_bundle
-    from dynaflip_adapt.policies.training import encode_frames
+    from dynaflip_adapt.policies import actions_on_frames
     from dynaflip_adapt.sim.generate import GenerateSpec, generate
     from dynaflip_adapt.sim.sites import get_site
 
@@ -82,13 +82,9 @@ def main() -> None:
         sample = sample_frames(open_logs([out]), bundle.model.cfg.image_size, args.frames)
         if logs is None:
             out.unlink()
-        acts = {}
-        for name, policy in policies.items():
-            st = policy.stats
-            inputs = encode_frames(encoder, pre, sample.frames, view=policy.reads)
-            lang = st["lang_mean"].expand(len(inputs), -1) if policy.uses_language else None
-            with torch.no_grad():
-                acts[name] = policy.act(inputs, st["prop_mean"].expand(len(inputs), -1), lang)
+        with torch.no_grad():  # as `monitor` scores them
+            acts = {name: actions_on_frames(policy, encoder, pre, sample.frames)
+                    for name, policy in policies.items()}  # fmt: skip
         return token_maps(encoder, pre, sample.frames), sample.episodes, acts
 
     rows = []

@@ -19,7 +19,7 @@ from dynaflip_adapt.metrics import linear_cka, mean_cosine
 from dynaflip_adapt.models.adapter import Adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import flow_features
-from dynaflip_adapt.policies import Policy, encode_frames
+from dynaflip_adapt.policies import Policy, actions_on_frames
 from dynaflip_adapt.train.retrieval import topk_accuracy
 
 COMPATIBLE, WARNING, INCOMPATIBLE = "compatible", "warning", "incompatible"
@@ -229,18 +229,15 @@ def policy_deviation(
     """
     out: dict[str, float] = {}
     st = policy.stats
-    sets = []
+    sets: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     if "probe_rgb" in st:
         lang = st.get("probe_language")
         sets.append(("policy_probe", st["probe_rgb"], st["probe_proprio"], lang))
-    if "site_rgb0" in probe:
-        rgb = probe["site_rgb0"]
-        lang = st["lang_mean"].expand(len(rgb), -1) if "lang_mean" in st else None
-        sets.append(("adapter_probe", rgb, st["prop_mean"].expand(len(rgb), -1), lang))
-    view = policy.reads if policy.uses_image else "features"
+    if "site_rgb0" in probe:  # proprio and instruction at the policy's mean (the default)
+        sets.append(("adapter_probe", probe["site_rgb0"], None, None))
     for name, rgb, prop, lang in sets:
-        a_old = policy.act(encode_frames(old, bundle.model.preprocess, rgb, view=view), prop, lang)
-        a_new = policy.act(encode_frames(new, bundle.model.preprocess, rgb, view=view), prop, lang)
+        a_old = actions_on_frames(policy, old, bundle.model.preprocess, rgb, prop, lang)
+        a_new = actions_on_frames(policy, new, bundle.model.preprocess, rgb, prop, lang)
         rel = ((a_new - a_old).abs() / policy.action_scale).mean(dim=1)
         out[f"{name}_mean"] = float(rel.mean())
         out[f"{name}_p95"] = float(rel.quantile(0.95))

@@ -56,6 +56,25 @@ def encode_frames(
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def actions_on_frames(
+    policy: Policy,
+    encoder: nn.Module,
+    preprocess: Any,
+    frames: torch.Tensor,
+    proprio: torch.Tensor | None = None,
+    language: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A policy's actions (N, A) on uint8 frames seen through `encoder`. Without `proprio`, the
+    proprio and the instruction are held at the policy's mean (the audit's site probe; what
+    `monitor` compares), so only the images move the actions."""
+    if proprio is None:
+        st = policy.stats
+        proprio = st["prop_mean"].expand(len(frames), -1)
+        language = st["lang_mean"].expand(len(frames), -1) if "lang_mean" in st else None
+    view = policy.reads if policy.uses_image else "features"
+    return policy.act(encode_frames(encoder, preprocess, frames, view=view), proprio, language)
+
+
 def _tokens(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, 1 + P, D) tokens of a ViT encoder (plain, merged or PEFT-wrapped)."""
     fn = getattr(encoder, "tokens", None)

@@ -262,7 +262,7 @@ def policy_action_drift(
 
     from dynaflip_adapt.drift import action_drift
     from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
-    from dynaflip_adapt.policies.training import encode_frames
+    from dynaflip_adapt.policies import actions_on_frames
 
     out: dict[str, float] = {}
     skipped: list[str] = []
@@ -274,14 +274,8 @@ def policy_action_drift(
         if policy.spec["pin"].get("backbone_fingerprint") != backbone:
             skipped.append(name)
             continue
-        st = policy.stats
-
-        def act(frames: torch.Tensor, policy: Any = policy, st: Any = st) -> torch.Tensor:
-            inputs = encode_frames(encoder, preprocess, frames, view=policy.reads)
-            lang = st["lang_mean"].expand(len(frames), -1) if policy.uses_language else None
-            return policy.act(inputs, st["prop_mean"].expand(len(frames), -1), lang)
-
         with torch.no_grad():
-            a_ref, a_new = act(reference), act(new)
+            a_ref = actions_on_frames(policy, encoder, preprocess, reference)
+            a_new = actions_on_frames(policy, encoder, preprocess, new)
         out[name] = action_drift(a_ref, a_new, policy.action_scale)
     return out, skipped
