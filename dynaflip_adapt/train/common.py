@@ -119,13 +119,12 @@ def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
             if path.exists():
                 os.replace(path, folder / PREVIOUS)
             os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise RuntimeFailure(
-                f"{path}: could not write checkpoint ({exc.strerror or exc})"
-            ) from None
-        raise
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"{path}: could not write checkpoint ({exc.strerror or exc})"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already once renamed into place
     return path
 
 
