@@ -16,21 +16,22 @@ Measures, for image encoders (the base, an adapter merged in, ablations):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dynaflip_adapt.config import FinetuneRecipe
-from dynaflip_adapt.models.adapter import Adapter, load_adapter
+from dynaflip_adapt.models.adapter import load_adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import (
     IMAGE_HEADS,
@@ -40,7 +41,11 @@ from dynaflip_adapt.policies import (
     policy_input,
     save_policy,
 )
-from dynaflip_adapt.strength import StrengthFit, audit_at, fit_strength, scaled_encoder
+from dynaflip_adapt.strength import StrengthFit
+from dynaflip_adapt.workflows.adapt import AdaptResult, has_checkpoint, mlflow_steps
+
+if TYPE_CHECKING:
+    from dynaflip_adapt.registry import Registry, RunHandle
 
 Frames = dict[str, torch.Tensor]  # rgb (N,3,S,S) uint8, proprio, actions, episode
 
@@ -380,7 +385,7 @@ def run_benchmark(
     from dynaflip_adapt.audit import policy_verdicts
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.policies import fit_policy
-    from dynaflip_adapt.train.finetune import finetune, retention_frames
+    from dynaflip_adapt.train.finetune import finetune
 
     cfg.validate()
     workdir = Path(workdir)
@@ -397,44 +402,85 @@ def run_benchmark(
         path = _site_logs(workdir, site, seed, episodes, cfg.frames, cfg.size)
         return _frames(bundle, path, cfg.language, state)
 
-    def trained(
-        ab: Ablation, preset: str, seed: int, train_path: Path, s_train: int
-    ) -> tuple[nn.Module, dict[str, torch.Tensor], Adapter | None]:
-        """The ablation's adapted encoder (merged), its probe set and, for LoRA, the adapter:
-        trained now, or reused from a finished run with the same recipe, steps and data."""
+    sandbox = _sandbox(workdir)
+
+    def adapted(
+        ab: Ablation, preset: str, seed: int, site: str, train_path: Path, s_train: int
+    ) -> tuple[nn.Module, dict[str, torch.Tensor], StrengthFit | None, str]:
+        """The ablation's adapted encoder (merged), its probe set, strength fit and the ablation
+        it was trained as. LoRA ablations go through `adapt_site`, the job behind `finetune`
+        (fallback, strength fit, retained logs, registration in the benchmark's own registry,
+        where the seed's policies are pinned to `site`); a run whose training finished earlier
+        (same recipe, steps and logs) is reused."""
+        from dynaflip_adapt.workflows.adapt import AdaptRequest, adapt_site
+
         if ab.extracted_flow:
             say(f"seed {seed} {preset}: flow extract")
             _ensure_extracted(train_path, recipe.data.gap)
-        r = ablation_recipe(recipe, ab)
-        r = r.model_copy(update={"run": r.run.model_copy(update={"seed": seed})})
-        n_retain = RETAIN_FRAMES if ab.retain else 0
+        r = _seeded(ablation_recipe(recipe, ab), seed, cfg.steps)
         base_path = _site_logs(workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size)
-        data = [train_path.name] + ([base_path.name] if n_retain else [])
+        data = [train_path.name] + ([base_path.name] if ab.retain else [])
         run_dir = workdir / "runs" / _run_name(preset, seed, r, cfg, ab.full, data)
-        adapter = None if ab.full else _finished_adapter(bundle, run_dir, r, cfg.steps, n_retain)
-        if adapter is not None:
-            say(f"seed {seed} {preset} {ab.name}: adapter trained in an earlier run")
-            return adapter.merged().eval(), adapter.probe, adapter
-        say(f"seed {seed} {preset}: finetune {ab.name}")
-        retain = None
-        if n_retain:
-            retain = retention_frames(open_logs([base_path]), bundle.model.cfg.image_size, n_retain)
-        res = finetune(
-            bundle,
-            open_logs([train_path], r.data.source_settings()),
-            r,
-            run_dir,
-            site=preset,
-            max_steps=cfg.steps,
-            full=ab.full,
-            on_step=_step_reporter(on_step, f"{preset} s{seed} {ab.name}", cfg.steps),
-            retain=retain,
-            lineage={"retain_frames": n_retain} if n_retain else None,
+        label = f"{preset} s{seed} {ab.name}"
+        if ab.full:  # a baseline the product does not offer: trained directly
+            say(f"seed {seed} {preset}: finetune {ab.name}")
+            res = finetune(
+                bundle,
+                open_logs([train_path], r.data.source_settings()),
+                r,
+                run_dir,
+                site=preset,
+                full=True,
+                on_step=_step_reporter(on_step, label, cfg.steps),
+            )
+            return res.encoder, res.probe, None, ab.name
+        chain = [ab] + ([ABLATIONS[ab.fallback]] if ab.fallback else [])
+        files = [
+            _recipe_file(workdir, _seeded(ablation_recipe(recipe, a), seed, cfg.steps))
+            for a in chain
+        ]
+        budget = next((a.fit_budget for a in chain if a.fit_budget is not None), None)
+        resume = (run_dir / "adapter" / "manifest.json").is_file() or has_checkpoint(run_dir)
+        say(f"seed {seed} {preset}: {'adapter' if resume else 'finetune'} {ab.name}")
+
+        @contextlib.contextmanager
+        def monitor(
+            title: str, total: int, run: RunHandle, log_every: int, keys: tuple[str, ...]
+        ) -> Iterator[Callable[[int, dict[str, float]], None]]:
+            report = _step_reporter(on_step, label, total)
+            with mlflow_steps(title, total, run, log_every, keys) as log:
+
+                def step(i: int, metrics: dict[str, float]) -> None:
+                    log(i, metrics)
+                    if report is not None:
+                        report(i, metrics)
+
+                yield step
+
+        result = adapt_site(
+            AdaptRequest(
+                logs=(train_path,),
+                site=site,
+                recipe=str(files[0]),
+                fallback=tuple(str(f) for f in files[1:]),
+                backbone=str(bundle.path),
+                workdir=run_dir,
+                resume=resume,
+                retain=(base_path,) if ab.retain else (),
+                retain_frames=RETAIN_FRAMES,
+                strength="1" if budget is None else "auto",
+                budget=budget or 1.0,
+            ),
+            tracking_uri=sandbox.store.tracking_uri,
+            monitor=monitor,
+            notify=lambda level, message: say(f"seed {seed} {preset} {ab.name}: {message}"),
         )
-        loaded = None
-        if res.adapter is not None and (ab.fit_budget is not None or ab.fallback is not None):
-            loaded = load_adapter(bundle, res.adapter)
-        return res.encoder, res.probe, loaded
+        assert isinstance(result, AdaptResult)
+        used = chain[[f.resolve() for f in files].index(result.recipe.resolve())]
+        if used is not ab:
+            say(f"seed {seed} {preset} {ab.name}: audit failed, {used.name}")
+        adapter = load_adapter(bundle, result.folder)
+        return adapter.merged().eval(), adapter.probe, result.strength_fit, used.name
 
     for seed in cfg.seeds:
         s_train, s_test, s_site = 10_000 + 3 * seed, 10_000 + 3 * seed + 1, 10_000 + 3 * seed + 2
@@ -466,6 +512,10 @@ def run_benchmark(
             tmp.rename(folder)
         ref = encode_frames(base_enc, bundle.model.preprocess, base_test["rgb"])
         audited = [(h, policies[h], None) for h in cfg.heads if h in IMAGE_HEADS]
+        # The seed's image policies, pinned in the benchmark's registry for its adapters' audits.
+        site = _pin_policies(
+            sandbox, seed, {h: _policy_path(workdir, bundle, cfg, seed, h) for h, *_ in audited}
+        )
         # Closed loop for heads no encoder changes (and the expert): once per site and seed.
         fixed_loop: dict[str, dict[str, Any]] = {}
         for preset in cfg.presets:
@@ -483,21 +533,12 @@ def run_benchmark(
                 t0 = time.perf_counter()
                 probe: dict[str, torch.Tensor] = {}
                 fit: StrengthFit | None = None
-                used = ab
+                used = ab.name
                 if not ab.train:
                     enc: nn.Module = base_enc
                 else:
-                    enc, probe, adapter = trained(ab, preset, seed, train_path, s_train)
-                    if ab.fallback is not None and adapter is not None:
-                        # As `finetune --fallback`: the audit at full strength decides.
-                        first = audit_at(bundle, adapter, audited, budget=ab.fit_budget or 1.0)
-                        if not first.passed:
-                            used = ABLATIONS[ab.fallback]
-                            say(f"seed {seed} {preset} {ab_name}: audit failed, {used.name}")
-                            enc, probe, adapter = trained(used, preset, seed, train_path, s_train)
-                    if used.fit_budget is not None and adapter is not None:
-                        fit = fit_strength(bundle, adapter, audited, budget=used.fit_budget)
-                        enc = scaled_encoder(adapter.peft_model, fit.strength)
+                    enc, probe, fit, used = adapted(ab, preset, seed, site, train_path, s_train)
+                    if fit is not None:
                         say(f"seed {seed} {preset} {ab_name}: strength {fit.strength:.4f}")
                 ev = evaluate_encoder(
                     bundle, ab_name, enc, policies, shifted, base_test, base_test, ref
@@ -525,7 +566,7 @@ def run_benchmark(
                     "ablation": ab_name,
                     "seconds": time.perf_counter() - t0,
                     **ev.to_dict(),
-                    "trained_as": used.name,
+                    "trained_as": used,
                     "strength": fit.strength if fit else (1.0 if ab.train else 0.0),
                     "strength_fit": fit.to_dict() if fit else None,
                     "closed_loop": loop,
@@ -634,28 +675,54 @@ def _run_name(
     return f"{preset}_s{seed}_{_digest(recipe_hash(recipe), cfg.steps, full, list(data))}"
 
 
-def _finished_adapter(
-    bundle: Bundle, run_dir: Path, recipe: FinetuneRecipe, steps: int, retain: int = 0
-) -> Any:
-    """The adapter a finished earlier finetune left in `run_dir`, if it was trained by exactly
-    this recipe for `steps` steps (retaining `retain` base-site frames) on this backbone (None
-    otherwise)."""
-    from dynaflip_adapt.config import recipe_hash
-    from dynaflip_adapt.errors import InputError
+def _seeded(recipe: FinetuneRecipe, seed: int, steps: int) -> FinetuneRecipe:
+    """`recipe` with the benchmark's seed and step count."""
+    return recipe.model_copy(
+        update={
+            "run": recipe.run.model_copy(update={"seed": seed}),
+            "optim": recipe.optim.model_copy(update={"max_steps": steps}),
+        }
+    )
 
-    folder = run_dir / "adapter"
-    if not (folder / "manifest.json").exists():
-        return None
-    try:
-        adapter = load_adapter(bundle, folder)
-    except InputError:
-        return None  # an incomplete or foreign folder: train again
-    lin = adapter.manifest.get("lineage", {})
-    if lin.get("recipe_hash") != recipe_hash(recipe) or lin.get("steps") != steps:
-        return None
-    if lin.get("retain_frames", 0) != retain:
-        return None
-    return adapter
+
+def _recipe_file(workdir: Path, recipe: FinetuneRecipe) -> Path:
+    """`recipe` as a YAML file `adapt_site` can load (named by its hash)."""
+    import yaml
+
+    from dynaflip_adapt.config import recipe_hash, recipe_to_dict
+
+    path = workdir / "recipes" / f"finetune-{recipe_hash(recipe)[:16]}.yaml"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        tmp.replace(path)
+    return path
+
+
+def _sandbox(workdir: Path) -> Registry:
+    """The benchmark's own registry (sqlite under the work folder): its policies and adapters
+    never reach the user's."""
+    from dynaflip_adapt.registry import Registry
+    from dynaflip_adapt.store import resolve_store
+
+    db = workdir / "registry" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return Registry(resolve_store(f"sqlite:///{db}"))
+
+
+def _pin_policies(registry: Registry, seed: int, folders: dict[str, Path]) -> str:
+    """Registers a seed's policy folders (head -> folder) pinned to a site of their own, named
+    by the folders (retrained policies are another site), unless they are already; returns the
+    site."""
+    from dynaflip_adapt.lifecycle import policies_for_site, register_policy
+
+    site = f"bench-s{seed}-{_digest(sorted(f.name for f in folders.values()))[:8]}"
+    have = {v.tags.get("name") for v in policies_for_site(registry, site)}
+    for head, folder in folders.items():
+        if head not in have:
+            register_policy(registry, folder, site=site, name=head)
+    return site
 
 
 def _policy_path(workdir: Path, bundle: Bundle, cfg: BenchmarkConfig, seed: int, head: str) -> Path:

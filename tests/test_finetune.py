@@ -120,6 +120,51 @@ def test_cli_finetune_registers_a_mergeable_adapter_that_moves_site_features(wor
     assert keys and all("lora_" in k for k in keys)
 
 
+def test_resume_after_training_reuses_the_adapter_as_trained(world, tmp_path):
+    """A job that dies after training (auditing, scaling, registering) resumes without training
+    again; the work folder keeps the adapter as trained, beside the scaled copy registered (so a
+    resume never scales twice); a damaged trained adapter is trained again."""
+    from dynaflip_adapt.models.adapter import read_adapter_manifest
+    from dynaflip_adapt.outputs import sha256_file
+
+    runner = CliRunner()
+    w = tmp_path / "w"
+    args = ["finetune", str(world["site"]), "--backbone", str(world["backbone"]), "--site", "night",
+            *[a for s in FT for a in ("--set", s)], "--workdir", str(w), "--strength", "0.5",
+            "--json"]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout)
+    assert first["folder"] == str(w / "adapter-scaled") and first["final"]
+    assert "strength" not in read_adapter_manifest(w / "adapter")["lineage"]
+    assert read_adapter_manifest(w / "adapter-scaled")["lineage"]["strength"] == 0.5
+    weights = "adapter_model.safetensors"
+    trained = sha256_file(w / "adapter" / weights)
+    scaled = sha256_file(w / "adapter-scaled" / weights)
+    assert trained != scaled
+
+    def registered(out):
+        r = runner.invoke(app, ["adapters", "show", out["adapter"]["version"], "--json"])
+        assert r.exit_code == 0, r.output
+        return sha256_file(Path(json.loads(r.stdout)["path"]) / weights)
+
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    second = json.loads(r.stdout)
+    assert second["adapter"]["version"] != first["adapter"]["version"]
+    assert second["final"] == {} and second["seconds"] == 0  # nothing trained
+    assert registered(second) == registered(first) == scaled  # scaled once, as the first
+    assert sha256_file(w / "adapter" / weights) == trained
+    # A trained adapter damaged since is not reused: training resumes from its checkpoint.
+    cfg = w / "adapter" / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace('"r": 8', '"r": 4'))
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    third = json.loads(r.stdout)
+    assert third["final"] and third["steps"] == 30
+    assert registered(third) == scaled  # the checkpoint's resumed training gives it again
+
+
 def test_dry_run_trains_and_registers_nothing(world, tmp_path):
     runner = CliRunner()
     r = runner.invoke(

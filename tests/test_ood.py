@@ -248,6 +248,25 @@ def test_eval_benchmark_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert json.loads(out.read_text())["summary"] == res["summary"]
+    # The adapter went through `finetune`'s own job (adapt_site), registered in the benchmark's
+    # registry under the work folder with the seed's image policies pinned to its site; the
+    # user's registry holds no benchmark adapter.
+    r = runner.invoke(app, ["adapters", "list", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == [], r.output
+    sandbox = f"sqlite:///{tmp_path / 'w' / 'registry' / 'mlflow.db'}"
+    r = runner.invoke(app, ["--tracking-uri", sandbox, "adapters", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    (adapter,) = json.loads(r.stdout)
+    site = adapter["tags"]["site"]
+    r = runner.invoke(
+        app, ["--tracking-uri", sandbox, "policies", "list", "--site", site, "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert sorted(p["tags"]["name"] for p in json.loads(r.stdout)) == [
+        "bc",
+        "diffusion",
+        "image_only",
+    ]
     # A second invocation reuses the finished runs (kept per run under the work folder).
     kept = sorted(p.name for p in (tmp_path / "w" / "results").iterdir())
     assert len(kept) == 2 and "night_shift_s0_default_" in kept[0] and "_s0_none_" in kept[1]
@@ -312,7 +331,9 @@ def test_eval_benchmark_end_to_end(tmp_path):
     c = rows["default_retain_cascade"]
     assert c["trained_as"] == "default_retain_area_fit" and c["strength"] == 0.0
     assert c["shifted"]["bc"]["mse"] == pytest.approx(rows["none"]["shifted"]["bc"]["mse"])
-    assert len(list((tmp_path / "w" / "runs").iterdir())) == 4  # + retain, + retain_area
+    # + default_retain, its fallback trained in the same folder as `finetune --fallback` does
+    runs = list((tmp_path / "w" / "runs").iterdir())
+    assert len(runs) == 3 and sum((d / "fallback-1" / "adapter").is_dir() for d in runs) == 1
     # At a tolerance everything meets, the first recipe's adapter is kept at full strength.
     easy = [a if a != "1e-9" else "1e9" for a in cascade]
     r7 = runner.invoke(app, easy)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from dynaflip_adapt.models.backbone import Bundle
     from dynaflip_adapt.registry import Registry, RunHandle, VersionInfo
     from dynaflip_adapt.strength import StrengthFit
+    from dynaflip_adapt.train.finetune import FinetuneResult
 
 OnStep = Callable[[int, dict[str, float]], None]
 # monitor(title, total, run, log_every, keys) -> a context manager yielding on_step(step, metrics)
@@ -55,8 +56,10 @@ class AdaptRequest:
         seed: A recipe override of ``run.seed``.
         device: A recipe override of ``run.device`` (auto, cpu, cuda, mps).
         precision: A recipe override of ``run.precision`` (auto, fp32, bf16).
-        workdir: Checkpoints (default: under the store's ``runs/finetune``).
-        resume: Continue a killed run from its checkpoint.
+        workdir: Checkpoints and the trained adapter (default: under the store's
+            ``runs/finetune``, keyed by logs, recipe, backbone, parent, steps and retained logs).
+        resume: Continue a killed run from its checkpoint; when its training had finished (the
+            job died auditing, scaling or registering), the adapter it trained is reused.
         dry_run: Validate logs, recipe, backbone and one forward pass; train nothing.
         layout, camera, orientation, depth_scale, language: How to read the logs (None: the
             recipe's, else detected).
@@ -109,6 +112,7 @@ class AdaptResult:
 
     adapter: VersionInfo
     site: str
+    folder: Path  # the local adapter folder that was registered (scaled when strength < 1)
     steps: int
     seconds: float
     frames_per_second: float
@@ -125,6 +129,7 @@ class AdaptResult:
         return {
             "adapter": self.adapter.to_dict(),
             "site": self.site,
+            "folder": str(self.folder),
             "steps": self.steps,
             "seconds": round(self.seconds, 2),
             "frames_per_second": round(self.frames_per_second, 1),
@@ -384,13 +389,30 @@ def adapt_site(
                 }
             )
             run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
-            with monitor(f"finetune {site}", total, run, rec.run.log_every, LIVE_KEYS) as on_step:
-                res = run_finetune(
-                    bundle, logset, rec, work, site=site, parent=parent_dir,
-                    # A fallback resumes only where the killed run had got to.
-                    resume=req.resume and (i == 0 or _has_checkpoint(work)),
-                    max_steps=total, lineage=lineage, on_step=on_step, retain=held,
-                )  # fmt: skip
+            expected = {
+                "recipe_hash": recipe_hash(rec),
+                "steps": total,
+                "base_fingerprint": bundle.fingerprint,
+                "parent": str(parent_dir) if parent_dir else None,
+                "data_fingerprint": fingerprint,
+                "retain_fingerprint": retained.get("retain_fingerprint"),
+                "retain_frames": retained.get("retain_frames"),
+            }
+            done = finished_adapter(work, expected) if req.resume else None
+            if done is not None:
+                notify("info", f"{work / 'adapter'}: training had finished; reusing its adapter")
+                run.set_tags({"reused_adapter": str(work / "adapter")})
+                res = done
+            else:
+                with monitor(
+                    f"finetune {site}", total, run, rec.run.log_every, LIVE_KEYS
+                ) as on_step:
+                    res = run_finetune(
+                        bundle, logset, rec, work, site=site, parent=parent_dir,
+                        # A fallback resumes only where the killed run had got to.
+                        resume=req.resume and (i == 0 or has_checkpoint(work)),
+                        max_steps=total, lineage=lineage, on_step=on_step, retain=held,
+                    )  # fmt: skip
             for w in res.warnings:
                 notify("warning", w)
             assert res.adapter is not None
@@ -410,22 +432,23 @@ def adapt_site(
                         f"training fallback {candidates[i + 1][1].stem}",
                     )
                     continue
-            fit, chosen = apply_strength(
+            fit, chosen, folder = apply_strength(
                 bundle, res.adapter, fixed, req.budget, policies or [], first=trial, notify=notify
             )
             if fit is not None:
                 run.log_dict(fit.to_dict(), "strength_fit.json")
             if chosen != 1.0:
                 run.log_params({"strength": chosen, "strength_budget": req.budget})
-                res.geometry = read_adapter_manifest(res.adapter)["geometry"]
+                res.geometry = read_adapter_manifest(folder)["geometry"]
             if rejected:
                 run.log_dict({"rejected": rejected}, "fallback_rejected.json")
             run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
-            info = register_adapter(registry, run, res.adapter, parent=parent_info)
+            info = register_adapter(registry, run, folder, parent=parent_info)
             run.set_tags({"adapter_version": info.version})
         return AdaptResult(
             adapter=info,
             site=site,
+            folder=folder,
             steps=res.steps,
             seconds=res.seconds,
             frames_per_second=res.frames_per_second,
@@ -479,15 +502,17 @@ def apply_strength(
     policies: list[Any],
     first: Any = None,
     notify: Notify = _ignore,
-) -> tuple[StrengthFit | None, float]:
-    """Scales the freshly trained adapter in `folder` in place: to `fixed`, or (None) to the
-    largest strength `policies` pass the audit with (full strength when there are none; `first`:
-    its audit at full strength, if already done). Returns (fit, strength)."""
+) -> tuple[StrengthFit | None, float, Path]:
+    """Scales the freshly trained adapter in `folder`: to `fixed`, or (None) to the largest
+    strength `policies` pass the audit with (full strength when there are none; `first`: its
+    audit at full strength, if already done). A scaled adapter is written beside the trained one
+    (``<folder>-scaled``), which stays as trained (a ``--resume`` reuses it). Returns (fit,
+    strength, the folder to register)."""
     from dynaflip_adapt.models.adapter import load_adapter
     from dynaflip_adapt.strength import fit_strength, save_scaled
 
     if fixed == 1.0 or (fixed is None and not policies):
-        return None, 1.0
+        return None, 1.0, folder
     adapter = load_adapter(bundle, folder)
     fit = None
     if fixed is None:
@@ -501,12 +526,43 @@ def apply_strength(
             )
     else:
         chosen = fixed
-    if chosen != 1.0:
-        save_scaled(bundle, adapter, chosen, folder, fit=fit)
-    return fit, chosen
+    if chosen == 1.0:
+        return fit, chosen, folder
+    scaled = folder.with_name(folder.name + "-scaled")
+    return fit, chosen, save_scaled(bundle, adapter, chosen, scaled, fit=fit)
 
 
-def _has_checkpoint(work: Path) -> bool:
+def finished_adapter(work: Path, expected: dict[str, Any]) -> FinetuneResult | None:
+    """The adapter a finished finetune left in ``work/adapter``, as its result, if its lineage
+    holds every `expected` value (recipe hash, steps, backbone, parent, logs, retained logs) and
+    it was not scaled; None otherwise (absent, incomplete, damaged or other training)."""
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.models.adapter import read_adapter_manifest
+    from dynaflip_adapt.train.finetune import FinetuneResult
+
+    folder = work / "adapter"
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        manifest = read_adapter_manifest(folder)
+    except InputError:
+        return None  # killed while writing, or edited since: train again
+    lineage = manifest.get("lineage", {})
+    if "strength" in lineage or any(lineage.get(k) != v for k, v in expected.items()):
+        return None
+    return FinetuneResult(
+        folder,
+        int(lineage["steps"]),
+        {},
+        0.0,
+        0.0,
+        dict(manifest.get("anchors", {})),
+        geometry=dict(manifest.get("geometry", {})),
+    )
+
+
+def has_checkpoint(work: Path) -> bool:
+    """Whether a finetune work folder holds a checkpoint to resume from."""
     from dynaflip_adapt.train.common import CHECKPOINT, PREVIOUS
 
     return any((work / name).exists() for name in (CHECKPOINT, PREVIOUS))
