@@ -9,6 +9,7 @@ interleave).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -409,7 +410,11 @@ class Registry:
         """
         import mlflow.artifacts
 
-        cache = self.store.home / "cache" / kind / f"{version.name}-v{version.version}"
+        # Keyed by the artifacts' location too (it names the MLflow run): two stores used from
+        # one home (a server and the embedded store, a benchmark's own registry) both have a
+        # "dynaflip-policy v1", and one must never be read as the other.
+        where = hashlib.sha256(version.source.encode()).hexdigest()[:12]
+        cache = self.store.home / "cache" / kind / f"{version.name}-v{version.version}-{where}"
         if (cache / ".complete").exists():
             return cache
         label = f"{version.name} v{version.version}"

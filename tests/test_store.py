@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from dynaflip_adapt.cli.app import app
 from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.registry import Registry
 from dynaflip_adapt.store import absolutize_uri, resolve_store
 
 
@@ -87,3 +88,27 @@ def test_run_metrics_reach_the_store_within_the_flush_interval(monkeypatch):
         run.log_metrics(4, {"loss": 0.125})
         assert stored(run.run_id) == [1, 2, 3]
     assert stored(run.run_id) == [1, 2, 3, 4]  # the rest at the end of the run
+
+
+def test_two_stores_under_one_home_never_share_a_cached_download(tmp_path, monkeypatch):
+    """The embedded store and another (a server, a benchmark's own registry) used from one home
+    both have `dynaflip-policy v1`: each download is its own store's files."""
+    monkeypatch.setenv("DYNAFLIP_HOME", str(tmp_path / "home"))
+    got = []
+    for store in ("a", "b"):
+        folder = tmp_path / f"src-{store}"
+        folder.mkdir()
+        (folder / "weights.txt").write_text(f"policy of store {store}")
+        db = tmp_path / store / "mlflow.db"
+        db.parent.mkdir()
+        reg = Registry(resolve_store(f"sqlite:///{db}"))
+        with reg.run("exp", "r") as run:
+            info = reg.register("dynaflip-policy", run, folder, "policy", {})
+        assert info.version == "1"
+        got.append(reg.download(info, "policies"))
+    assert [(p / "weights.txt").read_text() for p in got] == [
+        "policy of store a",
+        "policy of store b",
+    ]
+    # Cached: a second download is the same folder, still its own store's.
+    assert reg.download(info, "policies") == got[1]
