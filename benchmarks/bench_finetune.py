@@ -29,7 +29,7 @@ from _common import SIZES, count_flops, matmul_flops_per_s, model_config, timed 
 
 def compute_part(size: str, batch: int) -> dict[str, float]:
     from dynaflip_adapt.config import load_recipe
-    from dynaflip_adapt.metrics import relative_mse
+    from dynaflip_adapt.losses import relative_mse
     from dynaflip_adapt.models.adapter import wrap_lora
     from dynaflip_adapt.models.backbone import Backbone
 

@@ -3,7 +3,7 @@ against a reference of the base site, over independent draws (new episode seeds)
 
 Same-site draws must read "fits" (score <= threshold), shifted sites "adapt"; a mild shift
 (``SITE@T``: T of the way from the base site to SITE) shows where between them the score lies.
-Uses the shipped backbone and `monitor`'s own functions (`drift.sample_frames`, `token_maps`,
+Uses the shipped backbone and `monitor`'s own functions (`data.frames.sample_frames`, `token_maps`,
 `drift_score`), with the reference's token maps computed once.
 
     MUJOCO_GL=egl python benchmarks/calibrate_monitor.py --draws 10 \\
@@ -50,8 +50,9 @@ def main() -> None:
     import torch
 
     from dynaflip_adapt.config import MonitorRecipe, load_recipe
+    from dynaflip_adapt.data.frames import sample_frames
     from dynaflip_adapt.data.logs import open_logs
-    from dynaflip_adapt.drift import action_drift, drift_score, sample_frames, token_maps
+    from dynaflip_adapt.eval.drift import action_drift, drift_score, token_maps
     from dynaflip_adapt.models.backbone import load_bundle
     from dynaflip_adapt.policies import actions_on_frames
     from dynaflip_adapt.sim.generate import GenerateSpec, generate
@@ -62,9 +63,9 @@ def main() -> None:
     threshold = args.threshold if args.threshold is not None else recipe.drift.threshold
     policies = {}
     if args.policy:
-        from dynaflip_adapt.lifecycle import POLICY_MODEL, load_policy_version
-        from dynaflip_adapt.registry import Registry
-        from dynaflip_adapt.store import resolve_store
+        from dynaflip_adapt.registry.client import Registry
+        from dynaflip_adapt.registry.lifecycle import POLICY_MODEL, load_policy_version
+        from dynaflip_adapt.registry.store import resolve_store
 
         registry = Registry(resolve_store(None))
         for ref in args.policy:

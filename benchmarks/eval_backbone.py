@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 if TYPE_CHECKING:
-    from dynaflip_adapt.train.retrieval import RetrievalReport
+    from dynaflip_adapt.eval.retrieval import RetrievalReport
 
 
 def main() -> None:
@@ -55,11 +55,11 @@ def main() -> None:
 
     from dynaflip_adapt.config import PretrainRecipe
     from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.eval.backbone import heldout_gap, probe, test_triplets
+    from dynaflip_adapt.eval.retrieval import margins as retrieval_margins
+    from dynaflip_adapt.eval.retrieval import retrieval
     from dynaflip_adapt.models.backbone import Backbone, load_bundle
-    from dynaflip_adapt.train.evaluation import heldout_gap, probe, test_triplets
     from dynaflip_adapt.train.pretrain import backbone_config, pretrain
-    from dynaflip_adapt.train.retrieval import margins as retrieval_margins
-    from dynaflip_adapt.train.retrieval import retrieval
 
     bundle = load_bundle(args.backbone)
     prov = bundle.manifest["provenance"]
@@ -112,7 +112,7 @@ def main() -> None:
 
 
 def _print_margins(rows: list[dict[str, Any]]) -> None:
-    from dynaflip_adapt.train.retrieval import METRICS, margin_cell
+    from dynaflip_adapt.eval.retrieval import METRICS, margin_cell
 
     print("\nmargins (backbone minus baseline; 95% paired interval, bootstrap over episodes):")
     print("| backbone - baseline | img->flow top-1 | top-5 | img->language top-1 | top-5 |")

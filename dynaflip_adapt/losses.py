@@ -144,3 +144,10 @@ def variance_floor(x: torch.Tensor, target: float, eps: float = 1e-4) -> torch.T
     ``relu(target - sqrt(var_batch + eps))`` for features (B, D)."""
     std = torch.sqrt(x.var(dim=0) + eps)
     return F.relu(target - std).mean()
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: feature drift relative to the teacher's energy (what a
+    fixed downstream head sees, scale included). The teacher gets no gradient."""
+    s, t = student.float(), teacher.detach().float()
+    return ((s - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12)

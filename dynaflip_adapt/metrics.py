@@ -19,13 +19,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(num / den.clamp(min=1e-30))
 
 
-def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``mean((s - t)^2) / mean(t^2)``: feature drift relative to the teacher's energy (what a
-    fixed downstream head sees, scale included). The teacher gets no gradient."""
-    s, t = student.float(), teacher.detach().float()
-    return ((s - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12)
-
-
 def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean cosine similarity between matching rows."""
     return float(torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).mean())

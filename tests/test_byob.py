@@ -177,9 +177,9 @@ def test_imported_vit_at_224_is_finetuned_audited_and_exported(tmp_path, arch):
     spec = importlib.util.spec_from_file_location("exported", Path(out["folder"]) / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    from dynaflip_adapt.adapters import resolve_adapter
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import resolve_adapter
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     folder, _ = resolve_adapter(Registry(resolve_store(None)), adapter)
     with torch.no_grad():

@@ -110,3 +110,72 @@ def test_command_modules_do_not_import_each_other():
                 ):
                     found.append(f"{name} imports cli.{parts[2]}")
     assert found == []
+
+
+# The package's layers, lowest first: a module may import its own layer and those below it.
+LAYERS = (
+    ("errors",),
+    ("outputs", "resources", "activity", "losses", "metrics"),
+    ("data",),
+    ("config", "models", "flow"),
+    ("train",),
+    ("policies",),
+    ("sim",),
+    ("eval",),
+    ("registry",),
+    ("workflows",),
+    ("cli", "__init__", "__main__"),
+)
+
+
+def _layer_imports(root):
+    """(importing unit, imported unit, file) for every `dynaflip_adapt.X` import, where a unit is
+    a top-level module or package of dynaflip_adapt."""
+    import ast
+
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        unit = rel.parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+                if node.module == "dynaflip_adapt":  # from dynaflip_adapt import activity
+                    names = [f"dynaflip_adapt.{a.name}" for a in node.names if a.name[0] != "_"]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for n in names:
+                parts = n.split(".")
+                if parts[0] == "dynaflip_adapt" and len(parts) > 1 and parts[1] != unit:
+                    yield unit, parts[1], str(rel)
+
+
+def test_every_import_points_down(tmp_path):
+    """Each folder is one concern and imports only what sits below it (data below models and
+    training, training below policies, the simulator, evaluation, the registry, the workflows
+    and the CLI): no cycles, and a module's place says what it may depend on."""
+    from pathlib import Path
+
+    import dynaflip_adapt
+
+    level = {u: i for i, units in enumerate(LAYERS) for u in units}
+
+    def upward(root):
+        return [f"{f}: {a} -> {b}" for a, b, f in _layer_imports(root) if level[b] > level[a]]
+
+    root = Path(dynaflip_adapt.__file__).parent
+    units = {p.name.removesuffix(".py") for p in root.iterdir() if p.suffix == ".py" or (
+        p.is_dir() and (p / "__init__.py").exists())}  # fmt: skip
+    assert units - set(level) == set(), "place new modules in LAYERS"
+    assert upward(root) == []
+    # The scan sees both import forms, lazy ones inside functions too.
+    (tmp_path / "sim").mkdir()
+    (tmp_path / "sim" / "rollout.py").write_text(
+        "def f():\n    from dynaflip_adapt.eval.audit import x\n    import dynaflip_adapt.cli\n"
+        "from dynaflip_adapt import registry, __version__\nfrom dynaflip_adapt.data import y\n"
+    )
+    assert sorted(upward(tmp_path)) == [
+        "sim/rollout.py: sim -> cli",
+        "sim/rollout.py: sim -> eval",
+        "sim/rollout.py: sim -> registry",
+    ]

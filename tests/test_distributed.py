@@ -63,9 +63,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, monkeypatc
     # ... and training did move them (the comparison is not between two untouched adapters).
     assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)
 
-    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import FINETUNE_EXPERIMENT
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     monkeypatch.setenv("DYNAFLIP_HOME", env["DYNAFLIP_HOME"])  # restored for later tests
     reg = Registry(resolve_store(None))

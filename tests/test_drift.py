@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dynaflip_adapt.drift import (
+from dynaflip_adapt.eval.drift import (
     GRID,
     Signature,
     action_drift,
@@ -172,8 +172,8 @@ def test_monitor_reads_new_episodes_as_fitting_and_a_shifted_site_as_drift(tmp_p
         lenient = monitor("night", "--reference", logs["ref"], *extra)
         assert lenient.exit_code == 0, lenient.output
         assert json.loads(lenient.stdout)["threshold"] == pytest.approx(2 * b["score"])
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     run = Registry(resolve_store()).client.get_run(b["mlflow_run"])
     assert run.data.tags["site"] == "lab" and run.data.tags["verdict"] == "adapt"
@@ -202,8 +202,8 @@ def test_monitor_bad_input_is_one_line_and_writes_nothing(tmp_path):
     """A threshold <= 0, a logs file that is not HDF5, and a site never adapted without a
     reference: exit 2, one line naming the option or file, and no MLflow run."""
     from dynaflip_adapt.cli.app import app
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
     from tests.builders import write_native
 
     logs, _ = write_native(tmp_path / "site.h5", n=2)

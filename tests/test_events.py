@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from dynaflip_adapt.lifecycle import APPLIED, LOST, NOTHING, _replay
+from dynaflip_adapt.registry.lifecycle import APPLIED, LOST, NOTHING, _replay
 
 
 def request(n: int, action: str, version: str, expects: str) -> SimpleNamespace:

@@ -101,7 +101,7 @@ def test_cli_finetune_registers_a_mergeable_adapter_that_moves_site_features(wor
     # Only the adapter is stored, never the backbone: ask the artifact store itself.
     from mlflow import MlflowClient
 
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.store import resolve_store
 
     stored = MlflowClient(resolve_store().tracking_uri).list_artifacts(v["run_id"], "adapter")
     names = sorted(Path(a.path).name for a in stored)
@@ -204,7 +204,7 @@ def test_resume_after_a_crash_gives_the_same_adapter(world, tmp_path):
 def test_a_failed_run_registers_nothing_and_is_marked_failed(world):
     from mlflow import MlflowClient
 
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.store import resolve_store
 
     runner = CliRunner()
     sets = [
@@ -270,7 +270,7 @@ def test_retained_frames_keep_their_encoding(world, tmp_path):
     encoder moves them less than without them."""
     from dynaflip_adapt.data.logs import EpisodeReader
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.metrics import relative_mse
+    from dynaflip_adapt.losses import relative_mse
     from dynaflip_adapt.policies import collect
     from dynaflip_adapt.train.finetune import retention_frames
 
@@ -380,7 +380,7 @@ def test_invariance_term_maps_augmented_source_frames_to_their_clean_features(wo
     Trained with it, the adapted encoder puts augmented source frames closer to the base
     encoder's features of the clean frames than the same run without it; without augmentation
     the term is off with a warning."""
-    from dynaflip_adapt.metrics import relative_mse
+    from dynaflip_adapt.losses import relative_mse
     from dynaflip_adapt.train.augment import aug_frames, build_augment
 
     site = open_logs(world["site"])
@@ -420,7 +420,7 @@ def test_distill_tokens_also_holds_the_patch_tokens(world, tmp_path):
     feature, so an adapter trained with the invariance term maps augmented source frames'
     patch tokens (what token-map heads read) closer to the base encoder's tokens of the clean
     frames than the same run comparing the CLS alone; the CLS stays held either way."""
-    from dynaflip_adapt.metrics import relative_mse
+    from dynaflip_adapt.losses import relative_mse
     from dynaflip_adapt.train.augment import aug_frames, build_augment
 
     site = open_logs(world["site"])
@@ -456,7 +456,7 @@ def test_site_style_maps_the_sites_appearance_onto_the_base_features(world, tmp_
     frames' low-frequency amplitude), so the adapter maps source frames restyled as the site to
     the base encoder's features of the clean frames, closer than the same run with the
     generic photometric draw alone (and than the base encoder)."""
-    from dynaflip_adapt.metrics import relative_mse
+    from dynaflip_adapt.losses import relative_mse
     from dynaflip_adapt.train.augment import site_style
     from dynaflip_adapt.train.finetune import retention_frames
 
@@ -497,8 +497,8 @@ def test_python_api_adapts_a_site_as_the_cli_does(world, tmp_path):
     adapter (losses, geometry) as the CLI, registered with the same tags; warnings reach the
     caller's `notify`; a dry run registers nothing."""
     from dynaflip_adapt import AdaptRequest, AdaptResult, DryRunResult, adapt_site
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     seen: list[tuple[str, str]] = []
     request = AdaptRequest(

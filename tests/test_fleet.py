@@ -79,8 +79,8 @@ def server(tmp_path_factory, postgres):
 
 def _registry(uri: str, home: Path):
     os.environ["DYNAFLIP_HOME"] = str(home)
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     return Registry(resolve_store(uri))
 
@@ -89,7 +89,7 @@ def _machine_worker(job: tuple[str, str, int, list[str], str]) -> list[tuple[str
     """One process of one machine: alternately promote either adapter and roll back."""
     uri, home, proc, versions, site = job
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import RaceLost, promote, rollback
+    from dynaflip_adapt.registry.lifecycle import RaceLost, promote, rollback
 
     reg = _registry(uri, Path(home))
     out = []
@@ -111,8 +111,8 @@ def _machine_worker(job: tuple[str, str, int, list[str], str]) -> list[tuple[str
 
 def _two_adapters(uri: str, tmp_path: Path, site: str) -> tuple[Any, list[str]]:
     """A registry with two (empty) adapter versions, the first promoted at `site`."""
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
-    from dynaflip_adapt.lifecycle import promote
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry.lifecycle import promote
 
     reg = _registry(uri, tmp_path / "setup")
     versions = []
@@ -130,7 +130,7 @@ def _assert_consistent(reg: Any, site: str, applied: list[int]) -> list[dict]:
     """The site's history after a race: sequence numbers without gap or duplicate, each event's
     previous what the one before set, the alias where the last event put it, and exactly the
     requests the workers were told were applied (none lost, none invented)."""
-    from dynaflip_adapt.lifecycle import current, history
+    from dynaflip_adapt.registry.lifecycle import current, history
 
     events = history(reg, site)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
@@ -142,7 +142,7 @@ def _assert_consistent(reg: Any, site: str, applied: list[int]) -> list[dict]:
 
 
 def test_machines_sharing_a_postgres_backed_server_keep_one_consistent_history(server, tmp_path):
-    from dynaflip_adapt.lifecycle import events_model
+    from dynaflip_adapt.registry.lifecycle import events_model
 
     reg, versions = _two_adapters(server.uri, tmp_path, "fleet")
     jobs = [(server.uri, str(tmp_path / f"machine{m}"), m * PROCESSES + p, versions, "fleet")
@@ -176,9 +176,9 @@ def _load_worker(job: tuple[str, str, int, list[str], str, float]) -> list[tuple
     import time
 
     uri, home, proc, versions, site, seconds = job
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import POLICY_MODEL, RaceLost, history, promote, rollback
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry.lifecycle import POLICY_MODEL, RaceLost, history, promote, rollback
 
     reg = _registry(uri, Path(home))
     rng = random.Random(proc)

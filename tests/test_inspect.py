@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from dynaflip_adapt.cli.app import app
-from dynaflip_adapt.inspect_attention import HEADER, attention_rollout, overlay
+from dynaflip_adapt.eval.attention import HEADER, attention_rollout, overlay
 from dynaflip_adapt.models.vit import VisionTransformer
 from tests.builders import write_native
 

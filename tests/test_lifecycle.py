@@ -103,12 +103,12 @@ def test_audit_separates_a_gentle_adapter_from_a_wild_one(fleet):
 
 def test_audit_deviation_is_the_policys_own_output_change(fleet, tmp_path):
     """Recompute the gentle/wild deviation independently from the loaded pieces."""
-    from dynaflip_adapt.adapters import resolve_adapter
-    from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.lifecycle import POLICY_MODEL, load_policy_version
     from dynaflip_adapt.models.adapter import load_adapter
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import resolve_adapter
+    from dynaflip_adapt.registry.backbones import load_backbone
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.lifecycle import POLICY_MODEL, load_policy_version
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store())
     bundle, _ = load_backbone(reg, None)
@@ -157,9 +157,9 @@ def test_promote_is_gated_forced_with_reason_rolled_back_and_remembered(fleet):
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output)
     # Registry write of the alias really moved: MLflow agrees with our history.
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store())
     assert reg.resolve(ADAPTER_MODEL, "prod-lab").version == fleet["wild"]
@@ -196,10 +196,10 @@ def _hand_merged(version: str) -> torch.nn.Module:
 
     from safetensors.torch import load_file
 
-    from dynaflip_adapt.adapters import resolve_adapter
-    from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import resolve_adapter
+    from dynaflip_adapt.registry.backbones import load_backbone
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store(None))
     folder, _ = resolve_adapter(reg, version)
@@ -257,9 +257,9 @@ def _promote_worker(args):
     import os
 
     os.environ["DYNAFLIP_HOME"] = home
-    from dynaflip_adapt.lifecycle import promote, rollback
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.lifecycle import promote, rollback
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store())
     seqs = [promote(reg, version, site, audit_verdict="compatible", reason=f"worker {i}")["seq"]]
@@ -352,7 +352,7 @@ def _lora_b(reg, version):
     """The stored PEFT tensors of an adapter version."""
     from safetensors.torch import load_file
 
-    from dynaflip_adapt.adapters import resolve_adapter
+    from dynaflip_adapt.registry.adapters import resolve_adapter
 
     folder, _ = resolve_adapter(reg, version)
     return load_file(str(folder / "adapter_model.safetensors"))
@@ -360,10 +360,10 @@ def _lora_b(reg, version):
 
 def test_scaled_adapter_is_the_weight_interpolation(fleet):
     """W0 + s * delta W, computed independently from the base and fully merged weights."""
-    from dynaflip_adapt.adapters import open_adapter
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
-    from dynaflip_adapt.strength import scaled_encoder
+    from dynaflip_adapt.eval.strength import scaled_encoder
+    from dynaflip_adapt.registry.adapters import open_adapter
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     bundle, ad, _ = open_adapter(Registry(resolve_store()), fleet["wild"])
     w0 = dict(bundle.model.image.state_dict())
@@ -385,12 +385,12 @@ MEDIUM = ["--max-steps", "25", *FAST, "--set", "optim.lr=0.003", "--set", "loss.
 def test_rescale_auto_registers_the_largest_passing_strength(fleet):
     """An adapter that fails the audit; `adapters rescale --strength auto` registers a scaled
     copy that passes, at a strength whose next bisection step up fails."""
-    from dynaflip_adapt.adapters import open_adapter
-    from dynaflip_adapt.audit import policy_deviation
-    from dynaflip_adapt.lifecycle import POLICY_MODEL, load_policy_version
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
-    from dynaflip_adapt.strength import scaled_encoder
+    from dynaflip_adapt.eval.audit import policy_deviation
+    from dynaflip_adapt.eval.strength import scaled_encoder
+    from dynaflip_adapt.registry.adapters import open_adapter
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.lifecycle import POLICY_MODEL, load_policy_version
+    from dynaflip_adapt.registry.store import resolve_store
 
     medium = ok(["finetune", fleet["logs"], "--site", "lab", *MEDIUM])["adapter"]["version"]
     assert runner.invoke(app, ["audit", "--adapter", medium]).exit_code == 1
@@ -488,8 +488,8 @@ def test_finetune_fallback_trains_the_next_recipe_when_the_audit_fails(fleet, tm
     registered with the rejection in its lineage. A first recipe that passes trains alone."""
     from mlflow import MlflowClient
 
-    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import FINETUNE_EXPERIMENT
+    from dynaflip_adapt.registry.store import resolve_store
 
     fast = {"data": {"num_workers": 0}}
     medium = _recipe_file(tmp_path / "medium.yaml", **fast, optim={"lr": 0.003, "batch_size": 8,
@@ -522,7 +522,7 @@ def test_finetune_fallback_trains_the_next_recipe_when_the_audit_fails(fleet, tm
 
 
 def test_strength_fit_hints_the_replay_area_recipe_only_for_that_failure():
-    from dynaflip_adapt.strength import StrengthFit, Trial
+    from dynaflip_adapt.eval.strength import StrengthFit, Trial
 
     def fit(*failed: str) -> StrengthFit:
         first = Trial(1.0, not failed, "incompatible" if failed else "warning", {}, list(failed))
@@ -540,7 +540,7 @@ def test_strength_fit_hints_the_replay_area_recipe_only_for_that_failure():
 def test_token_readers_names_the_site_policies_that_read_the_token_map():
     """`finetune` warns when a site's policies read the token map and the recipe's teacher holds
     the CLS only: which policies read tokens comes from their registered `head` tag."""
-    from dynaflip_adapt.registry import VersionInfo
+    from dynaflip_adapt.registry.client import VersionInfo
     from dynaflip_adapt.workflows.adapt import token_readers
 
     def version(n, name, head, site="lab", **tags):

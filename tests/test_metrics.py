@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dynaflip_adapt.metrics import linear_cka, mean_cosine, relative_mse
+from dynaflip_adapt.losses import relative_mse
+from dynaflip_adapt.metrics import linear_cka, mean_cosine
 
 
 def _hsic_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dynaflip_adapt.backbones import SHIPPED
 from dynaflip_adapt.config import load_recipe
 from dynaflip_adapt.data.logs import open_logs
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.backbone import load_bundle
+from dynaflip_adapt.registry.backbones import SHIPPED
 from dynaflip_adapt.train.distributed import Dist
 from dynaflip_adapt.train.finetune import (
     StepObjective,

@@ -12,14 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from dynaflip_adapt.cli.app import app
+from dynaflip_adapt.eval.ablations import ABLATIONS, ablation_recipe
+from dynaflip_adapt.eval.offline import action_error, paired_drift
+from dynaflip_adapt.eval.summary import summarize
 from dynaflip_adapt.losses import variance_floor
-from dynaflip_adapt.ood import (
-    ABLATIONS,
-    ablation_recipe,
-    action_error,
-    paired_drift,
-    summarize,
-)
 from dynaflip_adapt.policies import (
     DiffusionHead,
     MLPHead,
@@ -294,8 +290,8 @@ def test_eval_benchmark_end_to_end(tmp_path):
     failed = any(d["failed"] for d in ad["audit_detail"].values())
     assert (ad["audit"] == "incompatible") == failed and ad["audit"] != "unaudited"
     # Logged to MLflow with the JSON (and the PNG when matplotlib is there).
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store(None))
     arts = [a.path for a in reg.client.list_artifacts(res["mlflow_run_id"], "benchmark")]

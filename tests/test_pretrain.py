@@ -157,7 +157,7 @@ def test_cli_default_work_folder_lives_under_home_and_resumes_a_killed_run(logs)
     import tempfile
     from pathlib import Path
 
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.store import resolve_store
 
     leaked = set(Path(tempfile.gettempdir()).glob("dynaflip-pretrain-*"))
     runner = CliRunner()
@@ -187,7 +187,7 @@ def test_cli_default_work_folder_lives_under_home_and_resumes_a_killed_run(logs)
 def test_a_diverging_run_registers_nothing_and_is_marked_failed(logs, tmp_path):
     from mlflow import MlflowClient
 
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.store import resolve_store
 
     runner = CliRunner()
     sets = [arg for s in [*TINY, "optim.lr=1e30", "optim.grad_clip=1e30"] for arg in ("--set", s)]
@@ -207,8 +207,8 @@ def test_a_diverging_run_registers_nothing_and_is_marked_failed(logs, tmp_path):
 
 
 def test_shipped_backbone_bootstraps_an_empty_registry():
-    from dynaflip_adapt.backbones import SHIPPED
     from dynaflip_adapt.models.backbone import read_manifest
+    from dynaflip_adapt.registry.backbones import SHIPPED
 
     runner = CliRunner()
     r = runner.invoke(app, ["backbones", "list", "--json"])
@@ -230,8 +230,8 @@ def test_shipped_backbone_was_trained_with_the_shipped_recipe():
     """The README's reproduce command runs `pretrain --recipe pretrain/small`: every setting the
     shipped bundle recorded must still be what that recipe resolves to (keys added to the recipe
     schema since then are not in the manifest and must keep their neutral defaults)."""
-    from dynaflip_adapt.backbones import SHIPPED
     from dynaflip_adapt.config import FinetuneLoss, recipe_to_dict
+    from dynaflip_adapt.registry.backbones import SHIPPED
 
     recorded = load_bundle(SHIPPED).manifest["provenance"]["recipe"]
     recipe, _ = load_recipe("pretrain/small")

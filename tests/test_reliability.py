@@ -72,9 +72,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_adapter(tmp_path, m
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
 
-    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import FINETUNE_EXPERIMENT
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     monkeypatch.setenv("DYNAFLIP_HOME", env["DYNAFLIP_HOME"])  # restored for later tests
     reg = Registry(resolve_store(None))

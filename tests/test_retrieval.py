@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynaflip_adapt.train.retrieval import (
+from dynaflip_adapt.eval.retrieval import (
     METRICS,
     RetrievalReport,
     cluster_bootstrap,

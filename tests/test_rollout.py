@@ -146,8 +146,8 @@ def test_eval_rollout_pairs_cells_and_logs_videos(sim_fleet, tmp_path):
     seeds = {tuple(e["seed"] for e in c["episodes"]) for c in out["cells"]}
     assert len(seeds) == 1
     assert out["expert"]["base"]["all"]["episodes"] == 3
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store())
     run = reg.client.get_run(out["mlflow_run_id"])
@@ -166,11 +166,11 @@ def test_eval_rollout_bad_input_is_one_line(sim_fleet, tmp_path):
     assert r.exit_code == 2 and "moon_base" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # A policy for another robot: 7-D actions.
     info = sim_fleet["ok"](["policies", "show", sim_fleet["oracle"]])
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store())
-    from dynaflip_adapt.lifecycle import POLICY_MODEL
+    from dynaflip_adapt.registry.lifecycle import POLICY_MODEL
 
     pol = load_policy(reg.download(reg.resolve(POLICY_MODEL, info["version"]["version"]), "p"))
     spec = {**pol.spec, "action_dim": 7}
@@ -195,10 +195,10 @@ def test_eval_rollout_bad_input_is_one_line(sim_fleet, tmp_path):
 def test_eval_rollout_runs_every_policy_folder_even_of_one_name(sim_fleet, tmp_path):
     """Policy folders are labelled by name; two folders of one name (every home's first policy
     is dynaflip-policy-v1) both run, labelled by path, and a folder given twice runs once."""
-    from dynaflip_adapt.lifecycle import POLICY_MODEL
     from dynaflip_adapt.policies import load_policy, save_policy
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.lifecycle import POLICY_MODEL
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store())
     pol = load_policy(reg.download(reg.resolve(POLICY_MODEL, sim_fleet["oracle"]), "p"))

@@ -162,9 +162,9 @@ def _store_copy(version: str) -> Path:
     disk), with the local cache of that version removed so the next command downloads it."""
     import shutil
 
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store(None))
     source = reg.resolve(ADAPTER_MODEL, version).source
@@ -343,7 +343,7 @@ def test_a_registry_error_mid_promotion_fails_closed(fleet, monkeypatch, method)
 
 
 def test_history_is_read_page_by_page(fleet, monkeypatch):
-    import dynaflip_adapt.registry as registry_mod
+    import dynaflip_adapt.registry.client as registry_mod
 
     n = len(ok(["history", "--site", "lab"])["events"])
     assert n >= 2
@@ -491,7 +491,7 @@ def test_help_shows_no_bool_placeholder_and_reflows_docstrings():
 def test_inspect_png_labels_its_columns(fleet, tmp_path):
     import cv2
 
-    from dynaflip_adapt.inspect_attention import HEADER
+    from dynaflip_adapt.eval.attention import HEADER
 
     out = tmp_path / "a.png"
     ok(["inspect", fleet["logs"], "--adapter", fleet["lab"], "--out", str(out), "-n", "2"])
@@ -510,10 +510,10 @@ def test_inspect_png_labels_its_columns(fleet, tmp_path):
 
 
 def test_runs_and_versions_are_browsable_in_mlflow(fleet):
-    from dynaflip_adapt.adapters import ADAPTER_MODEL, FINETUNE_EXPERIMENT
-    from dynaflip_adapt.lifecycle import AUDIT_EXPERIMENT, POLICY_EXPERIMENT, POLICY_MODEL
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL, FINETUNE_EXPERIMENT
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.lifecycle import AUDIT_EXPERIMENT, POLICY_EXPERIMENT, POLICY_MODEL
+    from dynaflip_adapt.registry.store import resolve_store
 
     reg = Registry(resolve_store())
     c = reg.client
@@ -542,9 +542,9 @@ def test_runs_and_versions_are_browsable_in_mlflow(fleet):
 
 def test_a_rescaled_adapter_is_tagged_with_its_strength(fleet):
     out = ok(["adapters", "rescale", fleet["lab"], "--strength", "0.5"])
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     v = Registry(resolve_store()).resolve(ADAPTER_MODEL, out["registered"]["version"])
     assert v.tags["strength"] == "0.5"
@@ -592,9 +592,9 @@ def test_sigterm_during_finetune_is_handled_like_ctrl_c(tmp_path, monkeypatch):
     assert (work / "checkpoint.pt").exists()
 
     monkeypatch.setenv("DYNAFLIP_HOME", env["DYNAFLIP_HOME"])  # restored for later tests
-    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.adapters import FINETUNE_EXPERIMENT
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     runs = Registry(resolve_store()).search_runs(FINETUNE_EXPERIMENT, "")
     assert [r.info.status for r in runs] == ["KILLED"]

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from dynaflip_adapt.cli.app import app
 from dynaflip_adapt.errors import InputError
-from dynaflip_adapt.registry import Registry
-from dynaflip_adapt.store import absolutize_uri, resolve_store
+from dynaflip_adapt.registry.client import Registry
+from dynaflip_adapt.registry.store import absolutize_uri, resolve_store
 
 
 def test_embedded_default_under_home(tmp_path):
@@ -69,7 +69,7 @@ def test_cli_store_info(tmp_path, monkeypatch):
 
 def test_run_metrics_reach_the_store_within_the_flush_interval(monkeypatch):
     """A long run's metrics are in the tracking store while it runs, not only at its end."""
-    from dynaflip_adapt.registry import Registry, RunHandle
+    from dynaflip_adapt.registry.client import Registry, RunHandle
 
     reg = Registry(resolve_store(None))
 

@@ -20,7 +20,7 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """Adapter versions with their site, base backbone and geometry."""
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL
 
     versions = [
         v
@@ -54,8 +54,8 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """An adapter's manifest: lineage, anchors, geometry fingerprint, files."""
-    from dynaflip_adapt.adapters import adapter_chain, resolve_adapter
     from dynaflip_adapt.models.adapter import read_adapter_manifest
+    from dynaflip_adapt.registry.adapters import adapter_chain, resolve_adapter
 
     reg = registry(ctx)
     folder, info = resolve_adapter(reg, ref)
@@ -145,10 +145,10 @@ def rescale(
     import tempfile
     from pathlib import Path
 
-    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, open_adapter, register_adapter
     from dynaflip_adapt.errors import EXIT_CHECK_FAILED, InputError
-    from dynaflip_adapt.lifecycle import audited_policies
-    from dynaflip_adapt.strength import fit_strength, parse_strength, save_scaled
+    from dynaflip_adapt.eval.strength import fit_strength, parse_strength, save_scaled
+    from dynaflip_adapt.registry.adapters import FINETUNE_EXPERIMENT, open_adapter, register_adapter
+    from dynaflip_adapt.registry.lifecycle import audited_policies
 
     fixed = parse_strength(strength)
     reg = registry(ctx)

@@ -262,7 +262,7 @@ def root(
     ] = False,
 ) -> None:
     """Global options."""
-    from dynaflip_adapt.registry import TIMEOUT_ENV
+    from dynaflip_adapt.registry.client import TIMEOUT_ENV
 
     if registry_timeout is not None:
         os.environ[TIMEOUT_ENV] = f"{registry_timeout:g}"

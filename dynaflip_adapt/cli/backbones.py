@@ -22,8 +22,8 @@ BackboneOpt = Annotated[
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Registered backbone versions (the shipped one is bootstrapped on an empty registry)."""
-    from dynaflip_adapt.backbones import ensure_base
-    from dynaflip_adapt.registry import BACKBONE_MODEL
+    from dynaflip_adapt.registry.backbones import ensure_base
+    from dynaflip_adapt.registry.client import BACKBONE_MODEL
 
     reg = registry(ctx)
     ensure_base(reg)
@@ -51,7 +51,7 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command("show")
 def show(ctx: typer.Context, backbone: BackboneOpt = None, as_json: JsonOpt = False) -> None:
     """A backbone's manifest: architecture, preprocessing, fingerprint, provenance."""
-    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.registry.backbones import load_backbone
 
     bundle, info = load_backbone(registry(ctx), backbone)
     data = {
@@ -129,8 +129,8 @@ def import_(
     terms alone, and `pretrain --from VERSION` trains the heads (and the encoder) on triplets.
     Pickle checkpoints (.pth/.bin) are refused: convert them with safetensors first.
     """
-    from dynaflip_adapt.backbones import TIMM_MEAN, import_checkpoint
-    from dynaflip_adapt.registry import BASE_ALIAS
+    from dynaflip_adapt.registry.backbones import TIMM_MEAN, import_checkpoint
+    from dynaflip_adapt.registry.client import BASE_ALIAS
 
     res = import_checkpoint(
         registry(ctx),
@@ -188,9 +188,9 @@ def eval_(
     distinct ones (top-1/top-5); mean simplex area. With --against, every backbone is scored on
     the same triplets (the first one's gap) and the margins over the others are printed.
     """
-    from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.train.evaluation import heldout_retrieval
-    from dynaflip_adapt.train.retrieval import margins
+    from dynaflip_adapt.eval.backbone import heldout_retrieval
+    from dynaflip_adapt.eval.retrieval import margins
+    from dynaflip_adapt.registry.backbones import load_backbone
 
     reg = registry(ctx)
     loaded = [load_backbone(reg, spec) for spec in [backbone, *(against or [])]]
@@ -211,7 +211,7 @@ def eval_(
 
 
 def print_margin_table(rows: list[dict[str, Any]]) -> None:
-    from dynaflip_adapt.train.retrieval import METRICS, margin_cell
+    from dynaflip_adapt.eval.retrieval import METRICS, margin_cell
 
     table = Table(title="margin, first minus other (95% paired interval; * excludes zero)")
     for col in ("backbone - other", "img->flow top1", "top5", "img->lang top1", "top5"):
@@ -226,7 +226,7 @@ def print_margin_table(rows: list[dict[str, Any]]) -> None:
 
 
 def print_retrieval_table(reports: list[Any]) -> None:
-    from dynaflip_adapt.train.retrieval import METRICS
+    from dynaflip_adapt.eval.retrieval import METRICS
 
     table = Table(title="held-out tri-modal retrieval (95% intervals: bootstrap over episodes)")
     for col in ("encoder", "n", "img->flow top1", "top5", "img->lang top1", "top5", "mean area"):

@@ -19,6 +19,7 @@ from dynaflip_adapt.cli.output import (
     registry,
 )
 from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.eval.ablations import BENCHMARK_DEFAULTS
 
 app = typer.Typer(
     help="Out-of-distribution evaluation: action error with the base encoder vs adapters.",
@@ -69,15 +70,15 @@ def logs_cmd(
     Also on held-out base-site logs (retention), the paired feature drift when paired logs are
     given, and the audit verdict. Logged to MLflow (experiment dynaflip-eval). Exit code 0.
     """
-    from dynaflip_adapt.adapters import open_adapter
     from dynaflip_adapt.cli.common import one_adapter
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site, run_audit
-    from dynaflip_adapt.ood import evaluate_encoder
+    from dynaflip_adapt.eval.offline import evaluate_encoder
     from dynaflip_adapt.outputs import check_output_file
     from dynaflip_adapt.policies import collect, instruction_embedder
-    from dynaflip_adapt.registry import metric_key
+    from dynaflip_adapt.registry.adapters import open_adapter
+    from dynaflip_adapt.registry.client import metric_key
+    from dynaflip_adapt.registry.lifecycle import load_policy_version, policies_for_site, run_audit
 
     adapter = one_adapter(None, adapter)
     if out_file is not None:
@@ -269,12 +270,16 @@ def rollout_cmd(
     require_mujoco()
 
     from dynaflip_adapt import activity
-    from dynaflip_adapt.adapters import open_adapter
-    from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.cli.progress import count_progress
-    from dynaflip_adapt.lifecycle import POLICY_MODEL, load_policy_version, policies_for_site
     from dynaflip_adapt.policies import load_policy
-    from dynaflip_adapt.registry import metric_key
+    from dynaflip_adapt.registry.adapters import open_adapter
+    from dynaflip_adapt.registry.backbones import load_backbone
+    from dynaflip_adapt.registry.client import metric_key
+    from dynaflip_adapt.registry.lifecycle import (
+        POLICY_MODEL,
+        load_policy_version,
+        policies_for_site,
+    )
     from dynaflip_adapt.workflows.rollout import closed_loop
 
     reg = registry(ctx)
@@ -411,7 +416,8 @@ def benchmark_cmd(
     head: Annotated[
         list[str] | None,
         typer.Option(
-            "--head", help="Policy heads (default bc, diffusion, image_only, proprio_only)."
+            "--head",
+            help=f"Policy heads (default {', '.join(BENCHMARK_DEFAULTS.heads)}).",
         ),
     ] = None,
     recipe: Annotated[
@@ -420,14 +426,16 @@ def benchmark_cmd(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Recipe override KEY=VALUE (repeatable).")
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Finetune steps per run.")] = 300,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Finetune steps per run.")
+    ] = BENCHMARK_DEFAULTS.steps,
     episodes: Annotated[
         int,
         typer.Option("--episodes", min=1, help="Train episodes per site (policies, adapters)."),
-    ] = 96,
+    ] = BENCHMARK_DEFAULTS.train_episodes,
     test_episodes: Annotated[
         int, typer.Option("--test-episodes", min=1, help="Held-out episodes per site.")
-    ] = 12,
+    ] = BENCHMARK_DEFAULTS.test_episodes,
     language: Annotated[
         bool,
         typer.Option(
@@ -435,16 +443,16 @@ def benchmark_cmd(
             help="Condition the policies on the instruction (the tasks mix objects and goals: "
             "without it a single frame cannot say which object to move).",
         ),
-    ] = True,
+    ] = BENCHMARK_DEFAULTS.language,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="The policies' declared tolerance (audit).")
-    ] = 0.25,
+    ] = BENCHMARK_DEFAULTS.tolerance,
     frames: Annotated[
         int, typer.Option("--frames", min=10, help="The most frames per episode.")
-    ] = 50,
+    ] = BENCHMARK_DEFAULTS.frames,
     size: Annotated[
         int, typer.Option("--size", min=16, max=640, help="Rendered image size (pixels).")
-    ] = 128,
+    ] = BENCHMARK_DEFAULTS.size,
     policy_steps: Annotated[
         int | None,
         typer.Option(
@@ -459,7 +467,7 @@ def benchmark_cmd(
             help="Closed-loop episodes per site and head in every run (success rates beside the "
             "offline error; 0: offline only).",
         ),
-    ] = 20,
+    ] = BENCHMARK_DEFAULTS.closed_loop,
     backbone: Annotated[
         str | None, typer.Option("--backbone", "-b", help="Backbone (default: base).")
     ] = None,
@@ -486,7 +494,7 @@ def benchmark_cmd(
     image-reading heads, the base site kept, audit passed. Results go to MLflow (experiment
     dynaflip-eval) with a PNG. Exit code 0 whether or not the goal is met (the table says).
     """
-    from dynaflip_adapt.ood import ABLATIONS
+    from dynaflip_adapt.eval.ablations import ABLATIONS
     from dynaflip_adapt.outputs import check_output_file
 
     # `-a` is --adapter everywhere else; the old short spelling of --ablation still works.
@@ -500,10 +508,12 @@ def benchmark_cmd(
             for k, v in ABLATIONS.items():
                 console().print(f"{k:15s} {v.description}", highlight=False)
         return
-    from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.config import FinetuneRecipe, load_recipe
-    from dynaflip_adapt.ood import BenchmarkConfig, plot, run_benchmark
+    from dynaflip_adapt.eval.ablations import BenchmarkConfig
+    from dynaflip_adapt.eval.summary import plot
+    from dynaflip_adapt.registry.backbones import load_backbone
     from dynaflip_adapt.sim.sites import PRESETS
+    from dynaflip_adapt.workflows.benchmark import run_benchmark
 
     if closed_loop:
         require_mujoco()

@@ -30,6 +30,7 @@ from dynaflip_adapt.cli.output import (
     progress_enabled,
     state,
 )
+from dynaflip_adapt.workflows.adapt import RETAIN_FRAMES
 
 
 def finetune(
@@ -88,7 +89,7 @@ def finetune(
     ] = None,
     retain_frames: Annotated[
         int, typer.Option("--retain-frames", min=1, help="Frames taken from the --retain logs.")
-    ] = 512,
+    ] = RETAIN_FRAMES,
     fallback: Annotated[
         list[str] | None,
         typer.Option(

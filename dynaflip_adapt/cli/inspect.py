@@ -37,11 +37,11 @@ def inspect_cmd(
     import numpy as np
     import torch
 
-    from dynaflip_adapt.adapters import load_registered_adapter, open_adapter
-    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.data.frames import resize_uint8
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
-    from dynaflip_adapt.inspect_attention import attention_rollout, overlay, save_grid
-    from dynaflip_adapt.train.triplets import resize_uint8
+    from dynaflip_adapt.eval.attention import attention_rollout, overlay, save_grid
+    from dynaflip_adapt.registry.adapters import load_registered_adapter, open_adapter
+    from dynaflip_adapt.registry.backbones import load_backbone
 
     reg = registry(ctx)
     ad = None

@@ -129,7 +129,7 @@ def audit_cmd(
     simplex area). Exit code 0: compatible or warning; 1: incompatible, or unaudited (no policy
     is pinned to the site, so nothing vouches for the adapter). Logged to MLflow.
     """
-    from dynaflip_adapt.lifecycle import run_audit
+    from dynaflip_adapt.registry.lifecycle import run_audit
 
     ref = one_adapter(adapter, adapter_opt)
     report, ainfo, run_id = run_audit(registry(ctx), ref, site, policy)
@@ -172,9 +172,9 @@ def promote_cmd(
     refused; overrides are recorded in the site's history.
     """
     from dynaflip_adapt import activity
-    from dynaflip_adapt.adapters import open_adapter
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import promote, promotion_refusal, run_audit, site_alias
+    from dynaflip_adapt.registry.adapters import open_adapter
+    from dynaflip_adapt.registry.lifecycle import promote, promotion_refusal, run_audit, site_alias
 
     ref = one_adapter(adapter, adapter_opt)
     site_alias(site)  # a name with nothing usable fails before anything loads
@@ -256,7 +256,7 @@ def rollback_cmd(
 ) -> None:
     """Move a site's production alias back to the previously promoted adapter (or --to V)."""
     from dynaflip_adapt import activity
-    from dynaflip_adapt.lifecycle import rollback
+    from dynaflip_adapt.registry.lifecycle import rollback
 
     reg = registry(ctx)
     with activity.step(f"rolling back site {site}"):
@@ -280,8 +280,8 @@ def history_cmd(
     from rich.table import Table
 
     from dynaflip_adapt import activity
-    from dynaflip_adapt.adapters import ADAPTER_MODEL
-    from dynaflip_adapt.lifecycle import current, history, rollback_target
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL
+    from dynaflip_adapt.registry.lifecycle import current, history, rollback_target
 
     reg = registry(ctx)
     with activity.step(f"reading the history of site {site}"):
@@ -350,7 +350,7 @@ def export_cmd(
     """
     from dynaflip_adapt import activity
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.export import check_format
+    from dynaflip_adapt.models.export import check_format
     from dynaflip_adapt.outputs import check_export_folder
 
     ref = one_adapter(adapter, adapter_opt)
@@ -360,9 +360,9 @@ def export_cmd(
     check_format(fmt)
     target = check_export_folder(out, overwrite=overwrite)
 
-    from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
-    from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.export import export_encoder
+    from dynaflip_adapt.models.export import export_encoder
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL, open_adapter
+    from dynaflip_adapt.registry.backbones import load_backbone
 
     reg = registry(ctx)
     source = None

@@ -32,8 +32,8 @@ def state(ctx: typer.Context) -> State:
 def registry(ctx: typer.Context) -> Any:
     """The registry at the store this invocation resolves (imports mlflow: call inside commands)."""
     from dynaflip_adapt import activity
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     store = resolve_store(state(ctx).tracking_uri)
     with activity.step(f"opening the registry at {store.tracking_uri}"):
@@ -70,7 +70,7 @@ def print_json(data: Any) -> None:
 
 def print_fit(fit: object) -> None:
     """The strengths tried by `fit_strength` and why each passed or failed."""
-    from dynaflip_adapt.strength import StrengthFit
+    from dynaflip_adapt.eval.strength import StrengthFit
 
     assert isinstance(fit, StrengthFit)
     table = Table(title=f"strength fit (budget {fit.budget:g} x tolerance)")

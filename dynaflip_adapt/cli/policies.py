@@ -26,8 +26,8 @@ TolOpt = Annotated[
 
 def encoder_for(registry, backbone: str | None, adapter: str | None):  # type: ignore[no-untyped-def]
     """(bundle, base version, encoder module, adapter version) for a backbone + optional adapter."""
-    from dynaflip_adapt.adapters import load_registered_adapter
-    from dynaflip_adapt.backbones import load_backbone
+    from dynaflip_adapt.registry.adapters import load_registered_adapter
+    from dynaflip_adapt.registry.backbones import load_backbone
 
     bundle, binfo = load_backbone(registry, backbone)
     if adapter is None:
@@ -111,7 +111,6 @@ def train(
     from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import POLICY_EXPERIMENT, register_policy
     from dynaflip_adapt.policies import (
         FRAME_HEADS,
         HEAD_KINDS,
@@ -121,6 +120,7 @@ def train(
         instruction_embedder,
         save_policy,
     )
+    from dynaflip_adapt.registry.lifecycle import POLICY_EXPERIMENT, register_policy
 
     if head not in HEADS:
         raise InputError(None, "--head", repr(head), "one of " + ", ".join(HEADS))
@@ -241,9 +241,9 @@ def register(
 ) -> None:
     """Record an existing policy folder in the registry with its pin and tolerance."""
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import register_policy
     from dynaflip_adapt.outputs import sha256_file
     from dynaflip_adapt.policies import SPEC, WEIGHTS, read_policy_spec
+    from dynaflip_adapt.registry.lifecycle import register_policy
 
     reg = registry(ctx)
     spec = read_policy_spec(policy_dir)
@@ -289,7 +289,7 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """Registered policies with their pins and tolerances."""
-    from dynaflip_adapt.lifecycle import POLICY_MODEL
+    from dynaflip_adapt.registry.lifecycle import POLICY_MODEL
 
     versions = [
         v
@@ -323,8 +323,8 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """A policy's spec: head, inputs, pin, tolerance."""
-    from dynaflip_adapt.lifecycle import POLICY_MODEL
     from dynaflip_adapt.policies import read_policy_spec
+    from dynaflip_adapt.registry.lifecycle import POLICY_MODEL
 
     reg = registry(ctx)
     info = reg.resolve(POLICY_MODEL, version)

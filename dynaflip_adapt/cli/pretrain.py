@@ -85,7 +85,6 @@ def pretrain(
     import shutil
     import tempfile
 
-    from dynaflip_adapt.backbones import register_backbone
     from dynaflip_adapt.cli.progress import logged_training
     from dynaflip_adapt.config import (
         PretrainRecipe,
@@ -99,8 +98,9 @@ def pretrain(
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.outputs import check_export_folder, install_export, sha256_file
-    from dynaflip_adapt.registry import PRETRAIN_EXPERIMENT, Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.backbones import register_backbone
+    from dynaflip_adapt.registry.client import PRETRAIN_EXPERIMENT, Registry
+    from dynaflip_adapt.registry.store import resolve_store
     from dynaflip_adapt.train.distributed import init_from_env
     from dynaflip_adapt.train.pretrain import pretrain as run_pretrain
 
@@ -126,8 +126,8 @@ def pretrain(
     if from_ is not None:
         from dataclasses import asdict
 
-        from dynaflip_adapt.backbones import load_backbone
         from dynaflip_adapt.config import ModelSection
+        from dynaflip_adapt.registry.backbones import load_backbone
 
         bundle, src = load_backbone(registry, from_)
         heads_trained = bundle.has_heads

@@ -17,7 +17,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show the resolved tracking URI, artifact root and home directory (creates nothing)."""
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.store import resolve_store
 
     store = resolve_store(state(ctx).tracking_uri)
     if as_json:

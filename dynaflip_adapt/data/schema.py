@@ -17,6 +17,10 @@ import numpy as np
 
 from dynaflip_adapt.resources import shipped_dir
 
+# The simulator's objects, in the order its logs' `obs/object_state` lists them (after the
+# instructed one) and the names episode attribute `target_object` takes: what object heads read.
+SIM_OBJECTS = ("red_cube", "green_cylinder", "blue_cube")
+
 # Detection order: most specific first.
 SCHEMA_FILES = ("native", "aloha_jpeg", "aloha", "libero", "robomimic")
 

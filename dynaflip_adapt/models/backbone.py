@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from dynaflip_adapt.models.vit import VisionTransformer
 from dynaflip_adapt.outputs import sha256_file, writing
 
 BUNDLE_VERSION = 1
+# A backbone's preprocessing: uint8 frames (B, 3, H, W) -> its normalized input (B, 3, S, S).
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
 IMAGE_FILE = "image_encoder.safetensors"
 HEADS_FILE = "heads.safetensors"
 REPLAY_FILE = "replay.safetensors"

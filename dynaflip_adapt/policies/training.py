@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.models.backbone import Preprocess
 from dynaflip_adapt.policies.heads import (
     ESTIMATE_COLUMNS,
     ESTIMATE_UNIT,
@@ -38,11 +39,15 @@ SHIFT_PAD = 4  # random-shift augmentation of the pixel head, in pixels at 64 px
 # (action-std units squared): 1.5 cm of estimate error weighs as 0.22 of action MSE.
 ESTIMATE_WEIGHT = 10.0
 
+if TYPE_CHECKING:
+    from dynaflip_adapt.data.logs import Episode, EpisodeReader, LogSet
+    from dynaflip_adapt.models.backbone import Bundle
+
 
 @torch.no_grad()
 def encode_frames(
     encoder: nn.Module,
-    preprocess: Any,
+    preprocess: Preprocess,
     rgb: torch.Tensor,
     batch: int = 128,
     view: str = "features",
@@ -59,7 +64,7 @@ def encode_frames(
 def actions_on_frames(
     policy: Policy,
     encoder: nn.Module,
-    preprocess: Any,
+    preprocess: Preprocess,
     frames: torch.Tensor,
     proprio: torch.Tensor | None = None,
     language: torch.Tensor | None = None,
@@ -84,7 +89,7 @@ def _tokens(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def instruction_embedder(bundle: Any) -> Embedder:
+def instruction_embedder(bundle: Bundle) -> Embedder:
     """Instructions -> the backbone's unit language embeddings (B, embed_dim): its frozen
     sentence encoder and projection, which adaptation never changes."""
     from dynaflip_adapt.models.text import embed_instructions
@@ -115,8 +120,8 @@ def oracle_features(state: torch.Tensor, eef: torch.Tensor) -> torch.Tensor:
 
 
 def collect(
-    logs: Any,
-    reader: Any,
+    logs: LogSet,
+    reader: EpisodeReader,
     image_size: int,
     max_frames: int | None = None,
     language: Embedder | None = None,
@@ -133,7 +138,7 @@ def collect(
         InputError: `language` given and an episode has no instruction, `state` and an
             episode has no object state, `objects` and an episode does not name its object.
     """
-    from dynaflip_adapt.train.triplets import resize_uint8
+    from dynaflip_adapt.data.frames import resize_uint8
 
     if language is not None:
         for ep in logs.episodes:
@@ -183,12 +188,12 @@ def collect(
     return out
 
 
-def _target_index(reader: Any, ep: Any) -> int:
+def _target_index(reader: EpisodeReader, ep: Episode) -> int:
     """Where the episode's instructed object sits in the simulator's object order (what tells
     the objects in ``obs/object_state`` apart: the instructed one first, the others in order)."""
-    from dynaflip_adapt.sim.scene import OBJECTS
+    from dynaflip_adapt.data.schema import SIM_OBJECTS
 
-    names = [n for n, *_ in OBJECTS]
+    names = list(SIM_OBJECTS)
     found = reader.file(ep.file)[ep.group].attrs.get("target_object")
     found = found.decode() if isinstance(found, bytes) else found
     if found not in names:
@@ -542,7 +547,7 @@ def policy_input(
     policy: Policy,
     data: dict[str, torch.Tensor],
     encoder: nn.Module | None,
-    preprocess: Any,
+    preprocess: Preprocess,
     cache: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """What a loaded policy reads of collected `data`, through `encoder` when it reads the
@@ -558,7 +563,7 @@ def policy_input(
             cache[reads] = out
         return out
     if reads == "pixels":
-        from dynaflip_adapt.train.triplets import resize_uint8
+        from dynaflip_adapt.data.frames import resize_uint8
 
         return resize_uint8(data["rgb"], policy.image_size or int(data["rgb"].shape[-1]))
     if reads == "state":
@@ -570,7 +575,7 @@ def policy_input(
 
 def fit_policy(
     encoder: nn.Module | None,
-    preprocess: Any,
+    preprocess: Preprocess,
     data: dict[str, torch.Tensor],
     *,
     head: str,

@@ -14,9 +14,15 @@ import contextlib
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dynaflip_adapt.models.backbone import Preprocess
+    from dynaflip_adapt.policies import Policy
 
 from dynaflip_adapt.sim.sites import Site
 
@@ -312,9 +318,9 @@ class PolicyController:
 
     def __init__(
         self,
-        policy: Any,
-        encoder: Any,
-        preprocess: Any,
+        policy: Policy,
+        encoder: nn.Module | None,
+        preprocess: Preprocess,
         image_size: int,
         embed: Callable[[Sequence[str]], Any] | None = None,
         execute: int = 1,
@@ -335,10 +341,10 @@ class PolicyController:
     def act(self, slots: Sequence[int], obs: Sequence[Obs]) -> np.ndarray:
         import torch
 
+        from dynaflip_adapt.data.frames import resize_uint8
         from dynaflip_adapt.policies import oracle_features, policy_input
         from dynaflip_adapt.policies.heads import DiffusionHead
         from dynaflip_adapt.policies.policy import FRAME_READS, decode_actions, head_inputs
-        from dynaflip_adapt.train.triplets import resize_uint8
 
         need = [i for i, s in enumerate(slots) if not self.queue[s]]
         if need:

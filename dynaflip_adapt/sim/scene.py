@@ -7,6 +7,7 @@ never depend on the `Site`: only materials, lights and the camera do.
 
 from __future__ import annotations
 
+from dynaflip_adapt.data.schema import SIM_OBJECTS
 from dynaflip_adapt.sim.sites import Site, Surface
 
 # Geometry shared with the controller (metres).
@@ -17,10 +18,10 @@ TIP = 0.085  # wrist pivot -> grasp point, along -z when the hand points down
 FINGER_OPEN = 0.035
 OBJECT_HALF = 0.02
 OBJECTS = (
-    # name, shape, colour word, rgba
-    ("red_cube", "cube", "red", (0.85, 0.12, 0.1)),
-    ("green_cylinder", "cylinder", "green", (0.15, 0.7, 0.2)),
-    ("blue_cube", "cube", "blue", (0.15, 0.3, 0.85)),
+    # name (in the logs' object order), shape, colour word, rgba
+    (SIM_OBJECTS[0], "cube", "red", (0.85, 0.12, 0.1)),
+    (SIM_OBJECTS[1], "cylinder", "green", (0.15, 0.7, 0.2)),
+    (SIM_OBJECTS[2], "cube", "blue", (0.15, 0.3, 0.85)),
 )
 PLATE = ("yellow_plate", "plate", "yellow", (0.95, 0.85, 0.15))
 

@@ -100,7 +100,7 @@ def appearance_views(
     size = int(rgb.shape[-1])
     aug = build_augment(AugmentSection(), size, crop=False)
     if styles is not None and tuple(styles.shape[-2:]) != tuple(rgb.shape[-2:]):
-        from dynaflip_adapt.train.triplets import resize_uint8
+        from dynaflip_adapt.data.frames import resize_uint8
 
         styles = resize_uint8(styles, size)
     g = torch.Generator().manual_seed(seed)

@@ -36,8 +36,8 @@ from dynaflip_adapt.config import FinetuneRecipe, recipe_hash, recipe_to_dict
 from dynaflip_adapt.data.dataset import FramePairDataset
 from dynaflip_adapt.data.logs import LogSet
 from dynaflip_adapt.errors import InputError, RuntimeFailure
-from dynaflip_adapt.losses import area_infonce, masked_mse, triangle_area
-from dynaflip_adapt.metrics import linear_cka, mean_cosine, relative_mse
+from dynaflip_adapt.losses import area_infonce, masked_mse, relative_mse, triangle_area
+from dynaflip_adapt.metrics import linear_cka, mean_cosine
 from dynaflip_adapt.models.adapter import PROBE_FILE, lora_state, wrap_lora, write_manifest
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
@@ -56,7 +56,7 @@ from dynaflip_adapt.train.common import (
     to_device,
     warmup_cosine,
 )
-from dynaflip_adapt.train.distributed import ShardedBatches, check_batch, init_from_env
+from dynaflip_adapt.train.distributed import Dist, ShardedBatches, check_batch, init_from_env
 from dynaflip_adapt.train.triplets import TripletDataset
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -182,7 +182,7 @@ def retention_frames(logs: LogSet, image_size: int, count: int) -> torch.Tensor:
     """`count` frames spread evenly over every episode of `logs` (uint8, N x 3 x S x S at the
     encoder's input size): frames whose encoding an adapter must keep, typically the logs the
     fleet's policies were trained on."""
-    from dynaflip_adapt.drift import sample_frames
+    from dynaflip_adapt.data.frames import sample_frames
 
     return sample_frames(logs, image_size, count).frames
 
@@ -316,7 +316,7 @@ class StepObjective:
         text: torch.Tensor,
         pool: torch.Tensor,
         device: torch.device,
-        dist: Any,
+        dist: Dist,
         full: bool = False,
     ) -> None:
         self.heads = bundle.model
@@ -636,7 +636,15 @@ def finetune(
             loss, parts = objective(to_device(next(it), device))
         if not torch.isfinite(loss):
             raise RuntimeFailure(f"dry run: the initial loss is {float(loss)}")
-        return FinetuneResult(None, 0, {"loss": float(loss), **parts}, 0.0, 0.0, anchors, warnings)
+        return FinetuneResult(
+            adapter=None,
+            steps=0,
+            final={"loss": float(loss), **parts},
+            seconds=0.0,
+            frames_per_second=0.0,
+            anchors=anchors,
+            warnings=warnings,
+        )
 
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -679,7 +687,13 @@ def finetune(
     if not dist.is_main:  # rank 0 writes the adapter
         dist.barrier()
         return FinetuneResult(
-            None, total, history[-1] if history else {}, seconds, 0.0, anchors, warnings
+            adapter=None,
+            steps=total,
+            final=history[-1] if history else {},
+            seconds=seconds,
+            frames_per_second=0.0,
+            anchors=anchors,
+            warnings=warnings,
         )
     heads.cpu()
     student.cpu()
@@ -711,17 +725,17 @@ def finetune(
         )
     dist.barrier()
     return FinetuneResult(
-        out,
-        total,
-        history[-1] if history else {},
-        seconds,
-        seen / max(seconds, 1e-9),
-        anchors,
-        warnings,
-        geometry,
-        history,
-        encoder,
-        probe,
+        adapter=out,
+        steps=total,
+        final=history[-1] if history else {},
+        seconds=seconds,
+        frames_per_second=seen / max(seconds, 1e-9),
+        anchors=anchors,
+        warnings=warnings,
+        geometry=geometry,
+        history=history,
+        encoder=encoder,
+        probe=probe,
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dynaflip_adapt.config import PretrainRecipe, recipe_hash, recipe_to_dict
+from dynaflip_adapt.config import PretrainLoss, PretrainRecipe, recipe_hash, recipe_to_dict
 from dynaflip_adapt.data.dataset import FramePairDataset
 from dynaflip_adapt.data.logs import LogSet
 from dynaflip_adapt.errors import InputError, RuntimeFailure
@@ -116,7 +116,7 @@ def trimodal_losses(
     model: Backbone,
     batch: dict[str, Any],
     text_table: torch.Tensor,
-    weights: Any,
+    weights: PretrainLoss,
     *,
     image_grad: bool = True,
     step: int | None = None,
@@ -175,7 +175,7 @@ def trimodal_losses(
 
 
 def point_losses(
-    model: Backbone, tokens: torch.Tensor, batch: dict[str, Any], weights: Any
+    model: Backbone, tokens: torch.Tensor, batch: dict[str, Any], weights: PretrainLoss
 ) -> dict[str, torch.Tensor]:
     """Per-point terms on the patch tokens of both frames (B2 = 2B, 1 + N, D): each tracked
     point's 3D position relative to its frame's valid points' centroid, from the token at its
@@ -414,7 +414,10 @@ def pretrain(
     final = history[-1] if history else {}
     if not dist.is_main:  # rank 0 writes the bundle
         dist.barrier()
-        return PretrainResult(None, total, final, seconds, 0.0, history)
+        return PretrainResult(
+            bundle=None, steps=total, final=final, seconds=seconds, triplets_per_second=0.0,
+            history=history,
+        )  # fmt: skip
     model.eval().cpu()
     replay, replay_text = build_replay(ds, text.cpu(), recipe.replay.frames)
     prov = {
@@ -431,4 +434,7 @@ def pretrain(
         model, workdir / "backbone", replay=replay, replay_instructions=replay_text, provenance=prov
     )
     dist.barrier()
-    return PretrainResult(bundle, total, final, seconds, seen / max(seconds, 1e-9), history)
+    return PretrainResult(
+        bundle=bundle, steps=total, final=final, seconds=seconds,
+        triplets_per_second=seen / max(seconds, 1e-9), history=history,
+    )  # fmt: skip

@@ -6,23 +6,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dynaflip_adapt.data.dataset import FramePairDataset
+from dynaflip_adapt.data.frames import resize_uint8
 
 MOVING = 0.002  # metres: displacement above which a point counts as moving
-
-
-def resize_uint8(rgb: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) or (B, 3, H, W) uint8 -> same at size x size (bilinear, antialiased)."""
-    x = rgb if rgb.ndim == 4 else rgb[None]
-    if x.shape[-2:] != (size, size):
-        y = F.interpolate(
-            x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        x = y.round().clamp(0, 255).to(torch.uint8)
-    return x if rgb.ndim == 4 else x[0]
 
 
 def sample_points(

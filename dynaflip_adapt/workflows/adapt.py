@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from dynaflip_adapt.config import FinetuneRecipe
+    from dynaflip_adapt.eval.audit import AuditedPolicy
+    from dynaflip_adapt.eval.strength import StrengthFit, Trial
     from dynaflip_adapt.models.backbone import Bundle
-    from dynaflip_adapt.registry import Registry, RunHandle, VersionInfo
-    from dynaflip_adapt.strength import StrengthFit
+    from dynaflip_adapt.registry.client import Registry, RunHandle, VersionInfo
     from dynaflip_adapt.train.finetune import FinetuneResult
 
 OnStep = Callable[[int, dict[str, float]], None]
@@ -36,6 +37,9 @@ Monitor = Callable[
 ]
 # notify(level, message): "warning" for what the user should act on, "info" for what happened.
 Notify = Callable[[Literal["warning", "info"], str], None]
+
+# Frames taken from the `retain` logs by default (finetune --retain-frames, the benchmark).
+RETAIN_FRAMES = 512
 
 # Losses shown live while an adapter trains (the rest are logged to MLflow).
 LIVE_KEYS = ("loss", "area", "distill_replay", "invariance", "replay_area")
@@ -92,7 +96,7 @@ class AdaptRequest:
     depth_scale: float | None = None
     language: str | None = None
     retain: tuple[Path, ...] = ()
-    retain_frames: int = 512
+    retain_frames: int = RETAIN_FRAMES
     fallback: tuple[str, ...] = ()
     strength: str = "1"
     budget: float = 1.0
@@ -225,8 +229,6 @@ def adapt_site(
     Raises:
         InputError: Bad logs, recipe, backbone, parent or option (before anything is written).
     """
-    from dynaflip_adapt.adapters import FINETUNE_EXPERIMENT, register_adapter, resolve_adapter
-    from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.config import (
         FinetuneRecipe,
         device_overrides,
@@ -238,10 +240,16 @@ def adapt_site(
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
     from dynaflip_adapt.data.logs import open_logs
     from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.eval.strength import audit_at, parse_strength
     from dynaflip_adapt.models.adapter import load_adapter, read_adapter_manifest
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
-    from dynaflip_adapt.strength import audit_at, parse_strength
+    from dynaflip_adapt.registry.adapters import (
+        FINETUNE_EXPERIMENT,
+        register_adapter,
+        resolve_adapter,
+    )
+    from dynaflip_adapt.registry.backbones import load_backbone
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
     from dynaflip_adapt.train.distributed import init_from_env
     from dynaflip_adapt.train.finetune import finetune as run_finetune
     from dynaflip_adapt.train.finetune import retention_frames
@@ -321,7 +329,7 @@ def adapt_site(
             "retain_frames": len(held),
         }
     rejected: list[dict[str, Any]] = []
-    policies: list[Any] | None = None
+    policies: list[AuditedPolicy] | None = None
     for i, (rec, rec_path) in enumerate(candidates):
         last = i == len(candidates) - 1
         logset = logsets[i]
@@ -466,8 +474,8 @@ def adapt_site(
 
 def token_readers(registry: Registry, site: str) -> list[str]:
     """Names of the active policies pinned to `site` whose head reads the patch-token map."""
-    from dynaflip_adapt.lifecycle import policies_for_site
     from dynaflip_adapt.policies import HEAD_KINDS
+    from dynaflip_adapt.registry.lifecycle import policies_for_site
 
     names = []
     for v in policies_for_site(registry, site):
@@ -478,10 +486,10 @@ def token_readers(registry: Registry, site: str) -> list[str]:
 
 
 def _pinned(
-    registry: Any, bundle: Bundle, site: str, last: bool, fixed: float | None, notify: Notify
-) -> list[Any]:
+    registry: Registry, bundle: Bundle, site: str, last: bool, fixed: float | None, notify: Notify
+) -> list[AuditedPolicy]:
     """The site's pinned policies the audits hold the adapter to (resolved once per job)."""
-    from dynaflip_adapt.lifecycle import audited_policies
+    from dynaflip_adapt.registry.lifecycle import audited_policies
 
     policies = audited_policies(registry, bundle, site)
     if not policies:
@@ -499,8 +507,8 @@ def apply_strength(
     folder: Path,
     fixed: float | None,
     budget: float,
-    policies: list[Any],
-    first: Any = None,
+    policies: list[AuditedPolicy],
+    first: Trial | None = None,
     notify: Notify = _ignore,
 ) -> tuple[StrengthFit | None, float, Path]:
     """Scales the freshly trained adapter in `folder`: to `fixed`, or (None) to the largest
@@ -508,8 +516,8 @@ def apply_strength(
     audit at full strength, if already done). A scaled adapter is written beside the trained one
     (``<folder>-scaled``), which stays as trained (a ``--resume`` reuses it). Returns (fit,
     strength, the folder to register)."""
+    from dynaflip_adapt.eval.strength import fit_strength, save_scaled
     from dynaflip_adapt.models.adapter import load_adapter
-    from dynaflip_adapt.strength import fit_strength, save_scaled
 
     if fixed == 1.0 or (fixed is None and not policies):
         return None, 1.0, folder
@@ -551,12 +559,12 @@ def finished_adapter(work: Path, expected: dict[str, Any]) -> FinetuneResult | N
     if "strength" in lineage or any(lineage.get(k) != v for k, v in expected.items()):
         return None
     return FinetuneResult(
-        folder,
-        int(lineage["steps"]),
-        {},
-        0.0,
-        0.0,
-        dict(manifest.get("anchors", {})),
+        adapter=folder,
+        steps=int(lineage["steps"]),
+        final={},
+        seconds=0.0,
+        frames_per_second=0.0,
+        anchors=dict(manifest.get("anchors", {})),
         geometry=dict(manifest.get("geometry", {})),
     )
 

@@ -1,11 +1,12 @@
 """Does a site's production encoder still fit its new logs? The job behind ``monitor``.
 
-`monitor_site` scores new logs against the frames the site's production encoder is known to fit
-(`dynaflip_adapt.drift`): the production adapter (alias ``prod-<site>``) merged into its backbone,
-or the base backbone for a site never adapted; the reference is ``reference`` logs when given,
-else the logs the production adapter was trained on (its lineage), else its probe frames. The
-verdict is ``adapt`` when the score exceeds the threshold, ``fits`` otherwise; every run is
-logged to MLflow (experiment ``dynaflip-monitor``) so a site's drift reads as a time series.
+`monitor_site` scores new logs against the frames the site's production encoder is known to
+fit (`dynaflip_adapt.eval.drift`): the production adapter (alias ``prod-<site>``) merged into
+its backbone, or the base backbone for a site never adapted; the reference is ``reference`` logs
+when given, else the logs the production adapter was trained on (its lineage), else its probe
+frames. The verdict is ``adapt`` when the score exceeds the threshold, ``fits`` otherwise;
+every run is logged to MLflow (experiment ``dynaflip-monitor``) so a site's drift reads as a
+time series.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
-    from dynaflip_adapt.drift import DriftScore
+    from dynaflip_adapt.eval.drift import DriftScore
+    from dynaflip_adapt.models.backbone import Preprocess
     from dynaflip_adapt.models.vit import VisionTransformer
+    from dynaflip_adapt.registry.client import Registry
 
 MONITOR_EXPERIMENT = "dynaflip-monitor"
 # The reference size `recipes/monitor/default.yaml`'s threshold was calibrated with (base-site
@@ -110,16 +114,17 @@ def monitor_site(request: MonitorRequest, *, tracking_uri: str | None = None) ->
     """
     import torch
 
-    from dynaflip_adapt.adapters import ADAPTER_MODEL, open_adapter
-    from dynaflip_adapt.backbones import load_backbone
     from dynaflip_adapt.config import MonitorRecipe, load_recipe, recipe_to_dict
     from dynaflip_adapt.data.fingerprint import logs_fingerprint
+    from dynaflip_adapt.data.frames import sample_frames
     from dynaflip_adapt.data.logs import SourceSettings, open_logs
-    from dynaflip_adapt.drift import drift_score, sample_frames, token_maps
     from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.lifecycle import site_alias
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.eval.drift import drift_score, token_maps
+    from dynaflip_adapt.registry.adapters import ADAPTER_MODEL, open_adapter
+    from dynaflip_adapt.registry.backbones import load_backbone
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.lifecycle import site_alias
+    from dynaflip_adapt.registry.store import resolve_store
 
     req = request
     if req.frames is not None and req.frames < 8:
@@ -244,11 +249,11 @@ def _metric_key(name: str) -> str:
 
 
 def policy_action_drift(
-    registry: Any,
+    registry: Registry,
     site: str,
     backbone: str,
-    encoder: Any,
-    preprocess: Any,
+    encoder: nn.Module,
+    preprocess: Preprocess,
     reference: torch.Tensor,
     new: torch.Tensor,
 ) -> tuple[dict[str, float], list[str]]:
@@ -260,9 +265,9 @@ def policy_action_drift(
     another backbone."""
     import torch
 
-    from dynaflip_adapt.drift import action_drift
-    from dynaflip_adapt.lifecycle import load_policy_version, policies_for_site
+    from dynaflip_adapt.eval.drift import action_drift
     from dynaflip_adapt.policies import actions_on_frames
+    from dynaflip_adapt.registry.lifecycle import load_policy_version, policies_for_site
 
     out: dict[str, float] = {}
     skipped: list[str] = []

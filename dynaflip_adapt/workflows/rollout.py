@@ -13,11 +13,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynaflip_adapt.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dynaflip_adapt.models.backbone import Bundle
+    from dynaflip_adapt.policies import Policy
 
 SIM_ACTION_DIM = 4  # (dx, dy, dz, grip)
 SIM_PROPRIO_DIM = 9  # eef (3), finger slides (2), arm joints (4)
@@ -124,7 +130,7 @@ class RolloutReport:
         }
 
 
-def check_policy_fits_sim(name: str, policy: Any) -> None:
+def check_policy_fits_sim(name: str, policy: Policy) -> None:
     """A policy must speak the simulator's action and proprio spaces.
 
     Raises:
@@ -144,9 +150,9 @@ def check_policy_fits_sim(name: str, policy: Any) -> None:
 
 def closed_loop(
     request: RolloutRequest,
-    bundle: Any,
-    policies: dict[str, Any],
-    encoders: dict[str, Any],
+    bundle: Bundle,
+    policies: dict[str, Policy],
+    encoders: dict[str, nn.Module],
     *,
     video_dir: Path | None = None,
     on_episode: Callable[[str, Any], None] | None = None,

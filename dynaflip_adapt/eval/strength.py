@@ -23,11 +23,16 @@ import torch
 from torch import nn
 
 from dynaflip_adapt import activity
-from dynaflip_adapt.audit import INCOMPATIBLE, PolicyVerdict, Thresholds, policy_verdicts
 from dynaflip_adapt.errors import InputError
+from dynaflip_adapt.eval.audit import (
+    INCOMPATIBLE,
+    AuditedPolicy,
+    PolicyVerdict,
+    Thresholds,
+    policy_verdicts,
+)
 from dynaflip_adapt.models.adapter import MANIFEST, PROBE_FILE, Adapter, write_manifest
 from dynaflip_adapt.models.backbone import Bundle
-from dynaflip_adapt.policies import Policy
 
 OWN_DEVIATION = "action_deviation.policy_probe"
 
@@ -145,7 +150,7 @@ def judge(verdicts: list[PolicyVerdict], budget: float) -> tuple[bool, dict[str,
 def audit_at(
     bundle: Bundle,
     adapter: Adapter,
-    policies: list[tuple[str, Policy, Any]],
+    policies: list[AuditedPolicy],
     strength: float = 1.0,
     *,
     budget: float = 1.0,
@@ -166,7 +171,7 @@ def audit_at(
 def fit_strength(
     bundle: Bundle,
     adapter: Adapter,
-    policies: list[tuple[str, Policy, Any]],
+    policies: list[AuditedPolicy],
     *,
     budget: float = 1.0,
     iterations: int = 6,

@@ -1,29 +1,21 @@
-"""Out-of-distribution evaluation: does an adapter make pinned policies work at a shifted site
-without breaking them at the base site?
+"""The out-of-distribution benchmark: does an adapter make pinned policies work at a shifted
+site without breaking them at the base site?
 
-Measures, for image encoders (the base, an adapter merged in, ablations):
-
-- action error of each policy on held-out episodes of the shifted site (MSE in units of the
-  policy's action std, per dimension too), and on held-out base-site episodes (retention);
-- paired feature drift where paired logs exist (same motion rendered at both sites): mean
-  distance between a frame's shifted-site features and the base encoder's features of the same
-  frame at the base site, divided by the mean distance between two random base frames (1.0 = as
-  far apart as unrelated frames, 0 = invariant);
-- the audit's dynamic verdict against the same policies.
-
-`run_benchmark` runs the whole protocol (presets x seeds x ablations) on simulator logs.
+`run_benchmark` runs presets x seeds x ablations (`eval.ablations`) on simulator logs: per seed,
+policies trained on the base site's features and pinned in the benchmark's own registry; per
+preset and ablation, an adapter trained through `adapt_site` (the job behind `finetune`), scored
+offline (`eval.offline`: action error at the shifted and the base site, paired drift), by the
+audit against the same policies, and optionally in closed loop; `eval.summary` reduces the rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +23,16 @@ import torch
 from torch import nn
 
 from dynaflip_adapt.config import FinetuneRecipe
+from dynaflip_adapt.eval.ablations import (
+    ABLATIONS,
+    Ablation,
+    BenchmarkConfig,
+    ablation_recipe,
+    extracted_source,
+)
+from dynaflip_adapt.eval.offline import Frames, evaluate_encoder
+from dynaflip_adapt.eval.strength import StrengthFit
+from dynaflip_adapt.eval.summary import summarize
 from dynaflip_adapt.models.adapter import load_adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import (
@@ -38,285 +40,13 @@ from dynaflip_adapt.policies import (
     Policy,
     encode_frames,
     load_policy,
-    policy_input,
     save_policy,
 )
-from dynaflip_adapt.strength import StrengthFit
-from dynaflip_adapt.workflows.adapt import AdaptResult, has_checkpoint, mlflow_steps
+from dynaflip_adapt.workflows.adapt import RETAIN_FRAMES, AdaptResult, has_checkpoint, mlflow_steps
 
 if TYPE_CHECKING:
-    from dynaflip_adapt.registry import Registry, RunHandle
-
-Frames = dict[str, torch.Tensor]  # rgb (N,3,S,S) uint8, proprio, actions, episode
-
-
-@dataclass(frozen=True)
-class Ablation:
-    """One row of the ablation table: how (or whether) the encoder is adapted."""
-
-    name: str
-    description: str
-    loss: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    full: bool = False
-    train: bool = True
-    extracted_flow: bool = False
-    # Scale the trained adapter to the largest strength whose audit passes with each policy's
-    # own-frame deviation within this share of its tolerance (None: use it as trained).
-    fit_budget: float | None = None
-    # The teacher also holds frames of the base site's training logs (what the policies saw).
-    retain: bool = False
-    # Train this ablation; if the adapter fails the audit at full strength, use this other
-    # ablation instead (`finetune --fallback`).
-    fallback: str | None = None
-
-
-_NO_ANCHORS = {"area": 0.0, "contrastive": 0.0, "cosine": 0.0, "single_frame": 0.0}
-_NO_TEACHER = {"distill_replay": 0.0, "invariance": 0.0}
-
-ABLATIONS: dict[str, Ablation] = {
-    a.name: a
-    for a in (
-        Ablation("none", "no adaptation (the base encoder)", train=False),
-        Ablation(
-            "teacher_only",
-            "frozen teacher on augmented site frames only",
-            {**_NO_ANCHORS, **_NO_TEACHER, "distill_site": 1.0},
-        ),
-        Ablation(
-            "aug_only",
-            "augmentation consistency only (no teacher, no anchors)",
-            {**_NO_ANCHORS, **_NO_TEACHER, "consistency": 1.0},
-        ),
-        Ablation("anchors_only", "simplex/cosine/contrastive anchors only", _NO_TEACHER),
-        Ablation(
-            "default",
-            "anchors + frozen teacher on source replay, clean and augmented (the recipe)",
-        ),
-        Ablation(
-            "default_noinv",
-            "the recipe without the teacher on augmented source frames (loss.invariance = 0)",
-            {"invariance": 0.0},
-        ),
-        Ablation(
-            "default_fit",
-            "the recipe, update scaled to the largest strength the audit passes",
-            fit_budget=1.0,
-        ),
-        Ablation(
-            "default_align",
-            "the recipe + moment alignment of site features to the source replay",
-            {"align": 1.0},
-        ),
-        Ablation(
-            "default_align_fit",
-            "the recipe + moment alignment, scaled to the largest strength the audit passes",
-            {"align": 1.0},
-            fit_budget=1.0,
-        ),
-        Ablation(
-            "default_retain",
-            "the recipe, teacher also on the base site's training frames (finetune --retain)",
-            retain=True,
-        ),
-        Ablation(
-            "default_retain_fit",
-            "default_retain, scaled to the largest strength the audit passes",
-            retain=True,
-            fit_budget=1.0,
-        ),
-        Ablation(
-            "default_retain_area",
-            "default_retain + the area anchor on the backbone's replay triplets",
-            {"replay_area": 1.0},
-            retain=True,
-        ),
-        Ablation(
-            "default_retain_area_fit",
-            "default_retain_area, scaled to the largest strength the audit passes",
-            {"replay_area": 1.0},
-            retain=True,
-            fit_budget=1.0,
-        ),
-        Ablation(
-            "default_retain_hinge",
-            "default_retain + a hinge on replay triplets' area above the base encoder's",
-            {"replay_area": 1.0, "replay_area_hinge": True},
-            retain=True,
-        ),
-        Ablation(
-            "default_retain_cascade",
-            "default_retain; when its audit fails at full strength, default_retain_area_fit "
-            "(finetune --retain --fallback finetune/replay_area --strength auto)",
-            retain=True,
-            fallback="default_retain_area_fit",
-        ),
-        Ablation(
-            "full_ft", "the recipe's losses, every encoder weight trained (no LoRA)", full=True
-        ),
-        Ablation(
-            "extracted_flow",
-            "the recipe, with flow from `flow extract` instead of ground truth",
-            extracted_flow=True,
-        ),
-    )
-}
-
-
-def ablation_recipe(recipe: FinetuneRecipe, ablation: Ablation) -> FinetuneRecipe:
-    """`recipe` with the ablation's loss and data overrides applied."""
-    data = dict(ablation.data)
-    if ablation.extracted_flow:
-        data["flow_source"] = extracted_source(recipe.data.gap)
-    return recipe.model_copy(
-        update={
-            "loss": recipe.loss.model_copy(update=ablation.loss),
-            "data": recipe.data.model_copy(update=data),
-        }
-    )
-
-
-def extracted_source(gap: int) -> str:
-    """The flow group `flow extract --stride gap` writes."""
-    from dynaflip_adapt.flow.extract import ExtractConfig
-
-    return ExtractConfig(stride=gap).group_name
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-
-
-@torch.no_grad()
-def action_error(
-    policy: Policy,
-    features: torch.Tensor,
-    proprio: torch.Tensor,
-    actions: torch.Tensor,
-    language: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """MSE of the policy's actions in units of its action std: overall and per dimension."""
-    z = (policy.act(features, proprio, language) - actions) / policy.action_scale
-    per_dim = (z**2).mean(0)
-    return {"mse": float(per_dim.mean()), "per_dim": [float(v) for v in per_dim]}
-
-
-def paired_drift(new_shifted: torch.Tensor, base_reference: torch.Tensor) -> float:
-    """Mean ||f_new(x_shifted_i) - f_base(x_base_i)|| over paired frames, divided by the mean
-    distance between base features of frames i and i + N/2 (unrelated frames)."""
-    n = len(base_reference)
-    if n < 2:
-        raise ValueError("paired drift needs at least two paired frames")
-    d = (new_shifted - base_reference).norm(dim=1).mean()
-    other = base_reference.roll(n // 2, dims=0)
-    return float(d / (base_reference - other).norm(dim=1).mean().clamp_min(1e-12))
-
-
-@dataclass
-class EncoderEval:
-    """One encoder's numbers on one shifted site (and the base site)."""
-
-    encoder: str
-    shifted: dict[str, dict[str, Any]]
-    base: dict[str, dict[str, Any]] = field(default_factory=dict)
-    paired_drift: float | None = None
-    audit: str | None = None
-    audit_detail: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def evaluate_encoder(
-    bundle: Bundle,
-    name: str,
-    encoder: nn.Module,
-    policies: dict[str, Policy],
-    shifted: Frames,
-    base: Frames | None = None,
-    paired: Frames | None = None,
-    base_paired_features: torch.Tensor | None = None,
-) -> EncoderEval:
-    """Action errors of every policy with `encoder` on the shifted (and base) held-out frames;
-    `paired` are the base-site renders of the shifted frames, in the same order."""
-    pre = bundle.model.preprocess
-
-    def errors(frames: Frames) -> tuple[dict[str, dict[str, Any]], torch.Tensor]:
-        cache: dict[str, torch.Tensor] = {}
-        out = {
-            p: action_error(
-                pol,
-                policy_input(pol, frames, encoder, pre, cache),
-                frames["proprio"],
-                frames["actions"],
-                frames.get("language"),
-            )
-            for p, pol in policies.items()
-        }
-        if "features" not in cache:  # paired drift is measured on the pooled features
-            cache["features"] = encode_frames(encoder, pre, frames["rgb"])
-        return out, cache["features"]
-
-    shifted_err, fs = errors(shifted)
-    out = EncoderEval(name, shifted_err)
-    if base is not None:
-        out.base = errors(base)[0]
-    if paired is not None:
-        ref = base_paired_features
-        if ref is None:
-            ref = encode_frames(bundle.model.image, pre, paired["rgb"])
-        out.paired_drift = paired_drift(fs, ref)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The benchmark
-
-
-@dataclass
-class BenchmarkConfig:
-    """What `run_benchmark` runs; sizes default to what fits 2 CPU cores in minutes per run."""
-
-    presets: list[str]
-    seeds: list[int]
-    ablations: list[str]
-    heads: list[str] = field(
-        default_factory=lambda: ["bc", "diffusion", "image_only", "proprio_only", "cnn"]
-    )
-    train_episodes: int = 96
-    test_episodes: int = 12
-    frames: int = 50
-    size: int = 128
-    steps: int = 300
-    policy_steps: int | None = None  # None: each head's own default
-    tolerance: float = 0.25
-    language: bool = True
-    # Closed-loop episodes per (site, head) and row, at the shifted and the base site, on the
-    # held-out episodes' scenes (0: offline error only).
-    closed_loop: int = 0
-
-    def validate(self) -> None:
-        from dynaflip_adapt.errors import InputError
-        from dynaflip_adapt.policies import HEAD_KINDS, HEADS
-        from dynaflip_adapt.sim.sites import get_site
-
-        for p in self.presets:
-            get_site(p)  # presets, random-N, SITE-camera-CAMERA
-            if p == "base":
-                raise InputError(None, "--preset", "'base'", "a shifted site (not the base)")
-        for a in self.ablations:
-            if a not in ABLATIONS:
-                raise InputError(None, "--ablation", repr(a), "one of " + ", ".join(ABLATIONS))
-        for h in self.heads:
-            if h not in HEADS or HEAD_KINDS[h].reads == "state":
-                usable = [k for k in HEADS if HEAD_KINDS[k].reads != "state"]
-                raise InputError(None, "--head", repr(h), "one of " + ", ".join(usable))
-        if not self.presets or not self.seeds or not self.ablations:
-            raise InputError(
-                None, "benchmark", "an empty preset, seed or ablation list", "at least one of each"
-            )
-        if "none" not in self.ablations:
-            self.ablations.insert(0, "none")  # every reduction is relative to it
+    from dynaflip_adapt.eval.audit import AuditedPolicy
+    from dynaflip_adapt.registry.client import Registry, RunHandle
 
 
 Event = Callable[[str], None]
@@ -382,8 +112,8 @@ def run_benchmark(
     episode seeds as the held-out base logs (paired). Policies are trained on base features of
     the base train logs, pinned to the base encoder.
     """
-    from dynaflip_adapt.audit import policy_verdicts
     from dynaflip_adapt.data.logs import open_logs
+    from dynaflip_adapt.eval.audit import policy_verdicts
     from dynaflip_adapt.policies import fit_policy
     from dynaflip_adapt.train.finetune import finetune
 
@@ -511,7 +241,9 @@ def run_benchmark(
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
         ref = encode_frames(base_enc, bundle.model.preprocess, base_test["rgb"])
-        audited = [(h, policies[h], None) for h in cfg.heads if h in IMAGE_HEADS]
+        audited: list[AuditedPolicy] = [
+            (h, policies[h], None) for h in cfg.heads if h in IMAGE_HEADS
+        ]
         # The seed's image policies, pinned in the benchmark's registry for its adapters' audits.
         site = _pin_policies(
             sandbox, seed, {h: _policy_path(workdir, bundle, cfg, seed, h) for h, *_ in audited}
@@ -703,8 +435,8 @@ def _recipe_file(workdir: Path, recipe: FinetuneRecipe) -> Path:
 def _sandbox(workdir: Path) -> Registry:
     """The benchmark's own registry (sqlite under the work folder): its policies and adapters
     never reach the user's."""
-    from dynaflip_adapt.registry import Registry
-    from dynaflip_adapt.store import resolve_store
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
 
     db = workdir / "registry" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -715,7 +447,7 @@ def _pin_policies(registry: Registry, seed: int, folders: dict[str, Path]) -> st
     """Registers a seed's policy folders (head -> folder) pinned to a site of their own, named
     by the folders (retrained policies are another site), unless they are already; returns the
     site."""
-    from dynaflip_adapt.lifecycle import policies_for_site, register_policy
+    from dynaflip_adapt.registry.lifecycle import policies_for_site, register_policy
 
     site = f"bench-s{seed}-{_digest(sorted(f.name for f in folders.values()))[:8]}"
     have = {v.tags.get("name") for v in policies_for_site(registry, site)}
@@ -755,166 +487,3 @@ def _worst(verdicts: Sequence[str]) -> str:
         if v in verdicts:
             return v
     return "compatible"
-
-
-def _mean_sd(xs: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(xs) if xs else math.nan,
-        "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "n": len(xs),
-    }
-
-
-RETAIN_FRAMES = 512  # base-site frames the `retain` ablations add to the teacher's pool
-
-GOAL_REDUCTION = 0.225  # the paper's +22.5% out of distribution
-GOAL_BASE_INCREASE = 0.03
-
-
-def summarize(rows: list[dict[str, Any]], heads: Sequence[str]) -> dict[str, Any]:
-    """Mean and spread over (preset, seed) of each ablation's numbers, reductions relative to
-    `none` on the same (preset, seed), and the goal check.
-
-    Per head: shifted-site MSE, its relative reduction vs no adaptation, base-site MSE and its
-    relative change (retention). `image_heads` averages the heads that read the image. The
-    proprio-only head reads no image: its error is the bar an image head must clear for the
-    image to help at all. The audit counts as passed when promotion would accept it
-    (compatible, or compatible with warnings).
-    """
-    none = {(r["preset"], r["seed"]): r for r in rows if r["ablation"] == "none"}
-    image_heads = [h for h in heads if h in IMAGE_HEADS]
-    out: dict[str, Any] = {}
-    for ab in dict.fromkeys(r["ablation"] for r in rows):
-        mine = [r for r in rows if r["ablation"] == ab and (r["preset"], r["seed"]) in none]
-        s: dict[str, Any] = {"heads": {}}
-        red_img: list[float] = []
-        base_img: list[float] = []
-        for h in heads:
-            shift = [r["shifted"][h]["mse"] for r in mine]
-            red = [
-                1 - r["shifted"][h]["mse"] / none[(r["preset"], r["seed"])]["shifted"][h]["mse"]
-                for r in mine
-            ]
-            base = [r["base"][h]["mse"] for r in mine]
-            dbase = [
-                r["base"][h]["mse"] / none[(r["preset"], r["seed"])]["base"][h]["mse"] - 1
-                for r in mine
-            ]
-            s["heads"][h] = {
-                "shifted_mse": _mean_sd(shift),
-                "reduction": _mean_sd(red),
-                "base_mse": _mean_sd(base),
-                "base_change": _mean_sd(dbase),
-            }
-            if h in image_heads:
-                red_img.append(s["heads"][h]["reduction"]["mean"])
-                base_img.append(s["heads"][h]["base_change"]["mean"])
-        drift = [r["paired_drift"] for r in mine if r["paired_drift"] is not None]
-        verdicts = [r["audit"] for r in mine]
-        s["paired_drift"] = _mean_sd(drift)
-        s["strength"] = _mean_sd([r["strength"] for r in mine if r.get("strength") is not None])
-        s["audit_compatible"] = sum(v == "compatible" for v in verdicts)
-        s["audit_warning"] = sum(v == "warning" for v in verdicts)
-        # The promotion gate: warnings (changes at the new site, where the old features are the
-        # degraded ones) are reported but do not block; only hard failures do.
-        s["audit_passed"] = s["audit_compatible"] + s["audit_warning"]
-        s["audit_runs"] = len(verdicts)
-        s["image_heads_reduction"] = statistics.fmean(red_img) if red_img else math.nan
-        s["image_heads_base_change"] = statistics.fmean(base_img) if base_img else math.nan
-        if "proprio_only" in heads:
-            bar = s["heads"]["proprio_only"]["shifted_mse"]["mean"]
-            s["image_heads_beating_proprio_only"] = [
-                h for h in image_heads if s["heads"][h]["shifted_mse"]["mean"] < bar
-            ]
-        s["goal_met"] = bool(
-            s["image_heads_reduction"] >= GOAL_REDUCTION
-            and s["image_heads_base_change"] <= GOAL_BASE_INCREASE
-            and s["audit_passed"] == s["audit_runs"]
-        )
-        if all(r.get("closed_loop") for r in mine) and mine:
-            s["closed_loop"] = _closed_loop_summary(mine, none, heads)
-        out[ab] = s
-    return out
-
-
-def _closed_loop_summary(
-    mine: list[dict[str, Any]], none: dict[tuple[str, int], dict[str, Any]], heads: Sequence[str]
-) -> dict[str, Any]:
-    """Success rates (mean and sd over presets and seeds) at the shifted and the base site per
-    head, their change against no adaptation on the same (preset, seed), and the goal: the
-    image heads' shifted-site success up by GOAL_REDUCTION relative, base-site success within
-    the no-adaptation run's 95% interval."""
-    out: dict[str, Any] = {"heads": {}}
-    gains: list[float] = []
-    kept: list[bool] = []
-    for h in heads:
-        shifted, base, gain, rel = [], [], [], []
-        for r in mine:
-            ref = none[(r["preset"], r["seed"])]["closed_loop"]
-            sh, rs = r["closed_loop"][r["preset"]][h]["all"], ref[r["preset"]][h]["all"]
-            b, rb = r["closed_loop"]["base"][h]["all"], ref["base"][h]["all"]
-            shifted.append(sh["rate"])
-            base.append(b["rate"])
-            gain.append(sh["rate"] - rs["rate"])
-            if rs["rate"] > 0:
-                rel.append(sh["rate"] / rs["rate"] - 1)
-            if h in IMAGE_HEADS:
-                kept.append(rb["ci95"][0] <= b["rate"] <= rb["ci95"][1] or b["rate"] >= rb["rate"])
-        out["heads"][h] = {
-            "shifted_success": _mean_sd(shifted),
-            "base_success": _mean_sd(base),
-            "success_gain": _mean_sd(gain),
-            "relative_gain": _mean_sd(rel) if rel else None,
-        }
-        if h in IMAGE_HEADS and rel:
-            gains.append(statistics.fmean(rel))
-    ref_rows = [none[(r["preset"], r["seed"])]["closed_loop"] for r in mine]
-    out["expert"] = {
-        "shifted_success": _mean_sd([x[r["preset"]]["expert"]["all"]["rate"]
-                                     for x, r in zip(ref_rows, mine, strict=True)]),
-        "base_success": _mean_sd([x["base"]["expert"]["all"]["rate"] for x in ref_rows]),
-    }  # fmt: skip
-    out["image_heads_relative_gain"] = statistics.fmean(gains) if gains else math.nan
-    out["image_heads_base_kept"] = all(kept)
-    out["goal_met"] = bool(gains and out["image_heads_relative_gain"] >= GOAL_REDUCTION
-                           and all(kept))  # fmt: skip
-    return out
-
-
-def plot(result: dict[str, Any], path: str | Path) -> Path | None:
-    """A PNG of shifted-site and base-site error per ablation and head (None without
-    matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    summary = result["summary"]
-    heads = result["config"]["heads"]
-    abls = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(abls), 4), sharey=False)
-    width = 0.8 / max(len(heads), 1)
-    for ax, key, title in (
-        (axes[0], "shifted_mse", "shifted site (held out)"),
-        (axes[1], "base_mse", "base site (retention)"),
-    ):
-        for i, h in enumerate(heads):
-            m = [summary[a]["heads"][h][key]["mean"] for a in abls]
-            e = [summary[a]["heads"][h][key]["sd"] for a in abls]
-            # Log scale (errors span orders of magnitude): clip the lower bar above zero.
-            lo = [min(sd, 0.9 * mu) for mu, sd in zip(m, e, strict=True)]
-            xs = [j + i * width for j in range(len(abls))]
-            ax.bar(xs, m, width, yerr=[lo, e], label=h, capsize=2)
-        ax.set_xticks([j + width * (len(heads) - 1) / 2 for j in range(len(abls))])
-        ax.set_xticklabels(abls, rotation=30, ha="right")
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_ylabel("action MSE (action-std units)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -23,7 +23,7 @@ from typing import Any
 
 from dynaflip_adapt.errors import InputError, RuntimeFailure
 from dynaflip_adapt.outputs import sha256_file
-from dynaflip_adapt.store import Store
+from dynaflip_adapt.registry.store import Store
 
 _RAISE = object()  # `Registry._call`: no default, a missing resource is an error too
 RUN_PAGE = 1000  # runs per search page (history is paged, never truncated)

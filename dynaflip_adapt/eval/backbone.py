@@ -16,9 +16,9 @@ import torch
 from dynaflip_adapt.config import PretrainRecipe
 from dynaflip_adapt.data.dataset import FramePairDataset
 from dynaflip_adapt.data.logs import open_logs
+from dynaflip_adapt.eval.retrieval import RetrievalReport, retrieval
 from dynaflip_adapt.models.backbone import Backbone, Bundle
 from dynaflip_adapt.models.text import embed_instructions
-from dynaflip_adapt.train.retrieval import RetrievalReport, retrieval
 from dynaflip_adapt.train.triplets import TripletDataset
 
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynaflip_adapt.adapters import ADAPTER_MODEL, load_registered_adapter
 from dynaflip_adapt.errors import CheckFailed, InputError, RuntimeFailure
+from dynaflip_adapt.eval.audit import AuditedPolicy
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.policies import (
     HEAD_KINDS,
@@ -30,7 +30,14 @@ from dynaflip_adapt.policies import (
     load_policy,
     read_policy_spec,
 )
-from dynaflip_adapt.registry import EVENTS_PREFIX, Registry, RunHandle, VersionInfo, metric_key
+from dynaflip_adapt.registry.adapters import ADAPTER_MODEL, load_registered_adapter
+from dynaflip_adapt.registry.client import (
+    EVENTS_PREFIX,
+    Registry,
+    RunHandle,
+    VersionInfo,
+    metric_key,
+)
 
 POLICY_MODEL = "dynaflip-policy"
 POLICY_EXPERIMENT = "dynaflip-policies"
@@ -93,7 +100,7 @@ def load_policy_version(registry: Registry, info: VersionInfo) -> Policy:
 
 def audited_policies(
     registry: Registry, bundle: Bundle, site: str | None, policy: str | None = None
-) -> list[tuple[str, Policy, Any]]:
+) -> list[AuditedPolicy]:
     """What an audit holds an adapter to: (name, policy, the encoder it was trained on or None
     for the base) for one policy version/alias, or every active policy pinned to `site`."""
     if policy is not None:
@@ -348,7 +355,7 @@ def promotion_refusal(
     verdict is refused, or None when the gate lets it through. The gate fails closed: another
     site's adapter, an incompatible audit and an audit with nothing to check (no pinned
     policies: ``unaudited``) all need an explicit override, which the site's history records."""
-    from dynaflip_adapt.audit import COMPATIBLE, UNAUDITED, WARNING
+    from dynaflip_adapt.eval.audit import COMPATIBLE, UNAUDITED, WARNING
 
     if adapter_site != site and not forced:
         trained = repr(adapter_site) if adapter_site else "no site (its lineage names none)"
@@ -507,8 +514,8 @@ def run_audit(
     """(report, adapter version info, audit run id) for an adapter against a site's policies;
     `opened` is ``open_adapter(registry, adapter_ref)`` when the caller already has it."""
     from dynaflip_adapt import activity
-    from dynaflip_adapt.adapters import open_adapter
-    from dynaflip_adapt.audit import audit
+    from dynaflip_adapt.eval.audit import audit
+    from dynaflip_adapt.registry.adapters import open_adapter
 
     with activity.step(f"loading adapter {adapter_ref}"):
         bundle, adapter, ainfo = opened or open_adapter(registry, adapter_ref)

@@ -11,7 +11,7 @@ from typing import Any
 from dynaflip_adapt import activity
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.backbone import Bundle, load_bundle, read_manifest, verify_bundle
-from dynaflip_adapt.registry import (
+from dynaflip_adapt.registry.client import (
     BACKBONE_MODEL,
     BASE_ALIAS,
     PRETRAIN_EXPERIMENT,
@@ -20,7 +20,7 @@ from dynaflip_adapt.registry import (
     VersionInfo,
 )
 
-SHIPPED = Path(__file__).resolve().parent / "assets" / "backbone"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "backbone"
 # MLflow's alias rule: letters, digits, '_' and '-'; 'latest' and 'v<N>' are reserved.
 _ALIAS = re.compile(r"(?!latest$)(?![vV]\d+$)[A-Za-z0-9_-]{1,255}")
 

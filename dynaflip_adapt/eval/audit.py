@@ -13,19 +13,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from dynaflip_adapt.eval.retrieval import topk_accuracy
 from dynaflip_adapt.losses import triangle_area
 from dynaflip_adapt.metrics import linear_cka, mean_cosine
 from dynaflip_adapt.models.adapter import Adapter
 from dynaflip_adapt.models.backbone import Bundle
 from dynaflip_adapt.models.flow_encoder import flow_features
 from dynaflip_adapt.policies import Policy, actions_on_frames
-from dynaflip_adapt.train.retrieval import topk_accuracy
 
 COMPATIBLE, WARNING, INCOMPATIBLE = "compatible", "warning", "incompatible"
 # No policy is pinned to the site: nothing vouches for the adapter (a gate must not pass it).
 UNAUDITED = "unaudited"
 VERDICTS = (COMPATIBLE, WARNING, UNAUDITED, INCOMPATIBLE)
+
+# What an audit holds an adapter to: (name, policy, the encoder the policy was trained on, or
+# None for the base encoder).
+AuditedPolicy = tuple[str, Policy, nn.Module | None]
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,7 @@ def policy_deviation(
 def audit(
     bundle: Bundle,
     adapter: Adapter,
-    policies: list[tuple[str, Policy, Any]],
+    policies: list[AuditedPolicy],
     *,
     name: str,
     site: str | None,
@@ -264,9 +269,9 @@ def audit(
 
 def policy_verdicts(
     bundle: Bundle,
-    new: Any,
+    new: nn.Module,
     probe: dict[str, torch.Tensor],
-    policies: list[tuple[str, Policy, Any]],
+    policies: list[AuditedPolicy],
     thresholds: Thresholds | None = None,
     dyn: dict[str, float] | None = None,
 ) -> list[PolicyVerdict]:

@@ -8,7 +8,7 @@ from typing import Any
 from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.models.adapter import Adapter, load_adapter, read_adapter_manifest
 from dynaflip_adapt.models.backbone import Bundle
-from dynaflip_adapt.registry import Registry, RunHandle, VersionInfo
+from dynaflip_adapt.registry.client import Registry, RunHandle, VersionInfo
 
 ADAPTER_MODEL = "dynaflip-adapter"
 FINETUNE_EXPERIMENT = "dynaflip-finetune"
@@ -109,8 +109,8 @@ def open_adapter(registry: Registry, ref: str) -> tuple[Bundle, Adapter, Version
         InputError: Unknown reference, failed integrity checks, or no registered backbone with
             those weights.
     """
-    from dynaflip_adapt.backbones import load_backbone
-    from dynaflip_adapt.registry import BACKBONE_MODEL
+    from dynaflip_adapt.registry.backbones import load_backbone
+    from dynaflip_adapt.registry.client import BACKBONE_MODEL
 
     folder, info = _locate(registry, ref)
     manifest = read_adapter_manifest(folder)

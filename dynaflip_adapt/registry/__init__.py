@@ -1,0 +1,3 @@
+"""The tracking store and what lives in it: the MLflow client (`client`), where it is
+(`store`), backbone and adapter versions (`backbones`, `adapters`) and per-site promotion,
+rollback and pinned policies (`lifecycle`)."""
