@@ -24,6 +24,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 RECIPE = ["--set", "data.num_workers=0", "--set", "optim.batch_size=8", "--set",
           "augment.enabled=false", "--max-steps", "6", "--site", "s"]  # fmt: skip
 TOLERANCE = 1e-4  # max |difference| relative to the largest adapter weight
+SPREAD = 0.01  # share of all adapter elements allowed beyond TOLERANCE (float noise under Adam)
+RELATIVE = 0.05  # per tensor: ||one - two||_F / ||one||_F
 
 
 def run(cmd: list[str], env: dict[str, str]) -> str:
@@ -57,9 +59,18 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, monkeypatc
 
     a, b = weights(one["adapter"]["version"]), weights(two["version"])
     assert a.keys() == b.keys()
+    # Elementwise within 1e-4 of the largest weight, except the few elements whose gradient is
+    # zero in exact arithmetic: Adam turns their float noise into a step of size ~lr, so its
+    # sign depends on the reduction order (two ranks' averaged gradients against one batch's).
+    # Measured on an AMD EPYC: 5% of one 1024-element LoRA A and 1 element of its B, while
+    # every tensor's relative Frobenius difference stayed <= 1.1e-2; a global batch of 16
+    # instead of 8 moved 89% of the elements and a tensor by 0.52. One thread against two gives
+    # no noise to calibrate on here (identical bits), so the bounds are fixed.
     scale = max(float(t.abs().max()) for t in a.values())
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff <= TOLERANCE * scale, (diff, scale)
+    over = sum(int(((a[k] - b[k]).abs() > TOLERANCE * scale).sum()) for k in a)
+    assert over <= SPREAD * sum(t.numel() for t in a.values()), over
+    rel = {k: float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a}
+    assert max(rel.values()) <= RELATIVE, sorted(rel.items(), key=lambda kv: -kv[1])[:3]
     # ... and training did move them (the comparison is not between two untouched adapters).
     assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)
 
