@@ -601,3 +601,41 @@ def test_a_chain_of_adaptations_is_shown_back_to_the_backbone(fleet, tmp_path):
     w1, w2 = weights(first), weights(second)
     assert w1.keys() == w2.keys()
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_the_gate_from_python_fails_closed_as_the_cli_does(fleet):
+    """The Python API (no CLI): another site's adapter is refused before any audit, an
+    incompatible one with its audit, and neither changes the site; a compatible one moves the
+    alias with the CLI's audit numbers, and rolls back."""
+    from dynaflip_adapt import (
+        AuditRequest,
+        PromoteRequest,
+        audit_adapter,
+        promote_adapter,
+        rollback_site,
+    )
+    from dynaflip_adapt.errors import InputError
+
+    before = ok(["history", "--site", "lab"])
+    elsewhere = promote_adapter(PromoteRequest(fleet["gentle"], "elsewhere"))
+    assert not elsewhere.promoted and elsewhere.audit is None and "'lab'" in elsewhere.refused
+    wild = promote_adapter(PromoteRequest(fleet["wild"], "lab"))
+    assert not wild.promoted and wild.audit is not None and wild.audit.verdict == "incompatible"
+    assert wild.to_dict()["refused"] == wild.refused and "event" not in wild.to_dict()
+    assert ok(["history", "--site", "lab"])["events"] == before["events"]  # nothing moved
+    assert ok(["history", "--site", "elsewhere"])["events"] == []
+    with pytest.raises(InputError, match="--reason"):
+        PromoteRequest(fleet["wild"], "lab", force=True)  # refused before a registry opens
+    audit = audit_adapter(AuditRequest(fleet["gentle"]))
+    cli = ok(["audit", fleet["gentle"]])
+    assert audit.passed and audit.report.verdict == cli["verdict"] == "compatible"
+    assert [c["value"] for c in audit.to_dict()["policies"][0]["checks"]] == [
+        c["value"] for c in cli["policies"][0]["checks"]
+    ]
+    gentle = promote_adapter(PromoteRequest(fleet["gentle"], "lab"))
+    assert gentle.promoted and gentle.event is not None
+    assert gentle.event["version"] == fleet["gentle"]
+    assert gentle.event["previous"] == before["current"]
+    assert ok(["history", "--site", "lab"])["current"] == fleet["gentle"]
+    back = rollback_site("lab", reason="api test")
+    assert back["version"] == before["current"] and back["previous"] == fleet["gentle"]

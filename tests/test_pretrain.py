@@ -153,6 +153,37 @@ def test_cli_pretrain_registers_a_backbone_with_lineage(logs, tmp_path):
     assert r.exit_code == 2 and "no version or alias '99'" in r.stderr
 
 
+def test_pretrain_from_python_is_the_cli_job(logs, tmp_path):
+    """`pretrain_backbone` (no CLI) trains, registers and installs the bundle as `pretrain`
+    does: the same seed and recipe give the CLI's weights; a bad export folder is refused before
+    anything trains."""
+    from dynaflip_adapt import PretrainRequest, pretrain_backbone
+    from dynaflip_adapt.errors import InputError
+
+    sets = [arg for s in TINY for arg in ("--set", s)]
+    r = CliRunner().invoke(app, ["pretrain", str(logs), "--recipe", "pretrain/tiny", *sets,
+                                 "--steps", "4", "--workdir", str(tmp_path / "cli"), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cli = json.loads(r.stdout)
+    request = PretrainRequest(
+        logs=(logs,), recipe="pretrain/tiny", overrides=tuple(TINY), steps=4,
+        workdir=tmp_path / "api", export_bundle=tmp_path / "mine",
+    )  # fmt: skip
+    out = pretrain_backbone(request)
+    assert out is not None and out.backbone.version != cli["backbone"]["version"]
+    assert out.backbone.tags["fingerprint"] == cli["backbone"]["tags"]["fingerprint"]
+    assert out.to_dict().keys() == cli.keys() and out.steps == cli["steps"] == 4
+    assert load_bundle(tmp_path / "mine").fingerprint == out.backbone.tags["fingerprint"]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    taken = PretrainRequest(logs=(logs,), recipe="pretrain/tiny", overrides=tuple(TINY),
+                            export_bundle=tmp_path / "taken", workdir=tmp_path / "never")  # fmt: skip
+    with pytest.raises(InputError):
+        pretrain_backbone(taken)
+    assert not (tmp_path / "never").exists()
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
 def test_cli_default_work_folder_lives_under_home_and_resumes_a_killed_run(logs):
     import tempfile
     from pathlib import Path

@@ -129,15 +129,15 @@ def audit_cmd(
     simplex area). Exit code 0: compatible or warning; 1: incompatible, or unaudited (no policy
     is pinned to the site, so nothing vouches for the adapter). Logged to MLflow.
     """
-    from dynaflip_adapt.registry.lifecycle import run_audit
+    from dynaflip_adapt.workflows.lifecycle import AuditRequest, audit_adapter
 
     ref = one_adapter(adapter, adapter_opt)
-    report, ainfo, run_id = run_audit(registry(ctx), ref, site, policy)
+    result = audit_adapter(AuditRequest(ref, site, policy), registry=registry(ctx))
     if as_json:
-        print_json(report.to_dict() | {"mlflow_run": run_id})
+        print_json(result.to_dict())
     else:
-        print_report(report, ainfo.version if ainfo else None)
-    if report.verdict in ("incompatible", "unaudited"):
+        print_report(result.report, result.adapter.version if result.adapter else None)
+    if not result.passed:
         raise typer.Exit(1)
 
 
@@ -171,73 +171,27 @@ def promote_cmd(
     unaudited and needs --allow-unaudited; the rest needs --force --reason. Exit code 1 when
     refused; overrides are recorded in the site's history.
     """
-    from dynaflip_adapt import activity
-    from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.registry.adapters import open_adapter
-    from dynaflip_adapt.registry.lifecycle import promote, promotion_refusal, run_audit, site_alias
+    from dynaflip_adapt.workflows.lifecycle import PromoteRequest, promote_adapter
 
     ref = one_adapter(adapter, adapter_opt)
-    site_alias(site)  # a name with nothing usable fails before anything loads
-    if force and not reason.strip():
-        raise InputError(None, "--force", "no --reason", "a reason, recorded in the site's history")
-    reg = registry(ctx)
-    with activity.step(f"loading adapter {ref}"):
-        opened = open_adapter(reg, ref)
-    _, ad, ainfo = opened
-    if ainfo is None:
-        raise InputError(None, "ADAPTER", repr(ref), "a registered adapter version or alias")
-    adapter_site = ad.manifest.get("site")
-    # Another site's adapter is refused before the (slow) audit runs.
-    refusal = promotion_refusal(
-        ainfo.version, adapter_site, site, "compatible", forced=force, allow_unaudited=False
-    )
-    report = None
-    if refusal is None:
-        report, _, run_id = run_audit(reg, ref, site, None, opened)
-        refusal = promotion_refusal(
-            ainfo.version,
-            adapter_site,
-            site,
-            report.verdict,
-            forced=force,
-            allow_unaudited=allow_unaudited,
-        )
-    if refusal is not None:
-        if as_json:
-            print_json(
-                {
-                    "promoted": False,
-                    "refused": refusal,
-                    "audit": report.to_dict() if report else None,
-                }
-            )
-        else:
-            if report is not None:
-                print_report(report, ainfo.version)
-            err_console().print(f"[red]not promoted:[/] {refusal}", highlight=False)
-        raise typer.Exit(1)
-    assert report is not None
-    with activity.step(f"moving {site_alias(site)} to v{ainfo.version}"):
-        event = promote(
-            reg,
-            ainfo.version,
-            site,
-            audit_verdict=report.verdict,
-            audit_run=run_id,
-            forced=force,
-            allow_unaudited=allow_unaudited and not force,
-            adapter_site=adapter_site,
-            reason=reason,
-        )
+    request = PromoteRequest(ref, site, force, allow_unaudited, reason)
+    result = promote_adapter(request, registry=registry(ctx))
     if as_json:
-        print_json({"promoted": True, "event": event, "audit": report.to_dict()})
-        return
-    how = " (forced)" if force else (" (allowed unaudited)" if allow_unaudited else "")
-    console().print(
-        f"site {site}: production -> adapter v{ainfo.version} "
-        f"(was {_v(event['previous'])}); audit {report.verdict}{how}",
-        highlight=False,
-    )
+        print_json(result.to_dict())
+    elif not result.promoted:
+        if result.audit is not None:
+            print_report(result.audit, result.adapter.version)
+        err_console().print(f"[red]not promoted:[/] {result.refused}", highlight=False)
+    else:
+        assert result.event is not None and result.audit is not None
+        how = " (forced)" if force else (" (allowed unaudited)" if allow_unaudited else "")
+        console().print(
+            f"site {site}: production -> adapter v{result.adapter.version} "
+            f"(was {_v(result.event['previous'])}); audit {result.audit.verdict}{how}",
+            highlight=False,
+        )
+    if not result.promoted:
+        raise typer.Exit(1)
 
 
 def _v(version: str | None) -> str:
@@ -255,12 +209,9 @@ def rollback_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Move a site's production alias back to the previously promoted adapter (or --to V)."""
-    from dynaflip_adapt import activity
-    from dynaflip_adapt.registry.lifecycle import rollback
+    from dynaflip_adapt.workflows.lifecycle import rollback_site
 
-    reg = registry(ctx)
-    with activity.step(f"rolling back site {site}"):
-        event = rollback(reg, site, to=to, reason=reason)
+    event = rollback_site(site, to=to, reason=reason, registry=registry(ctx))
     if as_json:
         print_json({"rolled_back": True, "event": event})
     else:

@@ -81,134 +81,35 @@ def pretrain(
     Trains on (transition, language, 3D flow) triplets from site logs that carry flow, logs the
     run to MLflow and registers the bundle as a new backbone version.
     """
-    import hashlib
-    import shutil
-    import tempfile
-
     from dynaflip_adapt.cli.progress import logged_training
-    from dynaflip_adapt.config import (
-        PretrainRecipe,
-        device_overrides,
-        load_recipe,
-        recipe_hash,
-        recipe_params,
-        recipe_to_dict,
+    from dynaflip_adapt.workflows.pretrain import PretrainRequest, pretrain_backbone
+
+    request = PretrainRequest(
+        logs=tuple(logs),
+        recipe=recipe,
+        overrides=tuple(set_ or []),
+        workdir=workdir,
+        resume=resume,
+        steps=one_steps(steps, max_steps),
+        seed=seed,
+        device=device,
+        precision=precision,
+        init_image=init_image,
+        parent=from_,
+        set_base=set_base,
+        export_bundle=export_bundle,
+        overwrite=overwrite,
     )
-    from dynaflip_adapt.data.fingerprint import logs_fingerprint
-    from dynaflip_adapt.data.logs import open_logs
-    from dynaflip_adapt.errors import InputError
-    from dynaflip_adapt.outputs import check_export_folder, install_export, sha256_file
-    from dynaflip_adapt.registry.backbones import register_backbone
-    from dynaflip_adapt.registry.client import PRETRAIN_EXPERIMENT, Registry
-    from dynaflip_adapt.registry.store import resolve_store
-    from dynaflip_adapt.train.distributed import init_from_env
-    from dynaflip_adapt.train.pretrain import pretrain as run_pretrain
 
-    # Checked before anything trains; a previous bundle's files only with --overwrite.
-    target = None
-    if export_bundle is not None:
-        target = check_export_folder(
-            export_bundle, overwrite=overwrite, kind="dynaflip-backbone", option="--export-bundle"
-        )
-    if from_ is not None and init_image is not None:
-        raise InputError(None, "--from", repr(from_), "either --from or --init-image, not both")
-    store = resolve_store(state(ctx).tracking_uri)
-    # Under torchrun every rank trains; rank 0 alone opens the store first (and downloads
-    # --from), logs to MLflow and registers.
-    dist = init_from_env()
-    if not dist.is_main:
-        dist.barrier()
-    registry = Registry(store)
-    overrides = list(set_ or [])
-    start: Any = init_image
-    parent: dict[str, str] = {}
-    heads_trained = False
-    if from_ is not None:
-        from dataclasses import asdict
+    def monitor(title: str, total: int, run: Any, log_every: int, keys: tuple[str, ...]) -> Any:
+        enabled = progress_enabled(as_json)
+        return logged_training(title, total, run, log_every, enabled=enabled, keys=keys)
 
-        from dynaflip_adapt.config import ModelSection
-        from dynaflip_adapt.registry.backbones import load_backbone
-
-        bundle, src = load_backbone(registry, from_)
-        heads_trained = bundle.has_heads
-        arch = asdict(bundle.model.cfg)
-        # The architecture is the backbone's, recorded as overrides so that the recipe logged
-        # with the run is the one that ran.
-        overrides += [f"model.{k}={arch[k]}" for k in ModelSection.model_fields if k in arch]
-        start = bundle.model
-        parent = {
-            "parent_backbone": bundle.fingerprint,
-            "parent_version": src.version if src else str(bundle.path),
-        }
-    if seed is not None:
-        overrides.append(f"run.seed={seed}")
-    overrides += device_overrides(device, precision)
-    max_steps = one_steps(steps, max_steps)
-    if max_steps is not None:
-        # An override like any other, so the recipe recorded with the bundle is what ran.
-        overrides.append(f"optim.max_steps={max_steps}")
-    rec, rec_path = load_recipe(recipe, overrides, kind="pretrain")
-    assert isinstance(rec, PretrainRecipe)
-    logset = open_logs(logs, rec.data.source_settings())
-    fingerprint = logs_fingerprint(logs)
-    # Like finetune: a default work folder keyed by what the run reads, so `--resume` finds a
-    # killed run's checkpoint and nothing is left behind in the system's temp folder.
-    init = sha256_file(init_image) if init_image and init_image.is_file() else str(init_image)
-    init = parent.get("parent_backbone", init)
-    key = hashlib.sha256(f"{fingerprint}|{recipe_hash(rec)}|{init}".encode()).hexdigest()[:12]
-    work = workdir or store.home / "runs" / "pretrain" / f"{rec_path.stem}-{key}"
-    total = rec.optim.max_steps
-    provenance = {"data_fingerprint": fingerprint, "logs": [str(p) for p in logs], **parent}
-    if dist.is_main:
-        dist.barrier()
-    else:
-        run_pretrain(logset, rec, work, resume=resume, max_steps=total, init_image=start,
-                     init_heads=heads_trained, provenance=provenance)  # fmt: skip
+    result = pretrain_backbone(request, tracking_uri=state(ctx).tracking_uri, monitor=monitor)
+    if result is None:  # a non-main process under torchrun: rank 0 reports
         return
-    tags = {"recipe": str(rec_path), "data_fingerprint": fingerprint, **parent}
-    with registry.run(PRETRAIN_EXPERIMENT, f"pretrain-{rec_path.stem}", tags) as run:
-        run.log_params({"recipe_hash": recipe_hash(rec), "max_steps": total,
-                        "world_size": dist.world, **recipe_params(rec)})  # fmt: skip
-        run.log_dict(recipe_to_dict(rec), "recipe.resolved.json")
-
-        keys = ("loss", "area", "contrastive")
-        with logged_training(
-            "pretrain", total, run, rec.run.log_every, enabled=progress_enabled(as_json), keys=keys
-        ) as on_step:
-            result = run_pretrain(
-                logset,
-                rec,
-                work,
-                resume=resume,
-                max_steps=total,
-                init_image=start,
-                init_heads=heads_trained,
-                provenance=provenance,
-                on_step=on_step,
-            )
-        assert result.bundle is not None  # rank 0
-        info = register_backbone(
-            registry, run, result.bundle, make_base=set_base, extra_tags=parent
-        )
-        run.set_tags({"backbone_version": info.version})
-    if target is not None:
-        # Staged beside the target, then installed as exports are: only a previous bundle's
-        # files are replaced, never anything else in the folder.
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(dir=target.path.parent, prefix=".bundle-"))
-        try:
-            shutil.copytree(result.bundle, staged, dirs_exist_ok=True)
-            install_export(staged, target)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-    out = {
-        "backbone": info.to_dict(),
-        "bundle": str(result.bundle),
-        "steps": result.steps,
-        "seconds": round(result.seconds, 2),
-        "triplets_per_second": round(result.triplets_per_second, 1),
-        "final": result.final,
-    }
+    info = result.backbone
+    out = result.to_dict()
     if as_json:
         print_json(out)
         return
