@@ -343,6 +343,11 @@ def test_eval_logs_compares_base_and_adapter_on_held_out_logs(fleet):
         assert len(wild["encoders"][0]["shifted"][p]["per_dim"]) == 4  # dx, dy, dz, grip
     assert wild["encoders"][1]["paired_drift"] > 0.01
     assert wild["audit"] in ("compatible", "warning", "incompatible")
+    # A site whose only policy reads no image: nothing to audit, shown as such (the text
+    # output's colour table once lacked `unaudited` and crashed here).
+    ok(["policies", "train", logs, "--site", "blind", "--head", "proprio_only", "--steps", "20"])
+    r = runner.invoke(app, [*args, "--adapter", fleet["gentle"], "--site", "blind"])
+    assert r.exit_code == 0 and "audit: unaudited" in r.stdout, r.output
 
 
 # ---------------------------------------------------------------------------- adapter strength

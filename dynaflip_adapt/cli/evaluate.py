@@ -12,6 +12,7 @@ from rich.table import Table
 
 from dynaflip_adapt.cli.common import AdapterOpt, JsonOpt, LogsArg, OverwriteOpt, require_mujoco
 from dynaflip_adapt.cli.output import (
+    VERDICT_COLORS,
     console,
     err_console,
     print_json,
@@ -26,7 +27,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 EXPERIMENT = "dynaflip-eval"
-COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red"}
 
 
 def _fmt(m: dict[str, float], pct: bool = False) -> str:
@@ -168,7 +168,7 @@ def logs_cmd(
             f"{evals[0].paired_drift:.3f} -> adapted {evals[1].paired_drift:.3f}",
             highlight=False,
         )
-    c.print(f"audit: [{COLORS[report.verdict]}]{report.verdict}[/]")
+    c.print(f"audit: [{VERDICT_COLORS[report.verdict]}]{report.verdict}[/]")
 
 
 @app.command("rollout")

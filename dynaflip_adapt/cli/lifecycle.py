@@ -14,9 +14,8 @@ from dynaflip_adapt.cli.common import (
     OverwriteOpt,
     one_adapter,
 )
-from dynaflip_adapt.cli.output import console, err_console, print_json, registry
+from dynaflip_adapt.cli.output import VERDICT_COLORS, console, err_console, print_json, registry
 
-COLORS = {"compatible": "green", "warning": "yellow", "incompatible": "red", "unaudited": "red"}
 _OPS = {"<=": "must stay <=", ">=": "must stay >=", "==": "must equal"}
 
 
@@ -71,7 +70,7 @@ def print_report(report: Any, version: str | None = None) -> None:
     w = c.width
     v = report.verdict
     c.print(
-        f"audit of {report.adapter} for site {report.site}: [bold {COLORS[v]}]{v}[/]",
+        f"audit of {report.adapter} for site {report.site}: [bold {VERDICT_COLORS[v]}]{v}[/]",
         soft_wrap=False,
     )
     passed = sum(s.passed for s in report.static)
@@ -82,7 +81,7 @@ def print_report(report: Any, version: str | None = None) -> None:
     if not report.policies:
         c.print("no policies pinned to this site: the audit had nothing to check")
     for p in report.policies:
-        c.print(f"policy {p.policy}: [{COLORS[p.verdict]}]{p.verdict}[/]", highlight=False)
+        c.print(f"policy {p.policy}: [{VERDICT_COLORS[p.verdict]}]{p.verdict}[/]", highlight=False)
         for ch in p.checks:
             c.print(_check_line(ch, w), highlight=False)
     dyn = report.dynamic

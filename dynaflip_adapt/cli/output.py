@@ -21,6 +21,15 @@ class State:
     tracking_uri: str | None = None
 
 
+# How each audit verdict is shown.
+VERDICT_COLORS = {
+    "compatible": "green",
+    "warning": "yellow",
+    "incompatible": "red",
+    "unaudited": "red",
+}
+
+
 def state(ctx: typer.Context) -> State:
     """The global options of the current invocation."""
     root = ctx.find_root()
