@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dynaflip_adapt.config import OptimSection
 from dynaflip_adapt.errors import InputError, RuntimeFailure
 from dynaflip_adapt.outputs import writing
 
@@ -155,3 +156,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------- the step, shared by loops
+
+
+def optimizer(
+    params: list[torch.nn.Parameter], o: OptimSection, total: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `params` with the recipe's linear warm-up and cosine decay over `total` steps."""
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, o.warmup_steps, total)
+    )
+    return opt, sched
+
+
+def update(
+    loss: torch.Tensor,
+    step: int,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.nn.Parameter],
+    grad_clip: float,
+) -> None:
+    """One optimizer step on `loss`: refuses a non-finite loss (one line naming the step),
+    then backward, gradient-norm clipping, the step and the schedule."""
+    if not torch.isfinite(loss):
+        raise RuntimeFailure(
+            f"step {step}: loss is {float(loss.detach())}; lower optim.lr or check the logs"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+
+
+def checkpoint_due(step: int, every: int, total: int, is_main: bool) -> bool:
+    """Whether the loop checkpoints after `step` (0-based) steps: every `every` steps on the
+    main process, never at the last (the run's output is written then)."""
+    return is_main and (step + 1) % every == 0 and step + 1 < total

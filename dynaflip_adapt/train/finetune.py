@@ -47,14 +47,16 @@ from dynaflip_adapt.train.augment import aug_frames, augment_pair, build_augment
 from dynaflip_adapt.train.common import (
     ResumableSampler,
     autocast,
+    checkpoint_due,
     load_checkpoint,
+    optimizer,
     resolve_device,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
     to_device,
-    warmup_cosine,
+    update,
 )
 from dynaflip_adapt.train.distributed import Dist, ShardedBatches, check_batch, init_from_env
 from dynaflip_adapt.train.triplets import TripletDataset
@@ -584,10 +586,7 @@ def finetune(
     student.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     o = recipe.optim
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, o.warmup_steps, total)
-    )
+    opt, sched = optimizer(params, o, total)
     ema = ExponentialMovingAverage(params, decay=recipe.ema.decay) if recipe.ema.enabled else None
     held = torch.cat(pool).to(device) if pool else torch.zeros(0, dtype=torch.uint8)
     objective = StepObjective(
@@ -654,13 +653,7 @@ def finetune(
         batch = to_device(next(it), device)
         with autocast(device, recipe.run.precision):
             loss, parts = objective(batch)
-        if not torch.isfinite(loss):
-            raise RuntimeFailure(f"step {step}: loss is {float(loss.detach())}; lower optim.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        opt.step()
-        sched.step()
+        update(loss, step, opt, sched, params, o.grad_clip)
         if ema is not None:
             ema.update()
         seen += objective.frames_per_step
@@ -670,7 +663,7 @@ def finetune(
         history.append(metrics)
         if on_step is not None:
             on_step(step + 1, metrics)
-        if dist.is_main and (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
+        if checkpoint_due(step, recipe.run.checkpoint_every, total, dist.is_main):
             save_checkpoint(
                 workdir,
                 {

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from dynaflip_adapt.config import PretrainLoss, PretrainRecipe, recipe_hash, recipe_to_dict
 from dynaflip_adapt.data.dataset import FramePairDataset
 from dynaflip_adapt.data.logs import LogSet
-from dynaflip_adapt.errors import InputError, RuntimeFailure
+from dynaflip_adapt.errors import InputError
 from dynaflip_adapt.losses import (
     area_infonce,
     cosine_infonce,
@@ -39,14 +39,16 @@ from dynaflip_adapt.train.augment import augment_pair, build_augment
 from dynaflip_adapt.train.common import (
     ResumableSampler,
     autocast,
+    checkpoint_due,
     load_checkpoint,
+    optimizer,
     resolve_device,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
     to_device,
-    warmup_cosine,
+    update,
 )
 from dynaflip_adapt.train.distributed import ShardedBatches, check_batch, init_from_env
 from dynaflip_adapt.train.triplets import TripletDataset
@@ -333,10 +335,7 @@ def pretrain(
     text = text.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     o = recipe.optim
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, o.warmup_steps, total)
-    )
+    opt, sched = optimizer(params, o, total)
     start = 0
     ckpt: dict[str, Any] = {}
     if resume:
@@ -383,15 +382,7 @@ def pretrain(
             batch["rgb0"], batch["rgb1"] = augment_pair(aug, batch["rgb0"], batch["rgb1"])
         with autocast(device, recipe.run.precision):
             loss, parts = step_loss(batch, step)
-        if not torch.isfinite(loss):
-            raise RuntimeFailure(
-                f"step {step}: loss is {float(loss.detach())}; lower optim.lr or check the logs"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        opt.step()
-        sched.step()
+        update(loss, step, opt, sched, params, o.grad_clip)
         seen += o.batch_size
         metrics: dict[str, float] = {"loss": float(loss.detach()), **parts}
         metrics["lr"] = float(sched.get_last_lr()[0])
@@ -399,7 +390,7 @@ def pretrain(
         history.append(metrics)
         if on_step is not None:
             on_step(step + 1, metrics)
-        if dist.is_main and (step + 1) % recipe.run.checkpoint_every == 0 and step + 1 < total:
+        if checkpoint_due(step, recipe.run.checkpoint_every, total, dist.is_main):
             save_checkpoint(
                 workdir,
                 {
