@@ -173,6 +173,15 @@ class PretrainLoss(LossSection):
         "sit near one point and only their differences carry information)",
     )
     variance_target: float = Field(0.5, gt=0, description="per-dimension std floor")
+    token_invariance: float = Field(
+        0.0,
+        ge=0,
+        description="the patch tokens (and CLS) of a relit copy of each frame (another "
+        "pretraining site's low-frequency appearance on half of them, photometric jitter on "
+        "all; geometry kept) held to the frame's own tokens (stop-gradient, relative to their "
+        "spread): a backbone whose token map a change of light does not move, so heads "
+        "trained at one site read it at another",
+    )
     anchor_ramp_steps: int = Field(
         0,
         ge=0,

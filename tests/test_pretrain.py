@@ -430,3 +430,60 @@ def test_grouped_sampler_batches_hold_whole_chunks_of_one_group(epoch):
     switches = sum(uneven[a] != uneven[b] for a, b in itertools.pairwise(ep))
     chunks = sum(math.ceil(uneven.count(g) / 4) for g in (0, 1, 2))
     assert switches <= chunks - 1
+
+
+def test_token_invariance_is_zero_for_the_frame_itself_and_relative_to_the_token_spread():
+    from dynaflip_adapt.train.pretrain import token_invariance
+
+    g = torch.Generator().manual_seed(0)
+    own = torch.randn(4, 5, 6, generator=g) * 3.0
+    assert float(token_invariance(own.clone(), own)) == 0.0
+    view = own + torch.randn(4, 5, 6, generator=g)
+    spread = own.reshape(-1, 6).var(dim=0).mean()  # per channel over batch and positions
+    want = float(((view - own) ** 2).mean() / spread)
+    assert float(token_invariance(view, own)) == pytest.approx(want, rel=1e-5)
+    # Scaling both by c leaves it unchanged (relative to the spread); the target gets no
+    # gradient, the view does.
+    assert float(token_invariance(2 * view, 2 * own)) == pytest.approx(want, rel=1e-5)
+    v, o = view.clone().requires_grad_(), own.clone().requires_grad_()
+    token_invariance(v, o).backward()
+    assert o.grad is None and v.grad is not None and float(v.grad.abs().sum()) > 0
+
+
+def test_pretraining_with_token_invariance_holds_relit_tokens_and_resumes_bit_for_bit(
+    logs, tmp_path
+):
+    """The term trains (it is in the losses, and a run with it moves relit copies' tokens
+    closer to their frames' than the same run without it), and its relit copies are drawn
+    without touching the global RNG: a resumed run gives the same backbone."""
+    from dynaflip_adapt.train.augment import appearance_views
+    from dynaflip_adapt.train.pretrain import token_invariance
+
+    extra = ["loss.token_invariance=5.0", "optim.max_steps=12", "optim.lr=3e-3"]
+    rec = _recipe(extra)
+    res = pretrain(open_logs(logs), rec, tmp_path / "a")
+    assert all("token_invariance" in h for h in res.history)
+
+    def crash(step, _metrics):
+        if step == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(open_logs(logs), rec, tmp_path / "b", on_step=crash)
+    resumed = pretrain(open_logs(logs), rec, tmp_path / "b", resume=True)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in res.history[5:]]
+    wa, wb = _weights(res.bundle), _weights(resumed.bundle)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    without = pretrain(open_logs(logs), _recipe(["optim.max_steps=12", "optim.lr=3e-3"]),
+                       tmp_path / "c")  # fmt: skip
+
+    def relit_gap(bundle_path):
+        b = load_bundle(bundle_path)
+        frames = b.replay["rgb0"]
+        view = appearance_views(frames, frames, seed=123)
+        with torch.no_grad():
+            own = b.model.image.tokens(b.model.preprocess(frames))
+            relit = b.model.image.tokens(b.model.preprocess(view))
+        return float(token_invariance(relit, own))
+
+    assert relit_gap(res.bundle) < relit_gap(without.bundle)

@@ -35,7 +35,7 @@ from dynaflip_adapt.models.backbone import Backbone, BackboneConfig, save_bundle
 from dynaflip_adapt.models.flow_encoder import DELTA_SCALE, flow_features
 from dynaflip_adapt.models.text import embed_instructions
 from dynaflip_adapt.models.vit import load_timm_checkpoint
-from dynaflip_adapt.train.augment import augment_pair, build_augment
+from dynaflip_adapt.train.augment import appearance_views, augment_pair, build_augment
 from dynaflip_adapt.train.common import (
     ResumableSampler,
     autocast,
@@ -69,6 +69,7 @@ class PretrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+STYLE_FRAMES = 256  # frames whose appearance the token-invariance copies borrow
 POSITION_SCALE = 0.1  # metres: point positions (relative to their centroid) in these units
 
 
@@ -132,9 +133,10 @@ def trimodal_losses(
     """
     rgb = torch.cat([batch["rgb0"], batch["rgb1"]])
     points = (weights.point_position > 0 or weights.point_motion > 0) and model.cfg.point_heads
+    invariance = weights.token_invariance > 0 and "rgb0_view" in batch and image_grad
     with torch.set_grad_enabled(image_grad and torch.is_grad_enabled()):
         x = model.preprocess(rgb)
-        tokens = model.image.tokens(x) if points else None
+        tokens = model.image.tokens(x) if points or invariance else None
         f = tokens[:, 0] if tokens is not None else model.image(x)
     f0, f1 = f.chunk(2)
     a = model.embed_transition(f0, f1)
@@ -163,8 +165,12 @@ def trimodal_losses(
     if weights.flow_prediction > 0:
         pred = model.predict_flow(f0, feats[..., :3])
         parts["flow_prediction"] = masked_mse(pred, batch["flow_delta"] * DELTA_SCALE, mask)
-    if tokens is not None:
+    if tokens is not None and points:
         parts |= point_losses(model, tokens, batch, weights)
+    if invariance:
+        assert tokens is not None
+        view = model.image.tokens(model.preprocess(batch["rgb0_view"]))
+        parts["token_invariance"] = token_invariance(view, tokens[: len(batch["rgb0"])])
     if weights.variance > 0:
         parts["variance"] = variance_floor(gather(f.float()), weights.variance_target)
     ramp = 1.0
@@ -174,6 +180,15 @@ def trimodal_losses(
     total = sum(getattr(weights, k) * scale.get(k, 1.0) * v for k, v in parts.items())
     assert isinstance(total, torch.Tensor)
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def token_invariance(view: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of a relit copy's tokens (B, 1 + N, D) from the frame's own
+    (stop-gradient target), relative to the own tokens' per-channel variance over the batch
+    and positions: 0 for an invariant encoder, ~2 for tokens unrelated to their frame's."""
+    target = own.detach().float()
+    spread = target.var(dim=(0, 1)).mean().clamp_min(1e-6)
+    return ((view.float() - target) ** 2).mean() / spread
 
 
 def point_losses(
@@ -369,6 +384,11 @@ def pretrain(
     )
     it = iter(loader)
     aug = build_augment(recipe.augment, recipe.model.image_size)
+    styles = None
+    if recipe.loss.token_invariance > 0 and not freeze_image:
+        # Other sites' looks for the relit copies: frames spread over every pretraining log.
+        picks = torch.linspace(0, len(ds) - 1, min(len(ds), STYLE_FRAMES)).round().long()
+        styles = torch.stack([ds[int(i)]["rgb0"] for i in picks])
     if resume:
         # After creating the iterator: DataLoader draws a base seed from the global RNG then.
         set_rng_state(ckpt["rng"])
@@ -380,6 +400,12 @@ def pretrain(
         batch = to_device(next(it), device)
         if aug is not None:
             batch["rgb0"], batch["rgb1"] = augment_pair(aug, batch["rgb0"], batch["rgb1"])
+        if styles is not None:
+            # Relit copies of the frames as trained on (deterministic in seed and step, the
+            # global RNG untouched: resumes stay bit-identical).
+            seed = recipe.run.seed * 1_000_003 + step
+            batch["rgb0_view"] = appearance_views(batch["rgb0"].cpu(), styles, seed=seed)
+            batch["rgb0_view"] = batch["rgb0_view"].to(device)
         with autocast(device, recipe.run.precision):
             loss, parts = step_loss(batch, step)
         update(loss, step, opt, sched, params, o.grad_clip)
