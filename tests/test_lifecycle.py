@@ -78,7 +78,9 @@ def test_policy_is_registered_with_its_pin(fleet):
     assert (
         len(pols) == 1 and pols[0]["tags"]["head"] == "bc" and pols[0]["tags"]["tolerance"] == "0.2"
     )
-    spec = ok(["policies", "show", fleet["policy"]])["spec"]
+    shown = ok(["policies", "show", fleet["policy"]])
+    spec = shown["spec"]
+    assert json.loads((Path(shown["path"]) / "policy.json").read_text()) == spec  # the local copy
     backbones = ok(["backbones", "list"])
     assert spec["pin"]["backbone_fingerprint"] == backbones[0]["tags"]["fingerprint"]
     # Simulator logs carry instructions: the policy is language-conditioned by default.

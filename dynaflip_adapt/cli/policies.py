@@ -328,9 +328,10 @@ def show(
 
     reg = registry(ctx)
     info = reg.resolve(POLICY_MODEL, version)
-    spec = read_policy_spec(reg.download(info, "policies", read_policy_spec))
+    folder = reg.download(info, "policies", read_policy_spec)
+    spec = read_policy_spec(folder)
     if as_json:
-        print_json({"version": info.to_dict(), "spec": spec})
+        print_json({"version": info.to_dict(), "spec": spec, "path": str(folder)})
     else:
         console().print_json(
             json.dumps(
