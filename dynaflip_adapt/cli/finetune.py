@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -27,7 +27,6 @@ from dynaflip_adapt.cli.output import (
     err_console,
     print_fit,
     print_json,
-    progress_enabled,
     state,
 )
 from dynaflip_adapt.workflows.adapt import RETAIN_FRAMES
@@ -115,7 +114,7 @@ def finetune(
     full strength is set aside (its MLflow run tagged fallback_rejected) and the next recipe
     trains.
     """
-    from dynaflip_adapt.cli.progress import logged_training
+    from dynaflip_adapt.cli.progress import training_monitor
     from dynaflip_adapt.workflows.adapt import AdaptRequest, DryRunResult, adapt_site
 
     request = AdaptRequest(
@@ -148,12 +147,11 @@ def finetune(
         prefix = "[yellow]warning:[/] " if level == "warning" else ""
         err_console().print(prefix + message, highlight=False)
 
-    def monitor(title: str, total: int, run: Any, log_every: int, keys: tuple[str, ...]) -> Any:
-        enabled = progress_enabled(as_json)
-        return logged_training(title, total, run, log_every, enabled=enabled, keys=keys)
-
     result = adapt_site(
-        request, tracking_uri=state(ctx).tracking_uri, monitor=monitor, notify=notify
+        request,
+        tracking_uri=state(ctx).tracking_uri,
+        monitor=training_monitor(as_json),
+        notify=notify,
     )
     if result is None:  # a non-main process under torchrun: rank 0 reports
         return

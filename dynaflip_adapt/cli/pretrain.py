@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -16,7 +16,7 @@ from dynaflip_adapt.cli.common import (
     PrecisionOpt,
     one_steps,
 )
-from dynaflip_adapt.cli.output import console, print_json, progress_enabled, state
+from dynaflip_adapt.cli.output import console, print_json, state
 
 
 def pretrain(
@@ -81,7 +81,7 @@ def pretrain(
     Trains on (transition, language, 3D flow) triplets from site logs that carry flow, logs the
     run to MLflow and registers the bundle as a new backbone version.
     """
-    from dynaflip_adapt.cli.progress import logged_training
+    from dynaflip_adapt.cli.progress import training_monitor
     from dynaflip_adapt.workflows.pretrain import PretrainRequest, pretrain_backbone
 
     request = PretrainRequest(
@@ -101,11 +101,9 @@ def pretrain(
         overwrite=overwrite,
     )
 
-    def monitor(title: str, total: int, run: Any, log_every: int, keys: tuple[str, ...]) -> Any:
-        enabled = progress_enabled(as_json)
-        return logged_training(title, total, run, log_every, enabled=enabled, keys=keys)
-
-    result = pretrain_backbone(request, tracking_uri=state(ctx).tracking_uri, monitor=monitor)
+    result = pretrain_backbone(
+        request, tracking_uri=state(ctx).tracking_uri, monitor=training_monitor(as_json)
+    )
     if result is None:  # a non-main process under torchrun: rank 0 reports
         return
     info = result.backbone

@@ -135,3 +135,19 @@ def training_progress(
                 console.print(f"{title} step {step}/{total}  " + "  ".join(shown), highlight=False)
 
         yield update
+
+
+def training_monitor(as_json: bool) -> Callable[..., Any]:
+    """The monitor the CLI gives a workflow's training runs (`adapt_site`,
+    `pretrain_backbone`): a progress bar on a terminal (none under ``--json``) and the metrics
+    to the run's MLflow record."""
+    from dynaflip_adapt.cli.output import progress_enabled
+
+    enabled = progress_enabled(as_json)
+
+    def monitor(
+        title: str, total: int, run: Any, log_every: int, keys: tuple[str, ...]
+    ) -> contextlib.AbstractContextManager[Callable[[int, dict[str, float]], None]]:
+        return logged_training(title, total, run, log_every, enabled=enabled, keys=keys)
+
+    return monitor
