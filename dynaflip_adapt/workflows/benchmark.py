@@ -150,7 +150,7 @@ def run_benchmark(
         r = _seeded(ablation_recipe(recipe, ab), seed, cfg.steps)
         base_path = _site_logs(workdir, "base", s_train, cfg.train_episodes, cfg.frames, cfg.size)
         data = [train_path.name] + ([base_path.name] if ab.retain else [])
-        run_dir = workdir / "runs" / _run_name(preset, seed, r, cfg, ab.full, data)
+        run_dir = workdir / "runs" / _run_name(bundle, preset, seed, r, cfg, ab.full, data)
         label = f"{preset} s{seed} {ab.name}"
         if ab.full:  # a baseline the product does not offer: trained directly
             say(f"seed {seed} {preset}: finetune {ab.name}")
@@ -392,6 +392,7 @@ _LATER_FIELDS = ("fallback",)
 
 
 def _run_name(
+    bundle: Bundle,
     preset: str,
     seed: int,
     recipe: FinetuneRecipe,
@@ -399,12 +400,14 @@ def _run_name(
     full: bool,
     data: Sequence[str],
 ) -> str:
-    """A finetune's work folder, keyed by what determines the adapter: the recipe, steps, full
-    or LoRA, and the logs it reads (their file names carry site, seed and sizes), so ablations
-    that train alike share one run and a benchmark at other sizes trains its own."""
+    """A finetune's work folder, keyed by what determines the adapter: the backbone, the
+    recipe, steps, full or LoRA, and the logs it reads (their file names carry site, seed and
+    sizes), so ablations that train alike share one run (a finished one is reused, a killed one
+    resumed) and a benchmark on another backbone or at other sizes trains its own."""
     from dynaflip_adapt.config import recipe_hash
 
-    return f"{preset}_s{seed}_{_digest(recipe_hash(recipe), cfg.steps, full, list(data))}"
+    key = _digest(bundle.fingerprint, recipe_hash(recipe), cfg.steps, full, list(data))
+    return f"{preset}_s{seed}_{key}"
 
 
 def _seeded(recipe: FinetuneRecipe, seed: int, steps: int) -> FinetuneRecipe:
