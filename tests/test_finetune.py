@@ -120,10 +120,11 @@ def test_cli_finetune_registers_a_mergeable_adapter_that_moves_site_features(wor
     assert keys and all("lora_" in k for k in keys)
 
 
-def test_resume_after_training_reuses_the_adapter_as_trained(world, tmp_path):
+def test_resume_after_training_reuses_the_adapter_as_trained(world, tmp_path, monkeypatch):
     """A job that dies after training (auditing, scaling, registering) resumes without training
     again; the work folder keeps the adapter as trained, beside the scaled copy registered (so a
-    resume never scales twice); a damaged trained adapter is trained again."""
+    resume never scales twice); a job that had registered it returns that version instead of
+    registering a copy; a damaged trained adapter is trained again."""
     from dynaflip_adapt.models.adapter import read_adapter_manifest
     from dynaflip_adapt.outputs import sha256_file
 
@@ -151,8 +152,16 @@ def test_resume_after_training_reuses_the_adapter_as_trained(world, tmp_path):
     r = runner.invoke(app, [*args, "--resume"])
     assert r.exit_code == 0, r.output
     second = json.loads(r.stdout)
-    assert second["adapter"]["version"] != first["adapter"]["version"]
     assert second["final"] == {} and second["seconds"] == 0  # nothing trained
+    assert second["adapter"]["version"] == first["adapter"]["version"]  # registered already
+    listed = json.loads(runner.invoke(app, ["adapters", "list", "--json"]).stdout)
+    assert [v["version"] for v in listed] == [first["adapter"]["version"]]
+    # Died before registering (here: another registry): the resume registers the scaled copy.
+    monkeypatch.setenv("DYNAFLIP_HOME", str(tmp_path / "other-home"))
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    second = json.loads(r.stdout)
+    assert second["final"] == {} and second["seconds"] == 0
     assert registered(second) == registered(first) == scaled  # scaled once, as the first
     assert sha256_file(w / "adapter" / weights) == trained
     # A trained adapter damaged since is not reused: training resumes from its checkpoint.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,31 @@ def adapter_tags(manifest: dict[str, Any], extra: dict[str, str] | None = None) 
         "anchors": ",".join(k for k, v in manifest.get("anchors", {}).items() if v),
         # A rescaled copy must not look like a trained adapter: 1 = as trained.
         "strength": f"{float(lin.get('strength', 1.0)):g}",
+        # What the folder holds (every file's sha256): the same adapter registered twice shares it.
+        "content": content_digest(manifest),
     }
     for k in ("replay_cka", "site_cka", "replay_relative_mse", "site_mean_area"):
         if k in geo:
             tags[f"geometry.{k}"] = f"{geo[k]:.6f}"
     return tags | (extra or {})
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """sha256 over an adapter folder's file digests (its manifest's ``files``): equal for two
+    folders holding the same weights, config and lineage."""
+    files = json.dumps(manifest.get("files", {}), sort_keys=True)
+    return "sha256:" + hashlib.sha256(files.encode()).hexdigest()
+
+
+def registered_copy(registry: Registry, folder: Path) -> VersionInfo | None:
+    """The newest version already registered from a folder with this content and site (a
+    resumed job whose training had finished), or None."""
+    manifest = read_adapter_manifest(folder)
+    digest, site = content_digest(manifest), str(manifest.get("site", ""))
+    for info in registry.versions(ADAPTER_MODEL):
+        if info.tags.get("content") == digest and info.tags.get("site") == site:
+            return info
+    return None
 
 
 def register_adapter(

@@ -245,6 +245,7 @@ def adapt_site(
     from dynaflip_adapt.registry.adapters import (
         FINETUNE_EXPERIMENT,
         register_adapter,
+        registered_copy,
         resolve_adapter,
     )
     from dynaflip_adapt.registry.backbones import load_backbone
@@ -451,7 +452,13 @@ def adapt_site(
             if rejected:
                 run.log_dict({"rejected": rejected}, "fallback_rejected.json")
             run.log_metrics(total, {f"geometry.{k}": v for k, v in res.geometry.items()})
-            info = register_adapter(registry, run, folder, parent=parent_info)
+            # A resumed job whose training had finished may have registered this folder already.
+            info = registered_copy(registry, folder) if done is not None else None
+            if info is not None:
+                notify("info", f"{folder}: already registered as version {info.version}")
+                run.set_tags({"reused_version": info.version})
+            else:
+                info = register_adapter(registry, run, folder, parent=parent_info)
             run.set_tags({"adapter_version": info.version})
         return AdaptResult(
             adapter=info,
