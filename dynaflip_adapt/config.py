@@ -225,6 +225,15 @@ class FinetuneLoss(LossSection):
         "every patch token to the teacher's (relative drift), not only the pooled CLS feature: "
         "what heads reading the token map (objects, tokens) consume",
     )
+    policies: float = Field(
+        0.0,
+        ge=0,
+        description="the frozen heads of the policies pinned to the site, reading the adapter, "
+        "held to their own training loss on the demonstrations in the site's logs and the "
+        "--retain logs (those with actions): the adapter learns what the heads read at the new "
+        "site while the retained sites keep working; off when no pinned policy reads the "
+        "backbone or the logs carry no actions",
+    )
     site_style: float = Field(
         0.0,
         ge=0,
@@ -688,6 +697,7 @@ def recipe_params(recipe: BaseModel) -> dict[str, str]:
 _LATER_FIELDS: tuple[tuple[str, str, object], ...] = (
     ("loss", "distill_tokens", False),
     ("loss", "site_style", 0.0),
+    ("loss", "policies", 0.0),
     ("loss", "site_style_band", 0.06),
     ("run", "precision", "auto"),
 )

@@ -354,8 +354,9 @@ class DiffusionHead(nn.Module):
     ) -> torch.Tensor:
         """Noise-prediction MSE for normalized action chunks (B, horizon, A)."""
         x0 = chunk.flatten(1)
-        t = torch.randint(0, self.train_steps, (len(x0),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        # Drawn on the CPU (where a generator lives), used where the chunk is.
+        t = torch.randint(0, self.train_steps, (len(x0),), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         ab = self.alpha_bar[t][:, None]
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         cond = torch.cat([features, proprio], dim=-1)

@@ -399,21 +399,18 @@ def fit_head(
             fi = random_shift(fi, SHIFT_PAD * max(1, fi.shape[-1] // 64), g)
         elif feature_noise > 0 and reads in ("features", "tokens") and fi.shape[-1] > 0:
             fi = fi + feature_noise * torch.randn(fi.shape, generator=g)
-        if isinstance(model, DiffusionHead):
-            loss = model.loss(fi, p[idx], y[idx], generator=g)
-        elif isinstance(model, ObjectHead) and target_est is not None and state is not None:
-            assert target_index is not None  # checked with target_est
-            out, est, objects = model.forward_with_estimate(fi, p[idx])
-            which = target_index[idx]
-            slots = slot_loss(objects, state[idx], which)
-            est_loss = ((est - target_est[idx]) ** 2).mean() + slots
-            loss = _mixed_loss(out, y[idx], bin_mask) + ESTIMATE_WEIGHT * est_loss
-            logits = model.select_logits(p[idx])
-            if logits is not None:  # the instruction says which slot
-                loss = loss + nn.functional.cross_entropy(logits, which)
-        else:
-            out = model(fi, p[idx])
-            loss = _mixed_loss(out, y[idx], bin_mask)
+        objects = target_est is not None and state is not None and target_index is not None
+        loss = head_loss(
+            model,
+            fi,
+            p[idx],
+            y[idx],
+            bin_mask,
+            target_est[idx] if objects and target_est is not None else None,
+            state[idx] if objects and state is not None else None,
+            target_index[idx] if objects and target_index is not None else None,
+            generator=g,
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -440,6 +437,48 @@ def fit_head(
     if isinstance(model, ObjectHead) and target_est is not None and held.any():
         info["val_estimate_rmse_cm"] = estimate_rmse_cm(model, f[held], p[held], target_est[held])
     return HeadFit(model, stats, float(loss.detach()), info)
+
+
+def head_loss(
+    model: nn.Module,
+    f: torch.Tensor,
+    p: torch.Tensor,
+    y: torch.Tensor,
+    bin_mask: torch.Tensor,
+    target_est: torch.Tensor | None = None,
+    state: torch.Tensor | None = None,
+    target_index: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A head's training loss on normalized inputs (`head_inputs`) and targets: the diffusion
+    head's noise prediction (`y`: action chunks), an object head's action error plus its
+    estimate held to the logged state (when given), or the action error (MSE on continuous
+    dimensions, cross-entropy on binary ones)."""
+    if isinstance(model, DiffusionHead):
+        out: torch.Tensor = model.loss(f, p, y, generator=generator)
+        return out
+    if isinstance(model, ObjectHead) and target_est is not None and state is not None:
+        assert target_index is not None
+        act, est, objects = model.forward_with_estimate(f, p)
+        est_loss = ((est - target_est) ** 2).mean() + slot_loss(objects, state, target_index)
+        loss = _mixed_loss(act, y, bin_mask) + ESTIMATE_WEIGHT * est_loss
+        logits = model.select_logits(p)
+        if logits is not None:  # the instruction says which slot
+            loss = loss + nn.functional.cross_entropy(logits, target_index)
+        return loss
+    return _mixed_loss(model(f, p), y, bin_mask)
+
+
+def normalized_targets(
+    stats: dict[str, torch.Tensor], actions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Actions in the units a head is trained on: z-scored by the policy's stats, binary
+    dimensions as 0/1 (`binary_dims`). Returns (targets, the binary dimensions' mask)."""
+    y = (actions - stats["act_mean"]) / stats["act_std"]
+    mask = stats.get("bin_mask")
+    if mask is None:
+        return y, torch.zeros(y.shape[-1], dtype=torch.bool)
+    return torch.where(mask.bool(), (actions == stats["bin_hi"]).float(), y), mask.bool()
 
 
 def _mixed_loss(out: torch.Tensor, y: torch.Tensor, bin_mask: torch.Tensor) -> torch.Tensor:

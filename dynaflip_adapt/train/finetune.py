@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -63,6 +63,22 @@ from dynaflip_adapt.train.triplets import TripletDataset
 
 StepCallback = Callable[[int, dict[str, float]], None]
 PROBE_FRAMES = 64
+
+
+class ExtraTerm(Protocol):
+    """An objective on frames of its own that the step encodes with the student in its one
+    forward pass (``loss.policies``: `dynaflip_adapt.policies.adaptation.PolicyObjective`)."""
+
+    @property
+    def frames_per_step(self) -> int: ...
+
+    def draw(self, dist: Dist, device: torch.device) -> torch.Tensor:
+        """This step's uint8 frames for this process."""
+        ...
+
+    def loss(self, out: torch.Tensor) -> torch.Tensor:
+        """The term on the student's output for the drawn frames (all tokens, CLS first)."""
+        ...
 
 
 @dataclass
@@ -202,6 +218,7 @@ def active_terms(
     *,
     pooled: bool,
     retained: bool,
+    extra: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
     """The weight each loss term trains with for these logs (0: off), and warnings for terms the
     recipe asks for but the logs, the backbone or the options cannot support.
@@ -212,6 +229,8 @@ def active_terms(
         bundle: The backbone (its replay set feeds the teacher and the replay-area anchor).
         pooled: The teacher has frames to hold (the backbone's replay and/or ``--retain``).
         retained: ``--retain`` frames were given.
+        extra: An objective for ``loss.policies`` was given (pinned policies and
+            demonstrations they can read).
 
     Raises:
         InputError: No term is active.
@@ -228,6 +247,7 @@ def active_terms(
         "distill_site": w.distill_site,
         "invariance": w.invariance if pooled and recipe.augment.enabled else 0.0,
         "consistency": w.consistency,
+        "policies": w.policies if extra else 0.0,
         "align": w.align if bundle.replay else 0.0,
         "replay_area": (
             w.replay_area if trained and set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0
@@ -239,6 +259,11 @@ def active_terms(
             "the backbone's DynaFLIP heads are untrained (an imported encoder): the area, "
             "contrastive, cosine and single-frame anchors are unavailable; teacher terms only "
             "(`pretrain LOGS --from BACKBONE` trains the heads)"
+        )
+    if w.policies > 0 and not extra:
+        warnings.append(
+            "loss.policies: no pinned policy reads the backbone, or the logs carry no "
+            "demonstrations it can read: the term is off"
         )
     if w.distill_replay > 0 and not pooled:
         warnings.append("the backbone has no replay set: source-replay distillation is off")
@@ -306,6 +331,7 @@ class StepObjective:
         device: Where everything runs.
         dist: The process group (`init_from_env`).
         full: The student is a plain encoder (full fine-tuning), not a PEFT model.
+        extra: The ``loss.policies`` objective (its frames join the step's forward pass).
     """
 
     def __init__(
@@ -320,6 +346,7 @@ class StepObjective:
         device: torch.device,
         dist: Dist,
         full: bool = False,
+        extra: ExtraTerm | None = None,
     ) -> None:
         self.heads = bundle.model
         self.student, self.model, self.full = student, model, full
@@ -355,6 +382,11 @@ class StepObjective:
             2 * o.batch_size + self.n_replay * (self.use_rep + self.use_inv) + 2 * self.n_area
         ) // dist.world
         self.tokens = bool(self.w.distill_tokens)
+        self.extra = extra if active.get("policies", 0.0) > 0 else None
+        # The forward gives every token when the teacher holds them or the policies read them.
+        self.all_tokens = self.tokens or self.extra is not None
+        if self.extra is not None:
+            self.frames_per_step += self.extra.frames_per_step // dist.world
         self.scale, self.center = self._replay_spread()
         self.base_area = self._base_areas()
 
@@ -362,14 +394,14 @@ class StepObjective:
         """The frozen base encoder (for LoRA: the student with its adapter disabled)."""
         with torch.no_grad():
             if self.full:
-                out: torch.Tensor = self.heads.image(x, all_tokens=self.tokens)
+                out: torch.Tensor = self.heads.image(x, all_tokens=self.all_tokens)
                 return out
             with self.student.disable_adapter():
-                out = self.student(x, all_tokens=self.tokens)
+                out = self.student(x, all_tokens=self.all_tokens)
                 return out
 
     def cls(self, f: torch.Tensor) -> torch.Tensor:
-        return f[:, 0] if self.tokens else f
+        return f[:, 0] if self.all_tokens else f
 
     def _replay_spread(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension spread and mean of the teacher's features over the replay set:
@@ -458,9 +490,11 @@ class StepObjective:
             n = self.replay["rgb0"].shape[0]
             tri = dist.shard(torch.randint(0, n, (self.n_area,), device=device))
             images += [self.replay["rgb0"][tri], self.replay["rgb1"][tri]]
+        if self.extra is not None:
+            images.append(self.extra.draw(dist, device))
         # One forward through the (DDP-wrapped) student per step.
         sizes = [len(x) for x in images]
-        f = self.model(heads.preprocess(torch.cat(images)), all_tokens=self.tokens)
+        f = self.model(heads.preprocess(torch.cat(images)), all_tokens=self.all_tokens)
         outs = list(f.split(sizes))
         f0_all, f1 = outs.pop(0), self.cls(outs.pop(0))
         f0 = self.cls(f0_all)
@@ -468,6 +502,8 @@ class StepObjective:
         f_inv = outs.pop(0) if self.use_inv else None
         fa0, fa1 = (self.cls(outs.pop(0)), self.cls(outs.pop(0))) if self.n_area else (None, None)
         parts: dict[str, torch.Tensor] = {}
+        if self.extra is not None:
+            parts["policies"] = self.extra.loss(outs.pop(0))
         if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
             a = heads.embed_transition(f0, f1)
             b = heads.embed_text(self.text[batch["text"]])
@@ -532,6 +568,7 @@ def finetune(
     on_step: StepCallback | None = None,
     full: bool = False,
     retain: torch.Tensor | None = None,
+    extra: ExtraTerm | None = None,
 ) -> FinetuneResult:
     """Trains a LoRA adapter for a site; writes it to ``workdir/adapter``.
 
@@ -555,6 +592,8 @@ def finetune(
             no adapter folder; the result carries the encoder).
         retain: Frames (uint8, N x 3 x S x S at input size; `retention_frames`) added to the
             replay pool the teacher holds: sites whose policies must keep working.
+        extra: The ``loss.policies`` objective (`PolicyObjective`): the pinned policies'
+            heads on demonstrations; without it the term is off.
 
     Raises:
         InputError: Missing required supervision, nothing to train, no checkpoint to resume.
@@ -578,8 +617,9 @@ def finetune(
             None, "retain", f"frames of shape {tuple(retain.shape[1:])}", f"(3, {size}, {size})"
         )
     active, more = active_terms(
-        recipe, anchors, bundle, pooled=bool(pool), retained=retain is not None
-    )
+        recipe, anchors, bundle, pooled=bool(pool), retained=retain is not None,
+        extra=extra is not None,
+    )  # fmt: skip
     warnings += more
     heads = bundle.model.to(device).eval().requires_grad_(False)
     student = build_student(heads.image, recipe, parent, full)
@@ -600,6 +640,7 @@ def finetune(
         device,
         dist,
         full,
+        extra,
     )
 
     start = 0

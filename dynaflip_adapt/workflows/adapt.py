@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from dynaflip_adapt.config import FinetuneRecipe
+    from dynaflip_adapt.data.logs import LogSet
     from dynaflip_adapt.eval.audit import AuditedPolicy
     from dynaflip_adapt.eval.strength import StrengthFit, Trial
     from dynaflip_adapt.models.backbone import Bundle
@@ -318,17 +319,23 @@ def adapt_site(
     fingerprint = logs_fingerprint(logs)
     held = None
     retained: dict[str, Any] = {}
+    retain_logs = None
     if req.retain:
-        held = retention_frames(
-            open_logs(list(req.retain), candidates[0][0].data.source_settings()),
-            bundle.model.cfg.image_size,
-            req.retain_frames,
-        )
+        retain_logs = open_logs(list(req.retain), candidates[0][0].data.source_settings())
+        held = retention_frames(retain_logs, bundle.model.cfg.image_size, req.retain_frames)
         retained = {
             "retain_logs": [str(p.resolve()) for p in req.retain],
             "retain_fingerprint": logs_fingerprint(list(req.retain)),
             "retain_frames": len(held),
         }
+    extra, held_policies = None, list[str]()
+    if any(r.loss.policies > 0 for r, _ in candidates):
+        from dynaflip_adapt.registry.lifecycle import audited_policies
+
+        sources = [("site", logsets[0])] + ([("retained", retain_logs)] if retain_logs else [])
+        extra, held_policies = policy_objective(
+            bundle, audited_policies(registry, bundle, site), sources, notify
+        )
     rejected: list[dict[str, Any]] = []
     policies: list[AuditedPolicy] | None = None
     for i, (rec, rec_path) in enumerate(candidates):
@@ -340,6 +347,8 @@ def adapt_site(
         ]  # fmt: skip
         if retained:
             key_parts += [retained["retain_fingerprint"], str(retained["retain_frames"])]
+        if held_policies and rec.loss.policies > 0:
+            key_parts += held_policies
         key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:12]
         if req.workdir is not None:
             work = req.workdir / f"fallback-{i}" if i else req.workdir
@@ -353,13 +362,15 @@ def adapt_site(
             "parent_fingerprint": None,
             "logs": [str(p.resolve()) for p in logs],
             **retained,
+            # The pinned policies loss.policies held the adapter to.
+            **({"policies_held": held_policies} if held_policies and rec.loss.policies > 0 else {}),
             # Recipes whose adapters failed the audit before this one (fallback).
             **({"fallback_rejected": list(rejected)} if rejected else {}),
         }
         if req.dry_run:
             res = run_finetune(
                 bundle, logset, rec, work, site=site, parent=parent_dir, dry_run=True,
-                max_steps=total, retain=held,
+                max_steps=total, retain=held, extra=extra,
             )  # fmt: skip
             return DryRunResult(
                 site=site,
@@ -373,7 +384,7 @@ def adapt_site(
         if not dist.is_main:
             run_finetune(
                 bundle, logset, rec, work, site=site, parent=parent_dir, resume=req.resume,
-                max_steps=total, lineage=lineage, retain=held,
+                max_steps=total, lineage=lineage, retain=held, extra=extra,
             )  # fmt: skip
             return None
         tags = {
@@ -406,6 +417,7 @@ def adapt_site(
                 "data_fingerprint": fingerprint,
                 "retain_fingerprint": retained.get("retain_fingerprint"),
                 "retain_frames": retained.get("retain_frames"),
+                "policies_held": lineage.get("policies_held"),
             }
             done = finished_adapter(work, expected) if req.resume else None
             if done is not None:
@@ -421,6 +433,7 @@ def adapt_site(
                         # A fallback resumes only where the killed run had got to.
                         resume=req.resume and (i == 0 or has_checkpoint(work)),
                         max_steps=total, lineage=lineage, on_step=on_step, retain=held,
+                        extra=extra,
                     )  # fmt: skip
             for w in res.warnings:
                 notify("warning", w)
@@ -490,6 +503,79 @@ def token_readers(registry: Registry, site: str) -> list[str]:
         if kind is not None and kind.reads == "tokens":
             names.append(f"{v.tags.get('name', 'policy')} (v{v.version})")
     return names
+
+
+def policy_objective(
+    bundle: Bundle,
+    policies: list[AuditedPolicy],
+    sources: list[tuple[str, LogSet]],
+    notify: Notify = _ignore,
+) -> tuple[Any, list[str]]:
+    """``loss.policies``' objective: the `policies` pinned to the site that read the backbone it
+    was trained on, and the demonstrations of `sources` ("site" logs, "retained" logs) they
+    can read (logs without actions, or whose proprio the policies do not take, are left out
+    with a note). Returns (`PolicyObjective` or None, what it holds, for the lineage)."""
+    from dataclasses import replace
+
+    from dynaflip_adapt.data.logs import EpisodeReader, LogSet
+    from dynaflip_adapt.errors import InputError
+    from dynaflip_adapt.policies import HEAD_KINDS, collect, instruction_embedder
+    from dynaflip_adapt.policies.adaptation import (
+        MAX_DEMO_FRAMES,
+        Demonstrations,
+        PolicyObjective,
+    )
+
+    usable = []
+    for name, pol, pinned in policies:
+        if pinned is not None:
+            notify("info", f"loss.policies: {name} reads an adapter's features; not held")
+            continue
+        usable.append((name, pol))
+    if not usable:
+        return None, []
+    dims = {int(pol.spec["proprio_dim"]) for _, pol in usable}
+    language = any(pol.uses_language for _, pol in usable)
+    state = any(
+        HEAD_KINDS[h].needs_state for _, pol in usable if (h := pol.spec.get("head")) in HEAD_KINDS
+    )
+    size = bundle.model.cfg.image_size
+    demos = []
+    for source, logs in sources:
+        episodes = [ep for ep in logs.episodes if "actions" in ep.paths]
+        if not episodes:
+            notify("info", f"loss.policies: the {source} logs carry no actions; not used")
+            continue
+        # Whole episodes, evenly spaced, about twice the frames kept (then spread evenly).
+        keep = max(1, len(episodes) * 2 * MAX_DEMO_FRAMES // max(logs.num_frames, 1))
+        chosen = {id(ep) for ep in episodes[:: max(1, len(episodes) // keep)]}
+        subset = LogSet(
+            [replace(f, episodes=[e for e in f.episodes if id(e) in chosen]) for f in logs.files]
+        )
+        embed = instruction_embedder(bundle) if language else None
+        try:
+            try:
+                data = collect(subset, EpisodeReader(), size, MAX_DEMO_FRAMES, embed, state, state)
+            except InputError:
+                if not state:
+                    raise
+                # No object state in these logs: the object heads are held to their actions.
+                data = collect(subset, EpisodeReader(), size, MAX_DEMO_FRAMES, embed)
+        except InputError as exc:
+            notify("info", f"loss.policies: the {source} logs are not used ({exc})")
+            continue
+        if dims != {int(data["proprio"].shape[1])}:
+            notify(
+                "info",
+                f"loss.policies: the {source} logs' proprio has {data['proprio'].shape[1]} "
+                f"dimensions, the policies take {sorted(dims)}; not used",
+            )
+            continue
+        demos.append(Demonstrations.from_collected(source, data))
+    if not demos:
+        return None, []
+    held = [f"{name} on {', '.join(d.name for d in demos)} demonstrations" for name, _ in usable]
+    return PolicyObjective(usable, demos), held
 
 
 def _pinned(
