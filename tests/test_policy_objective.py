@@ -79,7 +79,9 @@ def test_the_objective_is_each_heads_own_loss_and_the_adapter_learns_what_they_r
 
     # 1. With the base encoder, the objective on drawn frames is the mean of each head's own loss,
     # the same as the error computed independently from its decoded actions (bc).
-    only_bc = PolicyObjective([("bc", pols["bc"])], [Demonstrations.from_collected("site", data)], 64)
+    only_bc = PolicyObjective(
+        [("bc", pols["bc"])], [Demonstrations.from_collected("site", data)], 64
+    )
     torch.manual_seed(0)
     frames = only_bc.draw(init_from_env(), torch.device("cpu"))
     drawn = only_bc._drawn[0]
