@@ -333,9 +333,14 @@ def adapt_site(
         from dynaflip_adapt.registry.lifecycle import audited_policies
 
         sources = [("site", logsets[0])] + ([("retained", retain_logs)] if retain_logs else [])
+        # Every process holds the same policies; rank 0 downloads them first.
+        if not dist.is_main:
+            dist.barrier()
         extra, held_policies = policy_objective(
             bundle, audited_policies(registry, bundle, site), sources, notify
         )
+        if dist.is_main:
+            dist.barrier()
     rejected: list[dict[str, Any]] = []
     policies: list[AuditedPolicy] | None = None
     for i, (rec, rec_path) in enumerate(candidates):
