@@ -522,6 +522,8 @@ def policy_objective(
     with a note). Returns (`PolicyObjective` or None, what it holds, for the lineage)."""
     from dataclasses import replace
 
+    import numpy as np
+
     from dynaflip_adapt.data.logs import EpisodeReader, LogSet
     from dynaflip_adapt.errors import InputError
     from dynaflip_adapt.policies import HEAD_KINDS, collect, instruction_embedder
@@ -551,21 +553,23 @@ def policy_objective(
         if not episodes:
             notify("info", f"loss.policies: the {source} logs carry no actions; not used")
             continue
-        # Whole episodes, evenly spaced, about twice the frames kept (then spread evenly).
-        keep = max(1, len(episodes) * 2 * MAX_DEMO_FRAMES // max(logs.num_frames, 1))
-        chosen = {id(ep) for ep in episodes[:: max(1, len(episodes) // keep)]}
+        # Whole, evenly spaced episodes up to about MAX_DEMO_FRAMES frames: never frames
+        # thinned within an episode (a diffusion head's action chunks need them consecutive).
+        keep = max(1, len(episodes) * MAX_DEMO_FRAMES // max(logs.num_frames, 1))
+        picks = np.linspace(0, len(episodes) - 1, min(keep, len(episodes))).round()
+        chosen = {id(episodes[int(k)]) for k in picks}
         subset = LogSet(
             [replace(f, episodes=[e for e in f.episodes if id(e) in chosen]) for f in logs.files]
         )
         embed = instruction_embedder(bundle) if language else None
         try:
             try:
-                data = collect(subset, EpisodeReader(), size, MAX_DEMO_FRAMES, embed, state, state)
+                data = collect(subset, EpisodeReader(), size, None, embed, state, state)
             except InputError:
                 if not state:
                     raise
                 # No object state in these logs: the object heads are held to their actions.
-                data = collect(subset, EpisodeReader(), size, MAX_DEMO_FRAMES, embed)
+                data = collect(subset, EpisodeReader(), size, None, embed)
         except InputError as exc:
             notify("info", f"loss.policies: the {source} logs are not used ({exc})")
             continue
