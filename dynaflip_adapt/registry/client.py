@@ -204,7 +204,14 @@ class Registry:
             exp = self.client.get_experiment_by_name(name)
             if exp is not None:
                 return str(exp.experiment_id)
-            return str(self.client.create_experiment(name, artifact_location=location))
+            try:
+                return str(self.client.create_experiment(name, artifact_location=location))
+            except Exception:
+                # Another machine on the same server created it first (the lock is local).
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                return str(exp.experiment_id)
 
     @contextlib.contextmanager
     def run(
