@@ -341,7 +341,6 @@ def fit_head(
     stats = input_stats(inputs, proprio, actions, reads)
     if language is not None:
         stats |= {"lang_mean": language.mean(0), "lang_std": _floored_std(language)}
-    y = (actions - stats["act_mean"]) / stats["act_std"]
     target_est: torch.Tensor | None = None
     if kind.needs_state:
         if state is None or target_index is None:
@@ -354,7 +353,7 @@ def fit_head(
         mask, lo, hi = binary_dims(actions)
         if mask.any():
             stats |= {"bin_mask": mask, "bin_lo": lo, "bin_hi": hi}
-            y = torch.where(mask.bool(), (actions == hi).float(), y)
+    y = normalized_targets(stats, actions)[0]
     f, p = head_inputs(stats, inputs, proprio, language, reads, kind.proprio)
     seen = [head_inputs(stats, v, proprio, None, reads, False)[0] for v in views]
     if kind.network == "diffusion":
