@@ -338,10 +338,14 @@ def test_eval_logs_compares_base_and_adapter_on_held_out_logs(fleet):
     # near-untrained adapter (lr 1e-9) changes neither features nor errors.
     assert base["paired_drift"] == 0.0 and adapted["paired_drift"] < 1e-3
     assert all(abs(r) < 1e-3 for r in gentle["reduction"].values())
+    for p, (lo, hi) in gentle["base_change_ci95"].items():
+        assert lo <= gentle["base_change"][p] <= hi and hi - lo < 1e-2
     wild = ok([*args, "--adapter", fleet["wild"]])
     for p, r in wild["reduction"].items():
         b, a = (e["shifted"][p]["mse"] for e in wild["encoders"])
         assert r == pytest.approx(1 - a / b)
+        lo, hi = wild["reduction_ci95"][p]
+        assert lo <= r <= hi and hi > lo  # the logs hold several episodes
         assert len(wild["encoders"][0]["shifted"][p]["per_dim"]) == 4  # dx, dy, dz, grip
     assert wild["encoders"][1]["paired_drift"] > 0.01
     assert wild["audit"] in ("compatible", "warning", "incompatible")

@@ -7,13 +7,14 @@ import importlib.util
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from dynaflip_adapt.cli.app import app
 from dynaflip_adapt.eval.ablations import ABLATIONS, ablation_recipe
-from dynaflip_adapt.eval.offline import action_error, paired_drift
+from dynaflip_adapt.eval.offline import action_error, paired_drift, relative_change
 from dynaflip_adapt.eval.summary import summarize
 from dynaflip_adapt.losses import variance_floor
 from dynaflip_adapt.policies import (
@@ -65,6 +66,38 @@ def test_action_error_is_in_units_of_the_policys_action_std():
     # dim 0: ((3-1)/2)^2 = 1, 0 -> 0.5; dim 1: 0, ((0+1)/0.5)^2 = 4 -> 2
     assert e["per_dim"] == pytest.approx([0.5, 2.0])
     assert e["mse"] == pytest.approx(1.25)
+
+
+def test_relative_change_and_its_episode_bootstrap_interval():
+    # Point estimate: ratio of sums - 1 (here 10 / 8 - 1).
+    before, after = np.array([1.0, 3.0, 2.0, 2.0]), np.array([2.0, 3.0, 1.0, 4.0])
+    c, lo, hi = relative_change(before, after, np.array([0, 0, 1, 1]))
+    assert c == pytest.approx(0.25) and lo <= c <= hi
+    # Every episode changes by the same factor: every resample gives it, a zero-width interval.
+    b = np.arange(1.0, 13.0)
+    assert relative_change(b, 0.8 * b, np.repeat(np.arange(4), 3)) == pytest.approx((-0.2,) * 3)
+    # One episode: nothing to resample.
+    assert relative_change(before, after, np.zeros(4)) == pytest.approx((0.25, 0.25, 0.25))
+    # Paired: episodes that differ a lot in difficulty but change alike give a narrow interval
+    # (what they share cancels), and the interval covers the true change about 95% of the time.
+    rng = np.random.default_rng(1)
+    covered, paired, unpaired = 0, [], []
+    for _ in range(200):
+        difficulty = rng.lognormal(0, 1.0, 20)
+        eb = difficulty * rng.lognormal(0, 0.1, 20)
+        ea = 1.1 * difficulty * rng.lognormal(0, 0.1, 20)
+        _, lo, hi = relative_change(eb, ea, np.arange(20), reps=1000)
+        covered += lo <= 0.1 <= hi
+        paired.append(hi - lo)
+        # The same ratio with the two encoders' episodes resampled independently.
+        i, j = rng.integers(0, 20, (2, 1000, 20))
+        unpaired.append(np.subtract(*np.quantile(ea[i].sum(1) / eb[j].sum(1), [0.975, 0.025])))
+    assert 0.85 <= covered / 200 <= 1.0
+    assert np.mean(paired) < 0.3 * np.mean(unpaired)
+    with pytest.raises(ValueError, match="must match"):
+        relative_change(before, after[:3], np.zeros(4))
+    with pytest.raises(ValueError, match="all zero"):
+        relative_change(np.zeros(4), after, np.zeros(4))
 
 
 def test_action_chunks_hold_the_last_action_of_each_episode():

@@ -68,7 +68,8 @@ def logs_cmd(
     """Action error of a site's policies on held-out shifted logs: base encoder vs adapter.
 
     Also on held-out base-site logs (retention), the paired feature drift when paired logs are
-    given, and the audit verdict. Logged to MLflow (experiment dynaflip-eval). Exit code 0.
+    given, and the audit verdict. Each change comes with its 95% interval from resampling
+    whole episodes. Logged to MLflow (experiment dynaflip-eval). Exit code 0.
     """
     from dynaflip_adapt.cli.common import one_adapter
     from dynaflip_adapt.data.logs import EpisodeReader, open_logs
@@ -122,14 +123,16 @@ def logs_cmd(
         "audit": report.verdict,
         "audit_run_id": audit_run,
         "encoders": [e.to_dict() for e in evals],
-        "reduction": {
-            p: 1 - evals[1].shifted[p]["mse"] / evals[0].shifted[p]["mse"] for p in policies
-        },
     }
+    # reduction = 1 - adapted / base on the shifted site; base_change = adapted / base - 1 at
+    # the base site; each with its episode-bootstrap interval.
+    shifted_ci = {p: evals[1].change(evals[0], "shifted", p) for p in policies}
+    out["reduction"] = {p: -c for p, (c, _, _) in shifted_ci.items()}
+    out["reduction_ci95"] = {p: [-hi, -lo] for p, (_, lo, hi) in shifted_ci.items()}
     if base is not None:
-        out["base_change"] = {
-            p: evals[1].base[p]["mse"] / evals[0].base[p]["mse"] - 1 for p in policies
-        }
+        base_ci = {p: evals[1].change(evals[0], "base", p) for p in policies}
+        out["base_change"] = {p: c for p, (c, _, _) in base_ci.items()}
+        out["base_change_ci95"] = {p: [lo, hi] for p, (_, lo, hi) in base_ci.items()}
     with reg.run(EXPERIMENT, f"eval {name} at {site}", {"site": str(site)}) as run:
         metrics = {metric_key("reduction", p): v for p, v in out["reduction"].items()}
         metrics |= {metric_key("base_change", p): v for p, v in out.get("base_change", {}).items()}
@@ -144,19 +147,29 @@ def logs_cmd(
         title=f"{name} at site {site}: action MSE in action-std units (change < 0: better)"
     )
     table.add_column("policy", no_wrap=True)
-    for col in ("shifted site\nbase -> adapted", "change", "base site\nbase -> adapted", "change"):
+    for col in (
+        "shifted site\nbase -> adapted",
+        "change [95% CI]",
+        "base site\nbase -> adapted",
+        "change [95% CI]",
+    ):
         table.add_column(col, justify="right", no_wrap=True)
 
-    def change(before: float, after: float) -> str:
-        d = after / before - 1
-        return f"[{'green' if d < 0 else 'red' if d > 0 else 'white'}]{100 * d:+.1f}%[/]"
+    def change(d: float, ci: list[float]) -> str:
+        # Coloured only when the interval excludes 0.
+        color = "green" if ci[1] < 0 else "red" if ci[0] > 0 else "white"
+        return f"[{color}]{100 * d:+.1f}%[/] [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
 
     for p in policies:
         b, a = evals[0].shifted[p]["mse"], evals[1].shifted[p]["mse"]
-        row = [p, f"{b:.3f} -> {a:.3f}", change(b, a)]
+        lo, hi = out["reduction_ci95"][p]
+        row = [p, f"{b:.3f} -> {a:.3f}", change(-out["reduction"][p], [-hi, -lo])]
         if base is not None:
             bb, ba = evals[0].base[p]["mse"], evals[1].base[p]["mse"]
-            row += [f"{bb:.3f} -> {ba:.3f}", change(bb, ba)]
+            row += [
+                f"{bb:.3f} -> {ba:.3f}",
+                change(out["base_change"][p], out["base_change_ci95"][p]),
+            ]
         else:
             row += ["-", "-"]
         table.add_row(*row)
