@@ -234,6 +234,13 @@ class FinetuneLoss(LossSection):
         "site while the retained sites keep working; off when no pinned policy reads the "
         "backbone or the logs carry no actions",
     )
+    teacher: Literal["backbone", "parent"] = Field(
+        "backbone",
+        description="whom the teacher terms hold the student to: the bare backbone, or the "
+        "encoder the adapter starts from (with --from, the parent adapter merged: on a chain's "
+        "retained frames of earlier conditions it keeps what the earlier links bought, where "
+        "the backbone would pull them back; without --from the two are the same)",
+    )
     site_style: float = Field(
         0.0,
         ge=0,
@@ -698,6 +705,7 @@ _LATER_FIELDS: tuple[tuple[str, str, object], ...] = (
     ("loss", "distill_tokens", False),
     ("loss", "site_style", 0.0),
     ("loss", "policies", 0.0),
+    ("loss", "teacher", "backbone"),
     ("loss", "site_style_band", 0.06),
     ("run", "precision", "auto"),
 )

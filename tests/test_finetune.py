@@ -324,6 +324,48 @@ def test_retained_frames_keep_their_encoding(world, tmp_path):
         finetune(bundle, site, rec, tmp_path / "bad", site="s", retain=keep[:, :, :8, :8])
 
 
+def test_parent_teacher_keeps_what_the_parent_bought_on_retained_frames(world, tmp_path):
+    """A chain's second link (`--from` the first) retaining the first link's site: with
+    `loss.teacher: parent` the teacher is the parent adapter merged, so those frames stay near
+    the parent's features; the bare backbone as teacher pulls them back toward its own."""
+    from dynaflip_adapt.losses import relative_mse
+    from dynaflip_adapt.train.finetune import build_teacher, retention_frames
+
+    site = open_logs(world["site"])
+    size = load_bundle(world["backbone"]).model.cfg.image_size
+    over = [*FT, "replay.fraction=0.5", "ema.enabled=false", "loss.invariance=0"]
+    first = finetune(
+        load_bundle(world["backbone"]), site, load_recipe("finetune/default", over)[0],
+        tmp_path / "first", site="s",
+    )  # fmt: skip
+    assert first.adapter is not None
+    keep = retention_frames(site, size, 32)
+    bundle = load_bundle(world["backbone"])
+    x = bundle.model.preprocess(keep)
+    with torch.no_grad():
+        parent_f, base_f = first.encoder(x), bundle.model.image(x)
+    # The teacher built for the second link is the parent adapter merged, not the backbone.
+    chained = load_recipe("finetune/default", [*over, "loss.teacher=parent"])[0]
+    teacher = build_teacher(bundle.model.image, chained, first.adapter)
+    assert teacher is not None
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), parent_f, atol=1e-4)
+    assert build_teacher(bundle.model.image, chained, None) is None  # no parent: the backbone
+    assert float(relative_mse(parent_f, base_f)) > 1e-3  # the first link moved these frames
+
+    second = open_logs(world["dir"] / "fleet.h5")
+    moved = {}
+    for who in ("backbone", "parent"):
+        rec = load_recipe("finetune/default", [*over, "optim.max_steps=60", f"loss.teacher={who}"])
+        res = finetune(
+            load_bundle(world["backbone"]), second, rec[0], tmp_path / who, site="s",
+            parent=first.adapter, retain=keep,
+        )  # fmt: skip
+        with torch.no_grad():
+            moved[who] = float(relative_mse(res.encoder(x), parent_f))
+    assert moved["parent"] < 0.5 * moved["backbone"], moved
+
+
 def test_cli_retain_records_its_logs_in_the_lineage(world, tmp_path):
     runner = CliRunner()
     base = str(world["dir"] / "base.h5")

@@ -311,11 +311,25 @@ def build_student(
     return wrap_lora(image, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.use_dora)
 
 
+def build_teacher(
+    image: torch.nn.Module, recipe: FinetuneRecipe, parent: Path | None
+) -> torch.nn.Module | None:
+    """The teacher when it is not the bare backbone (``loss.teacher: parent`` with a parent):
+    a frozen copy of the image encoder with the parent adapter merged. None: the backbone."""
+    from peft import PeftModel
+
+    if recipe.loss.teacher != "parent" or parent is None:
+        return None
+    merged = PeftModel.from_pretrained(copy.deepcopy(image), str(parent)).merge_and_unload()
+    return merged.eval().requires_grad_(False)  # type: ignore[no-any-return]
+
+
 class StepObjective:
     """The per-step finetune objective: a batch of the site's triplets (plus draws from the
     teacher's pool and the replay triplets) -> the weighted loss and each term's value.
 
-    The teacher is the frozen base encoder (for LoRA: the student with its adapter disabled).
+    The teacher is the frozen base encoder (for LoRA: the student with its adapter disabled),
+    or `teacher` when given (``loss.teacher: parent``: the parent adapter merged).
     With ``loss.distill_tokens`` the teacher terms compare every output token (B, 1 + N,
     width), CLS first; otherwise the CLS feature (B, width). The anchors read the CLS either
     way.
@@ -347,9 +361,11 @@ class StepObjective:
         dist: Dist,
         full: bool = False,
         extra: ExtraTerm | None = None,
+        teacher: torch.nn.Module | None = None,
     ) -> None:
         self.heads = bundle.model
         self.student, self.model, self.full = student, model, full
+        self.teacher_model = teacher
         self.w, self.active, self.dist, self.device = recipe.loss, active, dist, device
         self.text, self.held = text, pool
         size = self.heads.cfg.image_size
@@ -391,8 +407,12 @@ class StepObjective:
         self.base_area = self._base_areas()
 
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen base encoder (for LoRA: the student with its adapter disabled)."""
+        """The frozen base encoder (for LoRA: the student with its adapter disabled), or the
+        given teacher (the parent adapter merged)."""
         with torch.no_grad():
+            if self.teacher_model is not None:
+                t: torch.Tensor = self.teacher_model(x, all_tokens=self.all_tokens)
+                return t
             if self.full:
                 out: torch.Tensor = self.heads.image(x, all_tokens=self.all_tokens)
                 return out
@@ -641,6 +661,7 @@ def finetune(
         dist,
         full,
         extra,
+        None if full else build_teacher(heads.image, recipe, parent),
     )
 
     start = 0
