@@ -4,8 +4,8 @@
 # adds new versions to the same registry.
 #
 #   base site logs -> reference policies on the shipped backbone -> shifted-site logs
-#   -> 3D flow check -> finetune a LoRA adapter (retaining the base site's encoding, at the
-#   strength the pinned policies accept) -> attention maps -> audit -> promote
+#   -> 3D flow check -> finetune a LoRA adapter (held to the pinned policies' own loss on both
+#   sites' demonstrations, at the strength the audit accepts) -> attention maps -> audit -> promote
 #   -> evaluate on held-out episodes (the gain, offline and in closed loop) -> history -> roll back
 #   -> export the merged encoder
 set -euo pipefail
@@ -40,13 +40,12 @@ da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-bc" --toleran
 da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-diffusion" --head diffusion --tolerance 0.25
 da policies train "$OUT/logs/base.h5" --site "$SITE" --name "$SITE-proprio" --head proprio_only --tolerance 0.25
 
-echo "==> finetune a LoRA adapter for the shifted site: anchors + the frozen teacher on source replay"
-echo "    and on the base-site logs the policies were trained on (--retain), clean and as the student"
-echo "    sees them relit and recoloured (loss.invariance); if the pinned policies would not pass"
-echo "    the audit at full strength, --fallback trains finetune/replay_area instead"
-echo "    and --strength auto scales its update down until they do"
+echo "==> finetune a LoRA adapter for the shifted site (recipe finetune/policies): anchors, the frozen"
+echo "    teacher on source replay and on the base-site logs the policies were trained on (--retain),"
+echo "    and the pinned policies' own loss on the site's and the retained demonstrations;"
+echo "    --strength auto scales the update down until the audit passes"
 da finetune "$OUT/logs/$SITE.h5" --site "$SITE" --steps "$STEPS" \
-  --retain "$OUT/logs/base.h5" --fallback finetune/replay_area --strength auto
+  --retain "$OUT/logs/base.h5" --recipe finetune/policies --strength auto
 NEW=$(da adapters list --site "$SITE" --json | python -c 'import json,sys; print(json.load(sys.stdin)[0]["version"])')
 
 echo "==> where the base and the adapted encoders attend (attention rollout)"

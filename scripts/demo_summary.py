@@ -14,10 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _pct(x: float) -> str:
+def _pct(x: float, ci: list[float] | None = None) -> str:
+    """A change in percent, with its 95% interval when given; coloured when the interval (or,
+    without one, the change) excludes 0."""
     x = x + 0.0  # no "-0.0%"
-    colour = "green" if x < 0 else "red" if x > 0 else "white"
-    return f"[{colour}]{100 * x:+.1f}%[/]"
+    lo, hi = ci if ci is not None else (x, x)
+    colour = "green" if hi < 0 else "red" if lo > 0 else "white"
+    band = f" [{100 * lo + 0.0:+.1f}, {100 * hi + 0.0:+.1f}]" if ci is not None else ""
+    return f"[{colour}]{100 * x:+.1f}%{band}[/]"
 
 
 def _rate(s: dict) -> str:
@@ -33,13 +37,21 @@ def main(out: Path, site: str, version: str, seconds: int) -> None:
         f"adapter v{version} for site {site}: audit [bold]{offline['audit']}[/]; "
         f"the demo took {seconds / 60:.1f} min"
     )
-    t = Table(title="offline: action error change with the adapter, held-out episodes")
+    t = Table(
+        title="offline: action error change with the adapter, held-out episodes [95% interval]"
+    )
     t.add_column("policy")
     t.add_column(f"at {site}", justify="right")
     t.add_column("at base (retention)", justify="right")
     for p, r in offline["reduction"].items():
+        ci = offline.get("reduction_ci95", {}).get(p)
         base = offline.get("base_change", {}).get(p)
-        t.add_row(p, _pct(0.0 - r), _pct(base) if base is not None else "-")
+        base_ci = offline.get("base_change_ci95", {}).get(p)
+        t.add_row(
+            p,
+            _pct(0.0 - r, None if ci is None else [-ci[1], -ci[0]]),
+            _pct(base, base_ci) if base is not None else "-",
+        )
     console.print(t)
     sites = list(dict.fromkeys(c["site"] for c in loop["cells"]))
     encoders = [e for e in dict.fromkeys(c["encoder"] for c in loop["cells"]) if e != "-"]
