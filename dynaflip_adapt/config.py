@@ -234,6 +234,14 @@ class FinetuneLoss(LossSection):
         "site while the retained sites keep working; off when no pinned policy reads the "
         "backbone or the logs carry no actions",
     )
+    bct: float = Field(
+        0.0,
+        ge=0,
+        description="backward-compatible training (influence loss): the adapted features of a "
+        "source replay frame must retrieve the teacher's features of the frame after it among "
+        "the replay set's, the audit's bct_retrieval.replay check as a loss (trained on the "
+        "replay frames the audit does not probe)",
+    )
     teacher: Literal["backbone", "parent"] = Field(
         "backbone",
         description="whom the teacher terms hold the student to: the bare backbone, or the "
@@ -706,6 +714,7 @@ _LATER_FIELDS: tuple[tuple[str, str, object], ...] = (
     ("loss", "site_style", 0.0),
     ("loss", "policies", 0.0),
     ("loss", "teacher", "backbone"),
+    ("loss", "bct", 0.0),
     ("loss", "site_style_band", 0.06),
     ("run", "precision", "auto"),
 )

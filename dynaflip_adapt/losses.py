@@ -151,3 +151,14 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     fixed downstream head sees, scale included). The teacher gets no gradient."""
     s, t = student.float(), teacher.detach().float()
     return ((s - t) ** 2).mean() / (t**2).mean().clamp(min=1e-12)
+
+
+def bct_influence(
+    queries: torch.Tensor, gallery: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Backward-compatible training's influence loss (Shen et al. 2020): the new encoder's
+    features (`queries`, B x D) must retrieve their entries `targets` in a gallery of the old
+    encoder's features (G x D): cross-entropy over cosine similarities / `temperature`."""
+    q, g = _f32(queries, gallery)
+    logits = F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T / temperature
+    return F.cross_entropy(logits, targets)

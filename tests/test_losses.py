@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dynaflip_adapt.losses import (
     area_infonce,
+    bct_influence,
     cosine_infonce,
     cosine_regularizer,
     gram_area,
@@ -268,3 +269,21 @@ def test_pairwise_term_is_image_flow_and_image_instruction_infonce():
     lang = F.cross_entropy(s * a @ vocab.T, batch["text"])
     assert parts["pairwise"] == pytest.approx(float(0.5 * (flow + lang)), rel=1e-5)
     assert "pairwise" not in off
+
+
+def test_bct_influence_is_cross_entropy_over_scaled_cosines():
+    g = torch.Generator().manual_seed(0)
+    q, gal = torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)
+    targets = torch.tensor([2, 0, 3])
+    got = bct_influence(q, gal, targets, 0.1)
+    # By hand: cosines, then -log softmax of each query's target entry.
+    want = 0.0
+    for i in range(3):
+        cos = [float(q[i] @ gal[j] / (q[i].norm() * gal[j].norm())) for j in range(4)]
+        z = [c / 0.1 for c in cos]
+        want += -(z[int(targets[i])] - math.log(sum(math.exp(v) for v in z))) / 3
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # Queries equal to their targets in a gallery of orthogonal entries: near zero at a low
+    # temperature.
+    eye = torch.eye(4)
+    assert float(bct_influence(eye[[1, 3]], eye, torch.tensor([1, 3]), 0.01)) < 1e-6

@@ -36,7 +36,13 @@ from dynaflip_adapt.config import FinetuneRecipe, recipe_hash, recipe_to_dict
 from dynaflip_adapt.data.dataset import FramePairDataset
 from dynaflip_adapt.data.logs import LogSet
 from dynaflip_adapt.errors import InputError, RuntimeFailure
-from dynaflip_adapt.losses import area_infonce, masked_mse, relative_mse, triangle_area
+from dynaflip_adapt.losses import (
+    area_infonce,
+    bct_influence,
+    masked_mse,
+    relative_mse,
+    triangle_area,
+)
 from dynaflip_adapt.metrics import linear_cka, mean_cosine
 from dynaflip_adapt.models.adapter import PROBE_FILE, lora_state, wrap_lora, write_manifest
 from dynaflip_adapt.models.backbone import Bundle
@@ -63,6 +69,8 @@ from dynaflip_adapt.train.triplets import TripletDataset
 
 StepCallback = Callable[[int, dict[str, float]], None]
 PROBE_FRAMES = 64
+# Softmax temperature of the bct term's cosine similarities.
+BCT_TEMPERATURE = 0.05
 
 
 class ExtraTerm(Protocol):
@@ -142,6 +150,18 @@ def site_triplets(
     return ds, text, anchors, warnings
 
 
+def probe_replay_rows(n: int) -> torch.Tensor:
+    """The rows of an n-frame replay set that an adapter's probe set (and so its audit) uses."""
+    return torch.linspace(0, n - 1, min(PROBE_FRAMES, n)).round().long().unique()
+
+
+def bct_rows(n: int) -> torch.Tensor:
+    """The replay rows the bct term trains on: those the audit does not probe."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[probe_replay_rows(n)] = False
+    return keep.nonzero().flatten()
+
+
 def _probe_set(
     bundle: Bundle, ds: TripletDataset, text: torch.Tensor, trimodal: bool
 ) -> dict[str, torch.Tensor]:
@@ -149,8 +169,7 @@ def _probe_set(
     probe: dict[str, torch.Tensor] = {}
     rp = bundle.replay
     if rp:
-        n = min(PROBE_FRAMES, rp["rgb0"].shape[0])
-        sel = torch.linspace(0, rp["rgb0"].shape[0] - 1, n).round().long()
+        sel = probe_replay_rows(rp["rgb0"].shape[0])
         for k in REPLAY_TRIPLET:
             if k in rp:
                 probe[f"replay_{k}"] = rp[k][sel].contiguous()
@@ -252,6 +271,12 @@ def active_terms(
         "replay_area": (
             w.replay_area if trained and set(REPLAY_TRIPLET) <= bundle.replay.keys() else 0.0
         ),
+        "bct": (
+            w.bct
+            if {"rgb0", "rgb1"} <= bundle.replay.keys()
+            and len(bct_rows(bundle.replay["rgb0"].shape[0]))
+            else 0.0
+        ),
     }
     warnings = []
     if not trained:
@@ -277,6 +302,10 @@ def active_terms(
         )
     if w.site_style > 0 and not active["invariance"]:
         warnings.append("loss.site_style restyles the invariance term's views: it is off too")
+    if w.bct > 0 and not active["bct"]:
+        warnings.append(
+            "loss.bct needs replay pairs beyond the audit's probe frames in the backbone: it is off"
+        )
     if w.replay_area > 0 and not active["replay_area"]:
         warnings.append("the backbone's replay set has no triplets: the replay area anchor is off")
     if not any(v > 0 for v in active.values()) and not trained and not pooled:
@@ -321,7 +350,7 @@ def build_teacher(
     if recipe.loss.teacher != "parent" or parent is None:
         return None
     merged = PeftModel.from_pretrained(copy.deepcopy(image), str(parent)).merge_and_unload()
-    return merged.eval().requires_grad_(False)  # type: ignore[no-any-return]
+    return merged.eval().requires_grad_(False)
 
 
 class StepObjective:
@@ -393,9 +422,15 @@ class StepObjective:
             max(1, round(recipe.replay.fraction * o.batch_size)) if active["replay_area"] else 0
         )
         check_batch(dist, o.batch_size, self.n_area)
+        # Replay frames whose features must retrieve the teacher's next frame (bct).
+        self.n_bct = max(1, round(recipe.replay.fraction * o.batch_size)) if active["bct"] else 0
+        check_batch(dist, o.batch_size, self.n_bct)
         # Frames encoded per step by this process.
         self.frames_per_step = (
-            2 * o.batch_size + self.n_replay * (self.use_rep + self.use_inv) + 2 * self.n_area
+            2 * o.batch_size
+            + self.n_replay * (self.use_rep + self.use_inv)
+            + 2 * self.n_area
+            + self.n_bct
         ) // dist.world
         self.tokens = bool(self.w.distill_tokens)
         self.extra = extra if active.get("policies", 0.0) > 0 else None
@@ -405,6 +440,7 @@ class StepObjective:
             self.frames_per_step += self.extra.frames_per_step // dist.world
         self.scale, self.center = self._replay_spread()
         self.base_area = self._base_areas()
+        self.bct_rows, self.bct_gallery = self._bct_gallery()
 
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen base encoder (for LoRA: the student with its adapter disabled), or the
@@ -443,6 +479,22 @@ class StepObjective:
             scale = torch.maximum(sd, 0.1 * sd.median()) + 1e-6
             center = ref.mean(0)
         return scale, center
+
+    def _bct_gallery(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bct term's replay rows and the teacher's features of each row's next frame (its
+        gallery), computed once: the teacher is frozen."""
+        if not self.n_bct:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        rows = bct_rows(self.replay["rgb0"].shape[0]).to(self.device)
+        rgb = self.replay["rgb1"][rows]
+        with torch.no_grad():
+            gallery = torch.cat(
+                [
+                    self.cls(self.teacher(self.heads.preprocess(rgb[i : i + 128])))
+                    for i in range(0, rgb.shape[0], 128)
+                ]
+            )
+        return rows, gallery
 
     def replay_areas(self, f0: torch.Tensor, f1: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Simplex areas of replay triplets `idx` whose frames have the features `f0`, `f1`."""
@@ -510,6 +562,11 @@ class StepObjective:
             n = self.replay["rgb0"].shape[0]
             tri = dist.shard(torch.randint(0, n, (self.n_area,), device=device))
             images += [self.replay["rgb0"][tri], self.replay["rgb1"][tri]]
+        bct_pos = torch.zeros(0, dtype=torch.long, device=device)
+        if self.n_bct > 0:
+            n_rows = len(self.bct_rows)
+            bct_pos = dist.shard(torch.randint(0, n_rows, (self.n_bct,), device=device))
+            images.append(self.replay["rgb0"][self.bct_rows[bct_pos]])
         if self.extra is not None:
             images.append(self.extra.draw(dist, device))
         # One forward through the (DDP-wrapped) student per step.
@@ -521,7 +578,15 @@ class StepObjective:
         f_rep = outs.pop(0) if self.use_rep else None
         f_inv = outs.pop(0) if self.use_inv else None
         fa0, fa1 = (self.cls(outs.pop(0)), self.cls(outs.pop(0))) if self.n_area else (None, None)
+        f_bct = self.cls(outs.pop(0)) if self.n_bct else None
         parts: dict[str, torch.Tensor] = {}
+        if f_bct is not None:
+            # Centred on the gallery's mean: a backbone's features of different frames share a
+            # large common part (raw cosines near 1), which would flatten the softmax.
+            mu = self.bct_gallery.mean(0)
+            parts["bct"] = bct_influence(
+                f_bct - mu, self.bct_gallery - mu, bct_pos, BCT_TEMPERATURE
+            )
         if self.extra is not None:
             parts["policies"] = self.extra.loss(outs.pop(0))
         if any(active[k] > 0 for k in ("area", "contrastive", "cosine")):
