@@ -612,6 +612,10 @@ def test_a_chain_of_adaptations_is_shown_back_to_the_backbone(fleet, tmp_path):
     w1, w2 = weights(first), weights(second)
     assert w1.keys() == w2.keys()
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    # A scaled link scales its parent's update too: said, not silent.
+    r = runner.invoke(app, ["finetune", logs, "--site", "chain", "--from", third, *step,
+                            "--set", "run.seed=3", "--strength", "0.5"])  # fmt: skip
+    assert r.exit_code == 0 and "the parent's update included" in " ".join(r.output.split())
 
 
 def test_the_gate_from_python_fails_closed_as_the_cli_does(fleet):

@@ -464,6 +464,12 @@ def adapt_site(
             )
             if fit is not None:
                 run.log_dict(fit.to_dict(), "strength_fit.json")
+            if parent_dir is not None and chosen != 1.0:
+                notify(
+                    "warning",
+                    f"strength {chosen:g} scales the whole adapter, the parent's update included: "
+                    "this link keeps that share of what the earlier links bought too",
+                )
             if chosen != 1.0:
                 run.log_params({"strength": chosen, "strength_budget": req.budget})
                 res.geometry = read_adapter_manifest(folder)["geometry"]
