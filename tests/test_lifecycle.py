@@ -612,10 +612,31 @@ def test_a_chain_of_adaptations_is_shown_back_to_the_backbone(fleet, tmp_path):
     w1, w2 = weights(first), weights(second)
     assert w1.keys() == w2.keys()
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
-    # A scaled link scales its parent's update too: said, not silent.
+    # A scaled link is scaled between its parent (0) and itself (1), not between the backbone
+    # and itself: W0 + 0.3 delta W_parent + 0.7 delta W_link, checked on merged weights.
+    from dynaflip_adapt.models.adapter import load_adapter
+    from dynaflip_adapt.registry.adapters import open_adapter
+    from dynaflip_adapt.registry.client import Registry
+    from dynaflip_adapt.registry.store import resolve_store
+
     r = runner.invoke(app, ["finetune", logs, "--site", "chain", "--from", third, *step,
-                            "--set", "run.seed=3", "--strength", "0.5"])  # fmt: skip
-    assert r.exit_code == 0 and "the parent's update included" in " ".join(r.output.split())
+                            "--set", "run.seed=3", "--strength", "0.7", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    fourth = json.loads(r.stdout)
+    assert "runs from the parent" in " ".join(r.stderr.split())
+    bundle, scaled, _ = open_adapter(Registry(resolve_store()), fourth["adapter"]["version"])
+    assert scaled.manifest["lineage"]["strength_from"] == "parent"
+    trained = load_adapter(bundle, Path(fourth["folder"]).with_name("adapter"))
+    parent = open_adapter(Registry(resolve_store()), third)[1]
+    w0 = bundle.model.image.state_dict()
+    wp, wl = parent.merged().state_dict(), trained.merged().state_dict()
+    ws = scaled.merged().state_dict()
+    # The parent's update is far above the tolerance: scaling from the backbone would fail.
+    assert max(float((wp[k] - w0[k]).abs().max()) for k in w0) > 1e-4
+    assert any(not torch.equal(wp[k], wl[k]) for k in w0)
+    for k in w0:
+        want = w0[k] + 0.3 * (wp[k] - w0[k]) + 0.7 * (wl[k] - w0[k])
+        torch.testing.assert_close(ws[k], want, atol=2e-6, rtol=1e-5)
 
 
 def test_the_gate_from_python_fails_closed_as_the_cli_does(fleet):

@@ -5,6 +5,10 @@ encoder uses ``W0 + s * delta W`` (``s = 0`` is the base encoder, ``s = 1`` the 
 trained; the weight-space interpolation of WiSE-FT, Wortsman et al. 2022). Scaling ``B`` by ``s``
 gives exactly that, so a scaled adapter is again a plain PEFT LoRA adapter.
 
+A link of a continual chain (`finetune --from PARENT`) is scaled between its parent and itself
+instead: ``W0 + (1 - s) delta W_parent + s delta W_link`` (`relative_peft`, a LoRA adapter of the
+two ranks together), so ``s = 0`` keeps what the earlier links bought rather than undoing it.
+
 Measured on the OOD benchmark, a policy's action deviation on its own frames and the gain at
 the shifted site both grow roughly linearly with ``s``. `fit_strength` therefore picks the
 largest ``s`` at which the audit against the pinned policies still passes: the most adaptation
@@ -81,9 +85,73 @@ def scaled_peft(peft_model: Any, strength: float) -> Any:
     return out.eval()
 
 
-def scaled_encoder(peft_model: Any, strength: float) -> nn.Module:
-    """A plain image encoder ``W0 + s * delta W`` (merged, eval mode)."""
-    return scaled_peft(peft_model, strength).merge_and_unload().requires_grad_(False).eval()
+def _lora_layers(peft_model: Any) -> dict[str, Any]:
+    return {
+        n: m
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+    }
+
+
+def relative_peft(peft_model: Any, parent: Any, strength: float) -> Any:
+    """A PEFT LoRA model whose update is ``(1 - s) delta W_parent + s delta W``: `peft_model`
+    (trained on from `parent`) scaled between its parent (``s = 0``) and itself (``s = 1``).
+
+    Each target layer gets rank ``r_parent + r``: ``A = [A_parent; A]``, ``B = [(1 - s)
+    c_parent B_parent, s c B]`` with each adapter's own scaling ``c`` folded into B (the new
+    adapter's alpha equals its rank: scaling 1).
+
+    Raises:
+        InputError: A DoRA adapter, a strength outside [0, 1], or two adapters on different
+            layers.
+    """
+    from peft import get_peft_model
+
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(None, "--strength", repr(strength), "a number in [0, 1] or 'auto'")
+    _check_scalable(peft_model)
+    _check_scalable(parent)
+    mine, theirs = _lora_layers(peft_model), _lora_layers(parent)
+    if mine.keys() != theirs.keys():
+        raise InputError(
+            None,
+            "adapter target layers",
+            f"{len(mine)} layers, {len(theirs)} in the parent",
+            "a link trained on from its parent (the same layers)",
+        )
+    cfg = copy.deepcopy(peft_model.peft_config["default"])
+    rank = int(cfg.r) + int(parent.peft_config["default"].r)
+    cfg.r, cfg.lora_alpha, cfg.lora_dropout = rank, rank, 0.0
+    cfg.use_rslora, cfg.rank_pattern, cfg.alpha_pattern = False, {}, {}
+    cfg.inference_mode = False
+    base = copy.deepcopy(peft_model).unload()
+    out = get_peft_model(base, cfg)
+    new = _lora_layers(out)
+    with torch.no_grad():
+        for name, m in mine.items():
+            p = theirs[name]
+            a = torch.cat([p.lora_A["default"].weight, m.lora_A["default"].weight], 0)
+            b = torch.cat(
+                [
+                    (1 - strength) * p.scaling["default"] * p.lora_B["default"].weight,
+                    strength * m.scaling["default"] * m.lora_B["default"].weight,
+                ],
+                1,
+            )
+            new[name].lora_A["default"].weight.copy_(a)
+            new[name].lora_B["default"].weight.copy_(b)
+    return out.eval()
+
+
+def scaled_encoder(peft_model: Any, strength: float, parent: Any = None) -> nn.Module:
+    """A plain image encoder ``W0 + s * delta W``, or with `parent` (a PEFT model the adapter
+    was trained on from) ``W0 + (1 - s) delta W_parent + s delta W`` (merged, eval mode)."""
+    model = (
+        scaled_peft(peft_model, strength)
+        if parent is None
+        else relative_peft(peft_model, parent, strength)
+    )
+    return model.merge_and_unload().requires_grad_(False).eval()
 
 
 @dataclass
@@ -155,13 +223,17 @@ def audit_at(
     *,
     budget: float = 1.0,
     thresholds: Thresholds | None = None,
+    parent: Adapter | None = None,
 ) -> Trial:
-    """The audit of `adapter` scaled to `strength` against `policies`, judged as `fit_strength`
-    judges each strength it tries (at full strength also for DoRA adapters)."""
+    """The audit of `adapter` scaled to `strength` (between `parent` and itself when given)
+    against `policies`, judged as `fit_strength` judges each strength it tries (at full
+    strength also for DoRA adapters)."""
     if strength == 1.0:
         enc = adapter.merged().requires_grad_(False).eval()
     else:
-        enc = scaled_encoder(adapter.peft_model, strength)
+        enc = scaled_encoder(
+            adapter.peft_model, strength, None if parent is None else parent.peft_model
+        )
     verdicts = policy_verdicts(bundle, enc, adapter.probe, policies, thresholds)
     ok, own, failed = judge(verdicts, budget)
     worst = max((v.verdict for v in verdicts), key=_rank, default="compatible")
@@ -177,6 +249,7 @@ def fit_strength(
     iterations: int = 6,
     thresholds: Thresholds | None = None,
     first: Trial | None = None,
+    parent: Adapter | None = None,
 ) -> StrengthFit:
     """The largest strength in [0, 1] at which the audit of `adapter` against `policies` (name,
     policy, pinned encoder or None) passes with each policy's own-frame action deviation within
@@ -186,7 +259,8 @@ def fit_strength(
     ``2**-iterations``), assuming that deviation grows with ``s`` (it does on every adapter
     measured; the returned strength was itself audited either way). With no policies, 1.
     `first`: the audit at ``s = 1`` when the caller already has it (`audit_at`, same budget and
-    thresholds), so it is not run twice.
+    thresholds), so it is not run twice. `parent`: the adapter this one was trained on from;
+    strengths then run from the parent (0) to this adapter (1).
 
     Raises:
         InputError: A DoRA adapter, or a budget that is not positive.
@@ -201,7 +275,9 @@ def fit_strength(
         with activity.step(
             f"strength fit: auditing s = {s:.4f} (trial {n} of <= {iterations + 1})"
         ):
-            t = audit_at(bundle, adapter, policies, s, budget=budget, thresholds=thresholds)
+            t = audit_at(
+                bundle, adapter, policies, s, budget=budget, thresholds=thresholds, parent=parent
+            )
         trials.append(t)
         return t
 
@@ -219,7 +295,7 @@ def fit_strength(
         else:
             hi = mid
     if lo == 0.0:
-        trial(0.0)  # recorded like every other strength (the base encoder's own audit)
+        trial(0.0)  # recorded like every other strength (the base encoder's, or the parent's)
     return StrengthFit(lo, budget, trials)
 
 
@@ -235,17 +311,23 @@ def save_scaled(
     *,
     fit: StrengthFit | None = None,
     lineage: dict[str, Any] | None = None,
+    parent: Adapter | None = None,
 ) -> Path:
     """Writes `adapter` at `strength` as adapter folder `out` (PEFT files, the same probe set,
     a manifest whose lineage records the strength and `lineage`, geometry recomputed); `out`
-    may be the adapter's own folder.
+    may be the adapter's own folder. With `parent`, the strength runs from the parent to the
+    adapter (`relative_peft`) and the lineage says so (``strength_from: parent``).
 
     The folder is written beside `out` and renamed into place, so a failure leaves `out` as it
     was.
     """
     from dynaflip_adapt.train.finetune import geometry_fingerprint
 
-    model = scaled_peft(adapter.peft_model, strength)
+    model = (
+        scaled_peft(adapter.peft_model, strength)
+        if parent is None
+        else relative_peft(adapter.peft_model, parent.peft_model, strength)
+    )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -265,6 +347,9 @@ def save_scaled(
         # Relative to the update as trained: composes over repeated scaling.
         "strength": prior * strength,
     }
+    if parent is not None:
+        m["lineage"]["strength"] = strength
+        m["lineage"]["strength_from"] = "parent"
     if fit is not None:
         m["strength_fit"] = fit.to_dict()
     m["geometry"] = geometry

@@ -460,16 +460,13 @@ def adapt_site(
                     )
                     continue
             fit, chosen, folder = apply_strength(
-                bundle, res.adapter, fixed, req.budget, policies or [], first=trial, notify=notify
-            )
+                bundle, res.adapter, fixed, req.budget, policies or [], first=trial, notify=notify,
+                parent=parent_dir,
+            )  # fmt: skip
             if fit is not None:
                 run.log_dict(fit.to_dict(), "strength_fit.json")
             if parent_dir is not None and chosen != 1.0:
-                notify(
-                    "warning",
-                    f"strength {chosen:g} scales the whole adapter, the parent's update included: "
-                    "this link keeps that share of what the earlier links bought too",
-                )
+                notify("info", f"strength {chosen:g} runs from the parent (0) to this link (1)")
             if chosen != 1.0:
                 run.log_params({"strength": chosen, "strength_budget": req.budget})
                 res.geometry = read_adapter_manifest(folder)["geometry"]
@@ -618,10 +615,12 @@ def apply_strength(
     policies: list[AuditedPolicy],
     first: Trial | None = None,
     notify: Notify = _ignore,
+    parent: Path | None = None,
 ) -> tuple[StrengthFit | None, float, Path]:
     """Scales the freshly trained adapter in `folder`: to `fixed`, or (None) to the largest
     strength `policies` pass the audit with (full strength when there are none; `first`: its
-    audit at full strength, if already done). A scaled adapter is written beside the trained one
+    audit at full strength, if already done); a link trained on from `parent` is scaled between
+    the parent (0) and itself (1). A scaled adapter is written beside the trained one
     (``<folder>-scaled``), which stays as trained (a ``--resume`` reuses it). Returns (fit,
     strength, the folder to register)."""
     from dynaflip_adapt.eval.strength import fit_strength, save_scaled
@@ -630,22 +629,23 @@ def apply_strength(
     if fixed == 1.0 or (fixed is None and not policies):
         return None, 1.0, folder
     adapter = load_adapter(bundle, folder)
+    start = None if parent is None else load_adapter(bundle, parent)
     fit = None
     if fixed is None:
-        fit = fit_strength(bundle, adapter, policies, budget=budget, first=first)
+        fit = fit_strength(bundle, adapter, policies, budget=budget, first=first, parent=start)
         chosen = fit.strength
         if chosen == 0.0:
             notify(
                 "warning",
                 "--strength auto: no strength above 0 passes the audit; the registered adapter "
-                "leaves the encoder as it was",
+                + ("is its parent's update" if parent else "leaves the encoder as it was"),
             )
     else:
         chosen = fixed
     if chosen == 1.0:
         return fit, chosen, folder
     scaled = folder.with_name(folder.name + "-scaled")
-    return fit, chosen, save_scaled(bundle, adapter, chosen, scaled, fit=fit)
+    return fit, chosen, save_scaled(bundle, adapter, chosen, scaled, fit=fit, parent=start)
 
 
 def finished_adapter(work: Path, expected: dict[str, Any]) -> FinetuneResult | None:
