@@ -199,11 +199,14 @@ def test_a_field_added_later_keeps_earlier_recipes_hashes():
     assert settings["loss"].pop("site_style") == 0.0
     assert settings["loss"].pop("site_style_band") == 0.06
     assert settings["loss"].pop("policies") == 0.0
+    assert settings["loss"].pop("teacher") == "backbone"
+    assert settings["loss"].pop("bct") == 0.0
     assert settings["run"].pop("precision") == "auto"
     blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
     assert recipe_hash(rec) == "sha256:" + hashlib.sha256(blob).hexdigest()
     for key in ("loss.distill_tokens=true", "loss.site_style=0.5", "loss.site_style_band=0.1",
-                "run.precision=bf16", "loss.policies=1"):  # fmt: skip
+                "run.precision=bf16", "loss.policies=1", "loss.teacher=parent",
+                "loss.bct=1"):  # fmt: skip
         assert recipe_hash(load_recipe("finetune/default", [key])[0]) != recipe_hash(rec), key
 
 
