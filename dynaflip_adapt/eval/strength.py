@@ -68,14 +68,18 @@ def parse_strength(text: str) -> float | None:
     return value
 
 
+def _check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(None, "--strength", repr(strength), "a number in [0, 1] or 'auto'")
+
+
 def scaled_peft(peft_model: Any, strength: float) -> Any:
     """A copy of a PEFT LoRA model whose update is scaled by `strength` (``lora_B *= s``).
 
     Raises:
         InputError: A DoRA adapter, or a strength outside [0, 1].
     """
-    if not 0.0 <= strength <= 1.0:
-        raise InputError(None, "--strength", repr(strength), "a number in [0, 1] or 'auto'")
+    _check_strength(strength)
     _check_scalable(peft_model)
     out = copy.deepcopy(peft_model)
     with torch.no_grad():
@@ -107,8 +111,7 @@ def relative_peft(peft_model: Any, parent: Any, strength: float) -> Any:
     """
     from peft import get_peft_model
 
-    if not 0.0 <= strength <= 1.0:
-        raise InputError(None, "--strength", repr(strength), "a number in [0, 1] or 'auto'")
+    _check_strength(strength)
     _check_scalable(peft_model)
     _check_scalable(parent)
     mine, theirs = _lora_layers(peft_model), _lora_layers(parent)

@@ -440,7 +440,7 @@ class StepObjective:
             self.frames_per_step += self.extra.frames_per_step // dist.world
         self.scale, self.center = self._replay_spread()
         self.base_area = self._base_areas()
-        self.bct_rows, self.bct_gallery = self._bct_gallery()
+        self.bct_rows, self.bct_gallery, self.bct_center = self._bct_gallery()
 
     def teacher(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen base encoder (for LoRA: the student with its adapter disabled), or the
@@ -467,34 +467,27 @@ class StepObjective:
         scale = torch.ones(width, device=self.device)
         center = torch.zeros(width, device=self.device)
         if (self.w.distill_space == "standardized" or self.active["align"] > 0) and self.replay:
-            rgb = self.replay["rgb0"]
-            with torch.no_grad():
-                ref = torch.cat(
-                    [
-                        self.cls(self.teacher(self.heads.preprocess(rgb[i : i + 128])))
-                        for i in range(0, rgb.shape[0], 128)
-                    ]
-                )
+            ref = self._teacher_cls(self.replay["rgb0"])
             sd = ref.std(0)
             scale = torch.maximum(sd, 0.1 * sd.median()) + 1e-6
             center = ref.mean(0)
         return scale, center
 
-    def _bct_gallery(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bct term's replay rows and the teacher's features of each row's next frame (its
-        gallery), computed once: the teacher is frozen."""
+    def _teacher_cls(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The teacher's pooled features of uint8 frames, 128 at a time."""
+        return torch.cat([self.cls(self.teacher(self.heads.preprocess(c))) for c in rgb.split(128)])
+
+    def _bct_gallery(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bct term's replay rows, the teacher's features of each row's second frame (its
+        gallery) centred on their mean, and that mean; computed once: the teacher is frozen.
+        Centred because a backbone's features of different frames share a large common part
+        (raw cosines near 1), which would flatten the softmax."""
         if not self.n_bct:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0)
         rows = bct_rows(self.replay["rgb0"].shape[0]).to(self.device)
-        rgb = self.replay["rgb1"][rows]
-        with torch.no_grad():
-            gallery = torch.cat(
-                [
-                    self.cls(self.teacher(self.heads.preprocess(rgb[i : i + 128])))
-                    for i in range(0, rgb.shape[0], 128)
-                ]
-            )
-        return rows, gallery
+        gallery = self._teacher_cls(self.replay["rgb1"][rows])
+        mu = gallery.mean(0)
+        return rows, gallery - mu, mu
 
     def replay_areas(self, f0: torch.Tensor, f1: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Simplex areas of replay triplets `idx` whose frames have the features `f0`, `f1`."""
@@ -581,11 +574,8 @@ class StepObjective:
         f_bct = self.cls(outs.pop(0)) if self.n_bct else None
         parts: dict[str, torch.Tensor] = {}
         if f_bct is not None:
-            # Centred on the gallery's mean: a backbone's features of different frames share a
-            # large common part (raw cosines near 1), which would flatten the softmax.
-            mu = self.bct_gallery.mean(0)
             parts["bct"] = bct_influence(
-                f_bct - mu, self.bct_gallery - mu, bct_pos, BCT_TEMPERATURE
+                f_bct - self.bct_center, self.bct_gallery, bct_pos, BCT_TEMPERATURE
             )
         if self.extra is not None:
             parts["policies"] = self.extra.loss(outs.pop(0))
